@@ -1,0 +1,1 @@
+//! nodemesh-cni library.

@@ -1,0 +1,463 @@
+//! Daemon configuration: every setting, its default and its validation.
+//!
+//! Owns the typed [`Config`], loaded from a YAML file and overridden by
+//! command-line flags / environment (see `cli`). Nothing else in the daemon
+//! reads the environment. Every field is documented with its unit and default;
+//! [`Config::validate`] rejects bad values with a [`ConfigError`] naming the
+//! field and the fix, and `main` exits 64 on it.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// Default trust domain of SPIFFE identities.
+pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
+/// Default UDP port of the QUIC tunnel.
+pub const DEFAULT_TUNNEL_PORT: u16 = 15008;
+/// Default admin (metrics, health) address.
+pub const DEFAULT_ADMIN_ADDR: &str = "0.0.0.0:15020";
+/// Default directory where pod registrations are persisted across restarts.
+/// Under `/run`: pods' network namespaces do not survive a reboot either.
+pub const DEFAULT_STATE_DIR: &str = "/run/nodemesh/pods";
+
+/// The whole daemon configuration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// This node's name, as Kubernetes knows it. Required (no default).
+    /// Env `NODEMESH_NODE_NAME`.
+    pub node_name: String,
+    /// This node's address, where peers reach its tunnel. Required.
+    pub node_address: Option<IpAddr>,
+    /// SPIFFE trust domain. Default `cluster.local`.
+    pub trust_domain: String,
+    /// Node certificate files.
+    pub tls: TlsConfig,
+    /// Ports and addresses.
+    pub ports: PortsConfig,
+    /// Admin server address (`/metrics`, `/healthz`, `/ready`). Default `0.0.0.0:15020`.
+    pub admin_addr: SocketAddr,
+    /// Unix socket the CNI plugin registers pods on. Default `/run/nodemesh/cni.sock`.
+    pub cni_socket: PathBuf,
+    /// Directory for persisted registrations. Default `/run/nodemesh/pods`.
+    pub state_dir: PathBuf,
+    /// `SO_MARK` set on the daemon's sockets inside pods so their capture
+    /// rules let them through. Default `0x4e4d`.
+    pub socket_mark: u32,
+    /// Where the cluster model comes from.
+    pub discovery: DiscoveryConfig,
+    /// Tunnel transport settings.
+    pub tunnel: TunnelConfig,
+    /// How long SIGTERM waits for open connections to finish, in ms. Default 10000.
+    pub drain_timeout_ms: u64,
+    /// Timeout for a TCP connect to a destination, in ms. Default 5000.
+    pub connect_timeout_ms: u64,
+    /// Log filter (tracing `EnvFilter` syntax). Default `info`.
+    pub log_level: String,
+    /// Log format: `text` or `json`. Default `text`.
+    pub log_format: LogFormat,
+}
+
+/// Node certificate files (PEM).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    /// Certificate chain, leaf first. Default `/etc/nodemesh/tls/node.pem`.
+    pub cert: PathBuf,
+    /// Private key of the leaf (PKCS#8). Default `/etc/nodemesh/tls/node-key.pem`.
+    pub key: PathBuf,
+    /// Trust bundle: CA certificates peers must chain to. Default `/etc/nodemesh/tls/ca.pem`.
+    pub bundle: PathBuf,
+}
+
+/// Listener ports.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PortsConfig {
+    /// Outbound capture listener on 127.0.0.1 in each pod. Default 15001.
+    pub outbound: u16,
+    /// Inbound plaintext capture listener in each pod. Default 15006.
+    pub inbound: u16,
+    /// UDP port of the QUIC tunnel on the node address. Default 15008.
+    pub tunnel: u16,
+}
+
+/// Where discovery reads the cluster model.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DiscoveryConfig {
+    /// Source kind. Only `file` so far.
+    pub source: DiscoverySource,
+    /// The YAML file for the `file` source. Default `/etc/nodemesh/discovery.yaml`.
+    pub file: PathBuf,
+    /// How often the file is checked for changes, in ms. Default 1000.
+    pub poll_interval_ms: u64,
+}
+
+/// Discovery source kinds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DiscoverySource {
+    /// A YAML file (standalone, lab, tests).
+    File,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// QUIC tunnel transport settings. Defaults follow DESIGN §10: quinn's own
+/// defaults are sized for 100 Mbit/s x 100 ms and drop packets on a fast path.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TunnelConfig {
+    /// Idle timeout of a tunnel, in ms. Default 30000.
+    pub idle_timeout_ms: u64,
+    /// Keep-alive interval, in ms (must be below the idle timeout). Default 10000.
+    pub keep_alive_ms: u64,
+    /// TLS + QUIC handshake timeout when dialling a peer, in ms. Default 5000.
+    pub handshake_timeout_ms: u64,
+    /// Per-stream receive window, bytes. Default 8 MiB.
+    pub stream_window: u64,
+    /// Per-connection receive window, bytes. Default 32 MiB.
+    pub connection_window: u64,
+    /// UDP socket send and receive buffer, bytes. Default 8 MiB.
+    pub udp_buffer: usize,
+    /// Maximum concurrent bidirectional streams a peer may open. Default 10000.
+    pub max_streams: u32,
+}
+
+/// A configuration that cannot be used, naming the field and the fix.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The config file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Unreadable {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The config file is not valid YAML of the expected shape.
+    #[error("config file {path}: {message} (see `nodemesh run --help` for the fields)")]
+    Malformed {
+        /// The file.
+        path: PathBuf,
+        /// What the parser said, with its location.
+        message: String,
+    },
+    /// A field has a value that cannot work.
+    #[error("config field `{field}`: {problem}; {fix}")]
+    Invalid {
+        /// Dotted field name, as in the file.
+        field: &'static str,
+        /// What is wrong.
+        problem: String,
+        /// How to fix it.
+        fix: &'static str,
+    },
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            node_name: String::new(),
+            node_address: None,
+            trust_domain: DEFAULT_TRUST_DOMAIN.to_owned(),
+            tls: TlsConfig::default(),
+            ports: PortsConfig::default(),
+            admin_addr: DEFAULT_ADMIN_ADDR.parse().unwrap_or_else(|_| unreachable!()),
+            cni_socket: PathBuf::from(nodemesh_cni::proto::DEFAULT_SOCKET_PATH),
+            state_dir: PathBuf::from(DEFAULT_STATE_DIR),
+            socket_mark: nodemesh_cni::proto::DEFAULT_SOCKET_MARK,
+            discovery: DiscoveryConfig::default(),
+            tunnel: TunnelConfig::default(),
+            drain_timeout_ms: 10_000,
+            connect_timeout_ms: 5_000,
+            log_level: "info".to_owned(),
+            log_format: LogFormat::Text,
+        }
+    }
+}
+
+impl Default for TlsConfig {
+    fn default() -> Self {
+        Self {
+            cert: PathBuf::from("/etc/nodemesh/tls/node.pem"),
+            key: PathBuf::from("/etc/nodemesh/tls/node-key.pem"),
+            bundle: PathBuf::from("/etc/nodemesh/tls/ca.pem"),
+        }
+    }
+}
+
+impl Default for PortsConfig {
+    fn default() -> Self {
+        Self {
+            outbound: nodemesh_cni::proto::DEFAULT_OUTBOUND_PORT,
+            inbound: nodemesh_cni::proto::DEFAULT_INBOUND_PORT,
+            tunnel: DEFAULT_TUNNEL_PORT,
+        }
+    }
+}
+
+impl Default for DiscoveryConfig {
+    fn default() -> Self {
+        Self {
+            source: DiscoverySource::File,
+            file: PathBuf::from("/etc/nodemesh/discovery.yaml"),
+            poll_interval_ms: 1_000,
+        }
+    }
+}
+
+impl Default for TunnelConfig {
+    fn default() -> Self {
+        Self {
+            idle_timeout_ms: 30_000,
+            keep_alive_ms: 10_000,
+            handshake_timeout_ms: 5_000,
+            stream_window: 8 << 20,
+            connection_window: 32 << 20,
+            udp_buffer: 8 << 20,
+            max_streams: 10_000,
+        }
+    }
+}
+
+impl Config {
+    /// Reads a YAML config file. Missing fields take their defaults.
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Unreadable {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::from_yaml(&text, path)
+    }
+
+    /// Parses YAML text; `path` is only used in messages.
+    pub fn from_yaml(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        if text.trim().is_empty() {
+            return Ok(Self::default());
+        }
+        serde_yaml::from_str(text).map_err(|e| ConfigError::Malformed {
+            path: path.to_owned(),
+            message: e.to_string(),
+        })
+    }
+
+    /// Checks every field; the first problem found is returned.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.node_name.is_empty() {
+            return Err(invalid(
+                "node_name",
+                "is empty",
+                "set it in the file, with --node-name, or NODEMESH_NODE_NAME",
+            ));
+        }
+        if !is_dns_subdomain(&self.node_name) {
+            return Err(invalid(
+                "node_name",
+                format!("{:?} is not a DNS subdomain name", self.node_name),
+                "use lowercase letters, digits, '-' and '.', at most 253 characters, as Kubernetes node names",
+            ));
+        }
+        if self.node_address.is_none() {
+            return Err(invalid(
+                "node_address",
+                "is not set",
+                "set the node's IP address (where peers reach the tunnel), or pass --node-address",
+            ));
+        }
+        if !is_dns_subdomain(&self.trust_domain) {
+            return Err(invalid(
+                "trust_domain",
+                format!("{:?} is not a valid SPIFFE trust domain", self.trust_domain),
+                "use lowercase letters, digits, '-' and '.', such as cluster.local",
+            ));
+        }
+        let p = &self.ports;
+        for (field, port) in [
+            ("ports.outbound", p.outbound),
+            ("ports.inbound", p.inbound),
+            ("ports.tunnel", p.tunnel),
+        ] {
+            if port == 0 {
+                return Err(invalid(field, "is 0", "choose a fixed port from 1 to 65535"));
+            }
+        }
+        if p.outbound == p.inbound {
+            return Err(invalid(
+                "ports.inbound",
+                format!("equals ports.outbound ({})", p.outbound),
+                "use two different ports (defaults 15001 and 15006)",
+            ));
+        }
+        if self.socket_mark == 0 {
+            return Err(invalid(
+                "socket_mark",
+                "is 0, which every unmarked socket has",
+                "choose a non-zero mark unused by other software on the node (default 0x4e4d)",
+            ));
+        }
+        let t = &self.tunnel;
+        if t.idle_timeout_ms == 0 || t.keep_alive_ms == 0 || t.keep_alive_ms >= t.idle_timeout_ms {
+            return Err(invalid(
+                "tunnel.keep_alive_ms",
+                format!(
+                    "keep-alive {} ms must be non-zero and below tunnel.idle_timeout_ms {} ms",
+                    t.keep_alive_ms, t.idle_timeout_ms
+                ),
+                "keep the keep-alive at about a third of the idle timeout",
+            ));
+        }
+        if t.handshake_timeout_ms == 0 {
+            return Err(invalid("tunnel.handshake_timeout_ms", "is 0", "use a few seconds, such as 5000"));
+        }
+        if t.stream_window < 64 * 1024 || t.connection_window < t.stream_window {
+            return Err(invalid(
+                "tunnel.connection_window",
+                format!(
+                    "windows stream={} connection={} bytes",
+                    t.stream_window, t.connection_window
+                ),
+                "use a stream window of at least 64 KiB and a connection window at least as large",
+            ));
+        }
+        if t.max_streams == 0 {
+            return Err(invalid("tunnel.max_streams", "is 0", "allow at least 1 stream (default 10000)"));
+        }
+        if self.drain_timeout_ms == 0 {
+            return Err(invalid("drain_timeout_ms", "is 0", "give draining some time, such as 10000"));
+        }
+        if self.connect_timeout_ms == 0 {
+            return Err(invalid("connect_timeout_ms", "is 0", "use a few seconds, such as 5000"));
+        }
+        if self.discovery.poll_interval_ms == 0 {
+            return Err(invalid(
+                "discovery.poll_interval_ms",
+                "is 0",
+                "check the file at most every few hundred ms (default 1000)",
+            ));
+        }
+        if tracing_subscriber::EnvFilter::try_new(&self.log_level).is_err() {
+            return Err(invalid(
+                "log_level",
+                format!("{:?} is not a log filter", self.log_level),
+                "use a level (error, warn, info, debug, trace) or a filter such as nodemesh=debug",
+            ));
+        }
+        Ok(())
+    }
+
+    /// The node address; only valid after [`Config::validate`].
+    pub fn node_ip(&self) -> IpAddr {
+        self.node_address.unwrap_or(IpAddr::from([0, 0, 0, 0]))
+    }
+
+    /// Drain deadline.
+    pub fn drain_timeout(&self) -> Duration {
+        Duration::from_millis(self.drain_timeout_ms)
+    }
+
+    /// Connect timeout.
+    pub fn connect_timeout(&self) -> Duration {
+        Duration::from_millis(self.connect_timeout_ms)
+    }
+}
+
+fn invalid(field: &'static str, problem: impl Into<String>, fix: &'static str) -> ConfigError {
+    ConfigError::Invalid {
+        field,
+        problem: problem.into(),
+        fix,
+    }
+}
+
+/// RFC 1123 subdomain, as Kubernetes uses for node names.
+pub fn is_dns_subdomain(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 253
+        && s.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn valid() -> Config {
+        Config {
+            node_name: "node-1".into(),
+            node_address: Some("10.0.0.1".parse().expect("ip")),
+            ..Config::default()
+        }
+    }
+
+    #[test]
+    fn defaults_with_name_and_address_validate() {
+        valid().validate().expect("valid");
+    }
+
+    #[test]
+    fn empty_file_is_defaults() {
+        assert_eq!(Config::from_yaml("", Path::new("x")).expect("parse"), Config::default());
+    }
+
+    #[test]
+    fn unknown_field_names_the_field_and_line() {
+        let err = Config::from_yaml("node_name: a\nnode_adress: 1.2.3.4\n", Path::new("/etc/x.yaml"))
+            .expect_err("unknown field");
+        let msg = err.to_string();
+        assert!(msg.contains("/etc/x.yaml"), "{msg}");
+        assert!(msg.contains("node_adress"), "{msg}");
+        assert!(msg.contains("line 2"), "{msg}");
+    }
+
+    #[test]
+    fn invalid_fields_are_named_with_a_fix() {
+        let cases: Vec<(Box<dyn Fn(&mut Config)>, &str)> = vec![
+            (Box::new(|c| c.node_name.clear()), "node_name"),
+            (Box::new(|c| c.node_name = "Node_1".into()), "node_name"),
+            (Box::new(|c| c.node_address = None), "node_address"),
+            (Box::new(|c| c.trust_domain = "a b".into()), "trust_domain"),
+            (Box::new(|c| c.ports.tunnel = 0), "ports.tunnel"),
+            (Box::new(|c| c.ports.inbound = c.ports.outbound), "ports.inbound"),
+            (Box::new(|c| c.socket_mark = 0), "socket_mark"),
+            (Box::new(|c| c.tunnel.keep_alive_ms = 40_000), "tunnel.keep_alive_ms"),
+            (Box::new(|c| c.tunnel.stream_window = 10), "tunnel.connection_window"),
+            (Box::new(|c| c.drain_timeout_ms = 0), "drain_timeout_ms"),
+            (Box::new(|c| c.log_level = "info,=x=".into()), "log_level"),
+        ];
+        for (mutate, field) in cases {
+            let mut c = valid();
+            mutate(&mut c);
+            match c.validate() {
+                Err(ConfigError::Invalid { field: f, .. }) => assert_eq!(f, field),
+                other => panic!("expected {field} invalid, got {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn dns_subdomain_rules() {
+        assert!(is_dns_subdomain("a.b-c.d1"));
+        for bad in ["", "A", "-a", "a-", "a..b", "a_b", &"a".repeat(64)] {
+            assert!(!is_dns_subdomain(bad), "{bad}");
+        }
+    }
+}

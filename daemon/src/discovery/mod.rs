@@ -1,0 +1,2 @@
+//! Discovery: where the cluster model comes from.
+pub mod model;

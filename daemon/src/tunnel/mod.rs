@@ -1,0 +1,2 @@
+//! The QUIC mTLS tunnel between nodes.
+pub mod header;
