@@ -82,6 +82,12 @@ pub enum Response {
         /// `SO_MARK` the daemon puts on its sockets inside the pod.
         mark: u32,
     },
+    /// The daemon's view says this pod is not meshed (for example annotated
+    /// `nodemesh.io/inject: disabled`): the plugin passes it through untouched.
+    Skipped {
+        /// Why the pod is not meshed.
+        reason: String,
+    },
     /// The pod was unregistered (or was not registered).
     Unregistered,
     /// Readiness of the daemon.
