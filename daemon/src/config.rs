@@ -174,7 +174,9 @@ impl Default for Config {
             trust_domain: DEFAULT_TRUST_DOMAIN.to_owned(),
             tls: TlsConfig::default(),
             ports: PortsConfig::default(),
-            admin_addr: DEFAULT_ADMIN_ADDR.parse().unwrap_or_else(|_| unreachable!()),
+            admin_addr: DEFAULT_ADMIN_ADDR
+                .parse()
+                .unwrap_or_else(|_| unreachable!()),
             cni_socket: PathBuf::from(nodemesh_cni::proto::DEFAULT_SOCKET_PATH),
             state_dir: PathBuf::from(DEFAULT_STATE_DIR),
             socket_mark: nodemesh_cni::proto::DEFAULT_SOCKET_MARK,
@@ -290,7 +292,11 @@ impl Config {
             ("ports.tunnel", p.tunnel),
         ] {
             if port == 0 {
-                return Err(invalid(field, "is 0", "choose a fixed port from 1 to 65535"));
+                return Err(invalid(
+                    field,
+                    "is 0",
+                    "choose a fixed port from 1 to 65535",
+                ));
             }
         }
         if p.outbound == p.inbound {
@@ -319,7 +325,11 @@ impl Config {
             ));
         }
         if t.handshake_timeout_ms == 0 {
-            return Err(invalid("tunnel.handshake_timeout_ms", "is 0", "use a few seconds, such as 5000"));
+            return Err(invalid(
+                "tunnel.handshake_timeout_ms",
+                "is 0",
+                "use a few seconds, such as 5000",
+            ));
         }
         if t.stream_window < 64 * 1024 || t.connection_window < t.stream_window {
             return Err(invalid(
@@ -332,13 +342,25 @@ impl Config {
             ));
         }
         if t.max_streams == 0 {
-            return Err(invalid("tunnel.max_streams", "is 0", "allow at least 1 stream (default 10000)"));
+            return Err(invalid(
+                "tunnel.max_streams",
+                "is 0",
+                "allow at least 1 stream (default 10000)",
+            ));
         }
         if self.drain_timeout_ms == 0 {
-            return Err(invalid("drain_timeout_ms", "is 0", "give draining some time, such as 10000"));
+            return Err(invalid(
+                "drain_timeout_ms",
+                "is 0",
+                "give draining some time, such as 10000",
+            ));
         }
         if self.connect_timeout_ms == 0 {
-            return Err(invalid("connect_timeout_ms", "is 0", "use a few seconds, such as 5000"));
+            return Err(invalid(
+                "connect_timeout_ms",
+                "is 0",
+                "use a few seconds, such as 5000",
+            ));
         }
         if self.discovery.poll_interval_ms == 0 {
             return Err(invalid(
@@ -415,13 +437,19 @@ mod tests {
 
     #[test]
     fn empty_file_is_defaults() {
-        assert_eq!(Config::from_yaml("", Path::new("x")).expect("parse"), Config::default());
+        assert_eq!(
+            Config::from_yaml("", Path::new("x")).expect("parse"),
+            Config::default()
+        );
     }
 
     #[test]
     fn unknown_field_names_the_field_and_line() {
-        let err = Config::from_yaml("node_name: a\nnode_adress: 1.2.3.4\n", Path::new("/etc/x.yaml"))
-            .expect_err("unknown field");
+        let err = Config::from_yaml(
+            "node_name: a\nnode_adress: 1.2.3.4\n",
+            Path::new("/etc/x.yaml"),
+        )
+        .expect_err("unknown field");
         let msg = err.to_string();
         assert!(msg.contains("/etc/x.yaml"), "{msg}");
         assert!(msg.contains("node_adress"), "{msg}");
@@ -430,16 +458,26 @@ mod tests {
 
     #[test]
     fn invalid_fields_are_named_with_a_fix() {
-        let cases: Vec<(Box<dyn Fn(&mut Config)>, &str)> = vec![
+        type Mutation = Box<dyn Fn(&mut Config)>;
+        let cases: Vec<(Mutation, &str)> = vec![
             (Box::new(|c| c.node_name.clear()), "node_name"),
             (Box::new(|c| c.node_name = "Node_1".into()), "node_name"),
             (Box::new(|c| c.node_address = None), "node_address"),
             (Box::new(|c| c.trust_domain = "a b".into()), "trust_domain"),
             (Box::new(|c| c.ports.tunnel = 0), "ports.tunnel"),
-            (Box::new(|c| c.ports.inbound = c.ports.outbound), "ports.inbound"),
+            (
+                Box::new(|c| c.ports.inbound = c.ports.outbound),
+                "ports.inbound",
+            ),
             (Box::new(|c| c.socket_mark = 0), "socket_mark"),
-            (Box::new(|c| c.tunnel.keep_alive_ms = 40_000), "tunnel.keep_alive_ms"),
-            (Box::new(|c| c.tunnel.stream_window = 10), "tunnel.connection_window"),
+            (
+                Box::new(|c| c.tunnel.keep_alive_ms = 40_000),
+                "tunnel.keep_alive_ms",
+            ),
+            (
+                Box::new(|c| c.tunnel.stream_window = 10),
+                "tunnel.connection_window",
+            ),
             (Box::new(|c| c.drain_timeout_ms = 0), "drain_timeout_ms"),
             (Box::new(|c| c.log_level = "info,=x=".into()), "log_level"),
         ];

@@ -1,11 +1,25 @@
 //! nodemesh: a per-node service mesh proxy.
 //!
 //! The daemon takes each meshed pod's TCP traffic on listeners it owns inside
-//! the pod's network namespace (L1), carries it over one multiplexed QUIC mTLS
-//! tunnel per peer node, and delivers it into the destination pod (L2).
+//! the pod's network namespace (L1, [`outbound`]), carries it over one
+//! multiplexed QUIC mTLS tunnel per peer node ([`tunnel`]), and delivers it into
+//! the destination pod (L2, [`inbound`]). Pods are registered by the CNI plugin
+//! over [`cni_server`]; the cluster model comes from [`discovery`] into the
+//! [`registry`]. [`app`] wires it together; `main` is only argument parsing.
 
+pub mod admin;
+pub mod app;
+pub mod cli;
+pub mod cni_server;
 pub mod config;
 pub mod discovery;
 pub mod identity;
+pub mod inbound;
+pub mod metrics;
+pub mod netns;
+pub mod outbound;
+pub mod pods;
+pub mod proxy;
+pub mod registry;
 pub mod relay;
 pub mod tunnel;

@@ -1,1 +1,74 @@
-fn main() {}
+//! `nodemesh`: parse, configure, run. Everything else lives in the library.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Parser;
+use nodemesh::cli::{Cli, Command};
+use nodemesh::config::LogFormat;
+
+/// Exit status for a configuration error (sysexits EX_CONFIG is 78; the
+/// project uses EX_USAGE, 64, for any bad setting or flag).
+const EXIT_CONFIG: u8 = 64;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Certs(cmd) => match nodemesh::identity::certs::run(cmd) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("nodemesh certs: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Run(args) => {
+            // Configuration is parsed and validated before any runtime starts.
+            let config = match args.into_config() {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("nodemesh: invalid configuration: {e}");
+                    return ExitCode::from(EXIT_CONFIG);
+                }
+            };
+            init_tracing(&config.log_level, config.log_format);
+            let metrics = match nodemesh::metrics::install(Duration::from_secs(600)) {
+                Ok(h) => h,
+                Err(e) => {
+                    eprintln!("nodemesh: cannot install the metrics recorder: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            let runtime = match tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .thread_name("nodemesh-worker")
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("nodemesh: cannot start the async runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match runtime.block_on(nodemesh::app::run(config, metrics)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!(error = %e, "nodemesh failed to start");
+                    eprintln!("nodemesh: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}
+
+fn init_tracing(filter: &str, format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}

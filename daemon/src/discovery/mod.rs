@@ -1,2 +1,7 @@
 //! Discovery: where the cluster model comes from.
+//!
+//! [`model`] is the one model every source produces; [`file`] is the YAML
+//! source for standalone use, the lab and tests.
+
+pub mod file;
 pub mod model;

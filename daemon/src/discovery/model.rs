@@ -123,10 +123,16 @@ impl ClusterModel {
         let mut names = HashSet::new();
         for (index, n) in self.nodes.iter().enumerate() {
             if !is_dns_subdomain(&n.name) {
-                return Err(ModelError::BadNodeName { index, name: n.name.clone() });
+                return Err(ModelError::BadNodeName {
+                    index,
+                    name: n.name.clone(),
+                });
             }
             if !names.insert(n.name.as_str()) {
-                return Err(ModelError::DuplicateNode { index, name: n.name.clone() });
+                return Err(ModelError::DuplicateNode {
+                    index,
+                    name: n.name.clone(),
+                });
             }
         }
         let mut ips = HashSet::new();
@@ -197,12 +203,22 @@ pods:
     fn bad_references_are_named() {
         let mut m: ClusterModel = serde_yaml::from_str(EXAMPLE).expect("parse");
         m.pods[1].node = "n9".into();
-        assert!(m.validate().expect_err("unknown node").to_string().contains("pods[1] (shop/web)"));
+        assert!(m
+            .validate()
+            .expect_err("unknown node")
+            .to_string()
+            .contains("pods[1] (shop/web)"));
         let mut m: ClusterModel = serde_yaml::from_str(EXAMPLE).expect("parse");
         m.pods[1].ips = m.pods[0].ips.clone();
-        assert!(matches!(m.validate(), Err(ModelError::DuplicatePodIp { index: 1, .. })));
+        assert!(matches!(
+            m.validate(),
+            Err(ModelError::DuplicatePodIp { index: 1, .. })
+        ));
         let mut m: ClusterModel = serde_yaml::from_str(EXAMPLE).expect("parse");
         m.nodes[1].name = "n1".into();
-        assert!(matches!(m.validate(), Err(ModelError::DuplicateNode { index: 1, .. })));
+        assert!(matches!(
+            m.validate(),
+            Err(ModelError::DuplicateNode { index: 1, .. })
+        ));
     }
 }

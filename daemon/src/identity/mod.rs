@@ -82,7 +82,10 @@ pub fn server_config(
 
 /// Client side: the server name given to `connect` is the peer's node name;
 /// its certificate must chain to the bundle and name exactly that node.
-pub fn client_config(creds: &Credentials, _trust_domain: &str) -> Result<rustls::ClientConfig, IdentityError> {
+pub fn client_config(
+    creds: &Credentials,
+    _trust_domain: &str,
+) -> Result<rustls::ClientConfig, IdentityError> {
     Err(IdentityError::Unimplemented(PathBuf::from(&creds.node)))
 }
 

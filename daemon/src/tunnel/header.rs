@@ -127,6 +127,9 @@ pub async fn read_status<R: AsyncRead + Unpin>(r: &mut R) -> Result<Status, Head
 }
 
 /// Writes a header (helper for `AsyncWrite` sinks).
-pub async fn write_header<W: AsyncWrite + Unpin>(_w: &mut W, _h: &StreamHeader) -> Result<(), HeaderError> {
+pub async fn write_header<W: AsyncWrite + Unpin>(
+    _w: &mut W,
+    _h: &StreamHeader,
+) -> Result<(), HeaderError> {
     Err(HeaderError::Unimplemented)
 }

@@ -1,2 +1,283 @@
 //! The QUIC mTLS tunnel between nodes.
+//!
+//! Owns the quinn endpoint (UDP socket, transport tuning) and the pool of
+//! connections to peers: one connection per peer node, dialled on first use
+//! and reused; concurrent first uses share one handshake (a per-peer async
+//! lock held across the dial); a closed connection is replaced on next use.
+//! The stream header codec lives in [`header`].
+
 pub mod header;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use dashmap::DashMap;
+use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+use quinn::{Connection, Endpoint, EndpointConfig, IdleTimeout, TransportConfig, VarInt};
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::sync::Mutex;
+use tracing::{debug, info, warn};
+
+use crate::config::TunnelConfig;
+use crate::metrics as m;
+
+/// Tunnel failures on the dialling side.
+#[derive(Debug, thiserror::Error)]
+pub enum TunnelError {
+    /// The UDP socket could not be set up.
+    #[error("cannot bind the tunnel UDP socket on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A setting cannot be expressed in QUIC.
+    #[error("tunnel setting {field}: {problem}")]
+    Setting {
+        /// Config field.
+        field: &'static str,
+        /// What is wrong.
+        problem: String,
+    },
+    /// The TLS configuration is not usable for QUIC.
+    #[error("TLS configuration unusable for QUIC: {0}")]
+    Tls(String),
+    /// Dialling could not start.
+    #[error("cannot dial peer {peer} at {addr}: {source}")]
+    Connect {
+        /// Peer node.
+        peer: String,
+        /// Its address.
+        addr: SocketAddr,
+        /// Why.
+        source: quinn::ConnectError,
+    },
+    /// The handshake failed (including certificate refusal).
+    #[error("handshake with peer {peer} at {addr} failed: {source}")]
+    Handshake {
+        /// Peer node.
+        peer: String,
+        /// Its address.
+        addr: SocketAddr,
+        /// Why.
+        source: quinn::ConnectionError,
+    },
+    /// The handshake did not finish in time.
+    #[error("handshake with peer {peer} at {addr} timed out after {timeout:?}")]
+    HandshakeTimeout {
+        /// Peer node.
+        peer: String,
+        /// Its address.
+        addr: SocketAddr,
+        /// The limit.
+        timeout: Duration,
+    },
+}
+
+type Slot = Arc<Mutex<Option<Connection>>>;
+
+/// The endpoint and the pool of outbound tunnel connections.
+#[derive(Debug)]
+pub struct Tunnels {
+    endpoint: Endpoint,
+    client: quinn::ClientConfig,
+    peers: DashMap<String, Slot>,
+    handshake_timeout: Duration,
+}
+
+/// The transport settings both sides use (DESIGN §10).
+pub fn transport_config(cfg: &TunnelConfig) -> Result<TransportConfig, TunnelError> {
+    let var = |field, v: u64| {
+        VarInt::from_u64(v).map_err(|_| TunnelError::Setting {
+            field,
+            problem: format!("{v} is too large"),
+        })
+    };
+    let mut t = TransportConfig::default();
+    t.max_concurrent_bidi_streams(VarInt::from_u32(cfg.max_streams))
+        .max_concurrent_uni_streams(VarInt::from_u32(0))
+        .stream_receive_window(var("tunnel.stream_window", cfg.stream_window)?)
+        .receive_window(var("tunnel.connection_window", cfg.connection_window)?)
+        .send_window(cfg.connection_window)
+        .keep_alive_interval(Some(Duration::from_millis(cfg.keep_alive_ms)))
+        .max_idle_timeout(Some(
+            IdleTimeout::try_from(Duration::from_millis(cfg.idle_timeout_ms)).map_err(|e| {
+                TunnelError::Setting {
+                    field: "tunnel.idle_timeout_ms",
+                    problem: e.to_string(),
+                }
+            })?,
+        ))
+        .enable_segmentation_offload(true);
+    Ok(t)
+}
+
+impl Tunnels {
+    /// Binds the endpoint on `addr` with the given TLS configurations.
+    pub fn bind(
+        addr: SocketAddr,
+        cfg: &TunnelConfig,
+        server_tls: rustls::ServerConfig,
+        client_tls: rustls::ClientConfig,
+    ) -> Result<Self, TunnelError> {
+        let transport = Arc::new(transport_config(cfg)?);
+        let server_crypto =
+            QuicServerConfig::try_from(server_tls).map_err(|e| TunnelError::Tls(e.to_string()))?;
+        let mut server = quinn::ServerConfig::with_crypto(Arc::new(server_crypto));
+        server.transport_config(transport.clone());
+        let client_crypto =
+            QuicClientConfig::try_from(client_tls).map_err(|e| TunnelError::Tls(e.to_string()))?;
+        let mut client = quinn::ClientConfig::new(Arc::new(client_crypto));
+        client.transport_config(transport);
+
+        let socket = udp_socket(addr, cfg.udp_buffer)
+            .map_err(|source| TunnelError::Bind { addr, source })?;
+        let runtime = quinn::default_runtime().ok_or_else(|| TunnelError::Bind {
+            addr,
+            source: std::io::Error::other("no async runtime"),
+        })?;
+        let endpoint = Endpoint::new(EndpointConfig::default(), Some(server), socket, runtime)
+            .map_err(|source| TunnelError::Bind { addr, source })?;
+        Ok(Self {
+            endpoint,
+            client,
+            peers: DashMap::new(),
+            handshake_timeout: Duration::from_millis(cfg.handshake_timeout_ms),
+        })
+    }
+
+    /// The endpoint (for the accept loop and shutdown).
+    pub fn endpoint(&self) -> &Endpoint {
+        &self.endpoint
+    }
+
+    /// The live connection to `peer`, dialling it if there is none.
+    pub async fn connection(
+        &self,
+        peer: &str,
+        addr: SocketAddr,
+    ) -> Result<Connection, TunnelError> {
+        let slot = self.peers.entry(peer.to_owned()).or_default().clone();
+        let mut guard = slot.lock().await;
+        if let Some(conn) = guard.as_ref() {
+            if conn.close_reason().is_none() && conn.remote_address() == addr {
+                return Ok(conn.clone());
+            }
+        }
+        let conn = self.dial(peer, addr).await?;
+        *guard = Some(conn.clone());
+        Ok(conn)
+    }
+
+    async fn dial(&self, peer: &str, addr: SocketAddr) -> Result<Connection, TunnelError> {
+        debug!(peer, %addr, "dialling tunnel");
+        let connecting = self
+            .endpoint
+            .connect_with(self.client.clone(), addr, peer)
+            .map_err(|source| TunnelError::Connect {
+                peer: peer.to_owned(),
+                addr,
+                source,
+            })?;
+        let result = tokio::time::timeout(self.handshake_timeout, connecting).await;
+        let handshakes = |result: &'static str| {
+            metrics::counter!(m::TUNNEL_HANDSHAKES, "peer" => peer.to_owned(), "side" => "client", "result" => result)
+                .increment(1)
+        };
+        let conn = match result {
+            Ok(Ok(c)) => c,
+            Ok(Err(source)) => {
+                handshakes("error");
+                warn!(peer, %addr, error = %source, "tunnel handshake failed");
+                return Err(TunnelError::Handshake {
+                    peer: peer.to_owned(),
+                    addr,
+                    source,
+                });
+            }
+            Err(_) => {
+                handshakes("timeout");
+                warn!(peer, %addr, timeout = ?self.handshake_timeout, "tunnel handshake timed out");
+                return Err(TunnelError::HandshakeTimeout {
+                    peer: peer.to_owned(),
+                    addr,
+                    timeout: self.handshake_timeout,
+                });
+            }
+        };
+        handshakes("ok");
+        info!(peer, %addr, "tunnel established");
+        track_open(&conn, peer, "outbound");
+        Ok(conn)
+    }
+
+    /// Number of live outbound connections.
+    pub fn open_count(&self) -> usize {
+        self.peers
+            .iter()
+            .filter(|e| {
+                e.value()
+                    .try_lock()
+                    .map(|g| g.as_ref().is_some_and(|c| c.close_reason().is_none()))
+                    .unwrap_or(true)
+            })
+            .count()
+    }
+}
+
+/// Status codes double as QUIC stream reset and stop codes.
+pub fn reset_code(code: header::StatusCode) -> VarInt {
+    VarInt::from_u32(code as u32)
+}
+
+/// Counts `conn` in the open-tunnels gauge until it closes.
+pub fn track_open(conn: &Connection, peer: &str, direction: &'static str) {
+    let gauge =
+        metrics::gauge!(m::TUNNELS_OPEN, "peer" => peer.to_owned(), "direction" => direction);
+    gauge.increment(1.0);
+    let conn = conn.clone();
+    let peer = peer.to_owned();
+    tokio::spawn(async move {
+        let reason = conn.closed().await;
+        gauge.decrement(1.0);
+        info!(peer, direction, reason = %reason, "tunnel closed");
+    });
+}
+
+fn udp_socket(addr: SocketAddr, buffer: usize) -> std::io::Result<std::net::UdpSocket> {
+    let sock = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    // Raise buffers past net.core.{r,w}mem_max when privileged (DESIGN §10:
+    // quinn drops thousands of packets per second on small buffers).
+    let fd = std::os::fd::AsFd::as_fd(&sock);
+    if nix::sys::socket::setsockopt(&fd, nix::sys::socket::sockopt::RcvBufForce, &buffer).is_err() {
+        let _ = sock.set_recv_buffer_size(buffer);
+    }
+    if nix::sys::socket::setsockopt(&fd, nix::sys::socket::sockopt::SndBufForce, &buffer).is_err() {
+        let _ = sock.set_send_buffer_size(buffer);
+    }
+    sock.bind(&addr.into())?;
+    Ok(sock.into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_transport_config_is_valid() {
+        transport_config(&TunnelConfig::default()).expect("valid");
+        let huge = TunnelConfig {
+            stream_window: u64::MAX,
+            ..TunnelConfig::default()
+        };
+        assert!(matches!(
+            transport_config(&huge),
+            Err(TunnelError::Setting {
+                field: "tunnel.stream_window",
+                ..
+            })
+        ));
+    }
+}

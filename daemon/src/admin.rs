@@ -1,0 +1,246 @@
+//! The admin HTTP server and the daemon's readiness.
+//!
+//! Endpoints (plain HTTP/1.1, default `0.0.0.0:15020`):
+//! - `GET /metrics`: Prometheus text exposition.
+//! - `GET /healthz`: 200 while the process serves.
+//! - `GET /ready`: 200 `ready` once credentials, tunnel, CNI socket and the
+//!   first discovery sync are in place and the daemon is not draining;
+//!   otherwise 503 with one reason per line.
+//! - `GET /config_dump`: JSON of the node, its registered pods and tunnels.
+//!
+//! Owns [`Readiness`], the flags those conditions are read from.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use http_body_util::Full;
+use hyper::body::Bytes;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use metrics_exporter_prometheus::PrometheusHandle;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use crate::registry::Registry;
+
+/// What the daemon still lacks before it is ready.
+#[derive(Debug, Default)]
+pub struct Readiness {
+    tunnel: AtomicBool,
+    cni: AtomicBool,
+    discovery: AtomicBool,
+    draining: AtomicBool,
+    discovery_error: Mutex<Option<String>>,
+    credentials_error: Mutex<Option<String>>,
+}
+
+impl Readiness {
+    /// The tunnel endpoint is bound.
+    pub fn mark_tunnel(&self) {
+        self.tunnel.store(true, Ordering::SeqCst);
+    }
+    /// The CNI socket is listening and registrations were restored.
+    pub fn mark_cni(&self) {
+        self.cni.store(true, Ordering::SeqCst);
+    }
+    /// Discovery applied a first good model.
+    pub fn mark_discovery_synced(&self) {
+        self.discovery.store(true, Ordering::SeqCst);
+    }
+    /// Whether discovery has synced once.
+    pub fn discovery_synced(&self) -> bool {
+        self.discovery.load(Ordering::SeqCst)
+    }
+    /// The last discovery error, if any (reported while not yet synced).
+    pub fn set_discovery_error(&self, e: Option<String>) {
+        if let Ok(mut g) = self.discovery_error.lock() {
+            *g = e;
+        }
+    }
+    /// A credentials problem that makes the daemon unfit to serve.
+    pub fn set_credentials_error(&self, e: Option<String>) {
+        if let Ok(mut g) = self.credentials_error.lock() {
+            *g = e;
+        }
+    }
+    /// Shutdown has begun.
+    pub fn mark_draining(&self) {
+        self.draining.store(true, Ordering::SeqCst);
+    }
+
+    /// Empty when ready; else why not, one reason each.
+    pub fn not_ready_reasons(&self) -> Vec<String> {
+        let mut r = Vec::new();
+        if self.draining.load(Ordering::SeqCst) {
+            r.push("draining: the daemon is shutting down".to_owned());
+        }
+        if let Ok(g) = self.credentials_error.lock() {
+            if let Some(e) = g.as_ref() {
+                r.push(format!("credentials: {e}"));
+            }
+        }
+        if !self.tunnel.load(Ordering::SeqCst) {
+            r.push("tunnel: endpoint not bound yet".to_owned());
+        }
+        if !self.cni.load(Ordering::SeqCst) {
+            r.push("cni: registration socket not listening yet".to_owned());
+        }
+        if !self.discovery.load(Ordering::SeqCst) {
+            let detail = self
+                .discovery_error
+                .lock()
+                .ok()
+                .and_then(|g| g.clone())
+                .unwrap_or_else(|| "no model loaded yet".to_owned());
+            r.push(format!("discovery: {detail}"));
+        }
+        r
+    }
+}
+
+/// What the admin server reads.
+#[derive(Debug, Clone)]
+pub struct AdminState {
+    /// Metrics.
+    pub metrics: PrometheusHandle,
+    /// Readiness.
+    pub ready: Arc<Readiness>,
+    /// Registry, for `/config_dump`.
+    pub registry: Arc<Registry>,
+}
+
+/// Serves the admin endpoints on `listener` until `shutdown`.
+pub async fn serve(listener: TcpListener, state: AdminState, shutdown: CancellationToken) {
+    loop {
+        let accepted = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            a = listener.accept() => a,
+        };
+        let (stream, peer) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                warn!(error = %e, "admin accept failed");
+                continue;
+            }
+        };
+        let state = state.clone();
+        tokio::spawn(async move {
+            let svc = service_fn(move |req| {
+                let state = state.clone();
+                async move { Ok::<_, std::convert::Infallible>(route(&state, req)) }
+            });
+            if let Err(e) = http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), svc)
+                .await
+            {
+                debug!(%peer, error = %e, "admin connection error");
+            }
+        });
+    }
+}
+
+fn text(
+    status: StatusCode,
+    body: impl Into<Bytes>,
+    content_type: &'static str,
+) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(body.into()));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static(content_type),
+    );
+    r
+}
+
+fn route<B>(state: &AdminState, req: Request<B>) -> Response<Full<Bytes>> {
+    const PLAIN: &str = "text/plain; charset=utf-8";
+    if req.method() != Method::GET {
+        return text(StatusCode::METHOD_NOT_ALLOWED, "only GET\n", PLAIN);
+    }
+    match req.uri().path() {
+        "/metrics" => text(
+            StatusCode::OK,
+            state.metrics.render(),
+            "text/plain; version=0.0.4",
+        ),
+        "/healthz" => text(StatusCode::OK, "ok\n", PLAIN),
+        "/ready" => {
+            let reasons = state.ready.not_ready_reasons();
+            if reasons.is_empty() {
+                text(StatusCode::OK, "ready\n", PLAIN)
+            } else {
+                text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    reasons.join("\n") + "\n",
+                    PLAIN,
+                )
+            }
+        }
+        "/config_dump" => text(
+            StatusCode::OK,
+            config_dump(&state.registry),
+            "application/json",
+        ),
+        _ => text(
+            StatusCode::NOT_FOUND,
+            "not found; endpoints: /metrics /healthz /ready /config_dump\n",
+            PLAIN,
+        ),
+    }
+}
+
+fn config_dump(registry: &Registry) -> String {
+    let snap = registry.snapshot();
+    let (nodes, pod_ips) = snap.counts();
+    let pods: Vec<serde_json::Value> = registry
+        .locals()
+        .iter()
+        .map(|p| {
+            serde_json::json!({
+                "container_id": p.container_id,
+                "namespace": p.namespace,
+                "name": p.name,
+                "ips": p.ips,
+                "netns": p.netns.path(),
+            })
+        })
+        .collect();
+    serde_json::json!({
+        "node": registry.node_name(),
+        "discovery": {"generation": snap.generation, "nodes": nodes, "pod_ips": pod_ips},
+        "local_pods": pods,
+    })
+    .to_string()
+}
+
+/// Binds the admin listener.
+pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    TcpListener::bind(addr).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn readiness_lists_what_is_missing() {
+        let r = Readiness::default();
+        assert_eq!(r.not_ready_reasons().len(), 3);
+        r.mark_tunnel();
+        r.mark_cni();
+        r.set_discovery_error(Some("discovery file x: bad".into()));
+        assert_eq!(
+            r.not_ready_reasons(),
+            vec!["discovery: discovery file x: bad".to_owned()]
+        );
+        r.mark_discovery_synced();
+        assert!(r.not_ready_reasons().is_empty());
+        r.mark_draining();
+        assert_eq!(r.not_ready_reasons().len(), 1);
+    }
+}

@@ -1,0 +1,212 @@
+//! Metric names, label sets and the Prometheus recorder.
+//!
+//! Owns every metric name the daemon exports (so dashboards and tests have one
+//! place to look) and the [`Edge`] label set. Labels name **workloads, not
+//! proxies**: source and destination namespace and workload, `tls`, `route`
+//! and `reporter`. Cardinality is bounded by the number of workload pairs, and
+//! idle series expire (see [`install`]).
+
+use std::time::Duration;
+
+use metrics::{Counter, Label};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use metrics_util::MetricKindMask;
+
+/// Counter: proxied TCP connections opened.
+pub const CONNECTIONS_OPENED: &str = "nodemesh_connections_opened_total";
+/// Counter: proxied TCP connections closed (label `result`: ok, reset, error).
+pub const CONNECTIONS_CLOSED: &str = "nodemesh_connections_closed_total";
+/// Counter: bytes relayed; label `direction` = `src_to_dst` | `dst_to_src`.
+pub const TCP_BYTES: &str = "nodemesh_tcp_bytes_total";
+/// Histogram: connection duration, seconds.
+pub const CONNECTION_DURATION: &str = "nodemesh_connection_duration_seconds";
+/// Counter: connections refused before relaying; label `reason`.
+pub const CONNECTIONS_FAILED: &str = "nodemesh_connections_failed_total";
+/// Gauge: open tunnel connections; labels `peer`, `direction` (outbound = we dialled).
+pub const TUNNELS_OPEN: &str = "nodemesh_tunnels_open";
+/// Counter: tunnel handshakes; labels `peer`, `side`, `result`.
+pub const TUNNEL_HANDSHAKES: &str = "nodemesh_tunnel_handshakes_total";
+/// Counter: tunnel peers refused during the handshake; labels `side`, `reason`
+/// (emitted by `identity`).
+pub const TUNNEL_PEER_REFUSED: &str = "nodemesh_tunnel_peer_refused_total";
+/// Counter: tunnel streams rejected by L2 before relaying; labels `peer`, `status`.
+pub const STREAMS_REJECTED: &str = "nodemesh_streams_rejected_total";
+/// Gauge: pods registered on this node.
+pub const PODS_REGISTERED: &str = "nodemesh_pods_registered";
+/// Counter: pod registration requests; labels `op`, `result`.
+pub const CNI_REQUESTS: &str = "nodemesh_cni_requests_total";
+/// Counter: discovery reloads; labels `source`, `result`.
+pub const DISCOVERY_RELOADS: &str = "nodemesh_discovery_reloads_total";
+/// Gauge: connections currently being relayed.
+pub const CONNECTIONS_ACTIVE: &str = "nodemesh_connections_active";
+
+/// Placeholder for an unknown namespace or workload.
+pub const UNKNOWN: &str = "unknown";
+
+/// Who reported a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reporter {
+    /// The source node's daemon (L1).
+    Source,
+    /// The destination node's daemon (L2).
+    Destination,
+}
+
+/// How a connection was carried.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route {
+    /// Over a tunnel to another node.
+    Tunnel,
+    /// Delivered on the same node.
+    Local,
+    /// To an unmeshed or off-cluster destination, unproxied.
+    Passthrough,
+    /// Plaintext inbound from an unmeshed client.
+    Plaintext,
+}
+
+impl Route {
+    /// Label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Tunnel => "tunnel",
+            Self::Local => "local",
+            Self::Passthrough => "passthrough",
+            Self::Plaintext => "plaintext",
+        }
+    }
+}
+
+/// The workload-level labels of one proxied connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Edge {
+    /// Who reports.
+    pub reporter: Reporter,
+    /// Source namespace.
+    pub src_namespace: String,
+    /// Source workload.
+    pub src_workload: String,
+    /// Destination namespace.
+    pub dst_namespace: String,
+    /// Destination workload.
+    pub dst_workload: String,
+    /// Whether the hop was mTLS.
+    pub tls: bool,
+    /// How it was carried.
+    pub route: Route,
+}
+
+/// The counters of one connection, resolved once when it opens.
+#[derive(Debug, Clone)]
+pub struct EdgeCounters {
+    /// Bytes source → destination.
+    pub src_to_dst: Counter,
+    /// Bytes destination → source.
+    pub dst_to_src: Counter,
+}
+
+impl Edge {
+    /// The label set.
+    pub fn labels(&self) -> Vec<Label> {
+        vec![
+            Label::new(
+                "reporter",
+                match self.reporter {
+                    Reporter::Source => "source",
+                    Reporter::Destination => "destination",
+                },
+            ),
+            Label::new("src_namespace", self.src_namespace.clone()),
+            Label::new("src_workload", self.src_workload.clone()),
+            Label::new("dst_namespace", self.dst_namespace.clone()),
+            Label::new("dst_workload", self.dst_workload.clone()),
+            Label::new("tls", if self.tls { "true" } else { "false" }),
+            Label::new("route", self.route.as_str()),
+        ]
+    }
+
+    /// Counts the opening and returns the byte counters.
+    pub fn opened(&self) -> EdgeCounters {
+        let labels = self.labels();
+        metrics::counter!(CONNECTIONS_OPENED, labels.iter()).increment(1);
+        let mut l = labels.clone();
+        l.push(Label::new("direction", "src_to_dst"));
+        let src_to_dst = metrics::counter!(TCP_BYTES, l.iter());
+        let mut l = labels;
+        l.push(Label::new("direction", "dst_to_src"));
+        let dst_to_src = metrics::counter!(TCP_BYTES, l.iter());
+        EdgeCounters {
+            src_to_dst,
+            dst_to_src,
+        }
+    }
+
+    /// Counts the closing with its result (`ok`, `reset`, `error`) and duration.
+    pub fn closed(&self, result: &'static str, duration: Duration) {
+        let labels = self.labels();
+        metrics::histogram!(CONNECTION_DURATION, labels.iter()).record(duration.as_secs_f64());
+        let mut l = labels;
+        l.push(Label::new("result", result));
+        metrics::counter!(CONNECTIONS_CLOSED, l.iter()).increment(1);
+    }
+
+    /// Counts a connection that failed before relaying.
+    pub fn failed(&self, reason: &'static str) {
+        let mut l = self.labels();
+        l.push(Label::new("reason", reason));
+        metrics::counter!(CONNECTIONS_FAILED, l.iter()).increment(1);
+    }
+}
+
+/// Installs the global Prometheus recorder. Counters and histograms not
+/// updated for `idle` are dropped, so series of departed workloads expire.
+pub fn install(
+    idle: Duration,
+) -> Result<PrometheusHandle, metrics_exporter_prometheus::BuildError> {
+    PrometheusBuilder::new()
+        .idle_timeout(
+            MetricKindMask::COUNTER | MetricKindMask::HISTOGRAM,
+            Some(idle),
+        )
+        .set_buckets_for_metric(
+            metrics_exporter_prometheus::Matcher::Full(CONNECTION_DURATION.to_owned()),
+            &[0.001, 0.01, 0.1, 1.0, 10.0, 60.0, 600.0, 3600.0],
+        )?
+        .install_recorder()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn edge_labels_are_workload_labels() {
+        let e = Edge {
+            reporter: Reporter::Source,
+            src_namespace: "a".into(),
+            src_workload: "client".into(),
+            dst_namespace: "b".into(),
+            dst_workload: "server".into(),
+            tls: true,
+            route: Route::Tunnel,
+        };
+        let l: Vec<(String, String)> = e
+            .labels()
+            .iter()
+            .map(|l| (l.key().to_owned(), l.value().to_owned()))
+            .collect();
+        assert_eq!(
+            l,
+            [
+                ("reporter", "source"),
+                ("src_namespace", "a"),
+                ("src_workload", "client"),
+                ("dst_namespace", "b"),
+                ("dst_workload", "server"),
+                ("tls", "true"),
+                ("route", "tunnel")
+            ]
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        );
+    }
+}

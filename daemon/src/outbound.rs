@@ -1,0 +1,216 @@
+//! L1: the outbound path of a local pod.
+//!
+//! Owns the accept loop of a pod's outbound listener (`127.0.0.1:15001` in the
+//! pod) and what happens to each accepted connection: read the original
+//! destination, resolve it, then deliver locally, tunnel to the peer node, or
+//! pass through from a socket made in the source pod. The source pod is known
+//! from the listener that accepted, never from an address. A failure before
+//! relaying resets the client's connection, so the app sees an error.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::net::{TcpListener, TcpStream};
+use tracing::{debug, info_span, warn, Instrument};
+
+use crate::metrics::{Edge, Reporter, Route as RouteLabel};
+use crate::netns::{connect_in, original_dst, set_nodelay};
+use crate::pods::LocalPod;
+use crate::proxy::{Proxy, Workload};
+use crate::registry::Route;
+use crate::relay::{self, reset_tcp, RelayError, RelayStats};
+use crate::tunnel::header::{read_status, StatusCode, StreamHeader};
+use crate::tunnel::reset_code;
+
+/// Accepts on a pod's outbound listener until the pod is unregistered or the
+/// daemon stops accepting.
+pub async fn serve(proxy: Arc<Proxy>, pod: Arc<LocalPod>, listener: TcpListener) {
+    loop {
+        let accepted = tokio::select! {
+            _ = pod.cancel.cancelled() => break,
+            _ = proxy.shutdown.cancelled() => break,
+            a = listener.accept() => a,
+        };
+        match accepted {
+            Ok((tcp, client)) => {
+                let span = info_span!("outbound", pod = %format_args!("{}/{}", pod.namespace, pod.name), client.addr = %client);
+                let (proxy, pod) = (proxy.clone(), pod.clone());
+                tokio::spawn(
+                    async move {
+                        let cancel = pod.cancel.clone();
+                        tokio::select! {
+                            _ = cancel.cancelled() => debug!("pod unregistered; connection closed"),
+                            _ = handle(&proxy, &pod, tcp, client) => {}
+                        }
+                    }
+                    .instrument(span),
+                );
+            }
+            Err(e) => {
+                warn!(pod = %pod.name, error = %e, "outbound accept failed");
+                // EMFILE and friends: give the system a moment rather than spin.
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+        }
+    }
+}
+
+async fn handle(proxy: &Proxy, pod: &LocalPod, tcp: TcpStream, client: SocketAddr) {
+    let _guard = proxy.tracker.track();
+    set_nodelay(&tcp);
+    let dst = match original_dst(&tcp) {
+        Ok(d) => d,
+        Err(e) => {
+            warn!(error = %e, "no original destination; resetting");
+            reset_tcp(tcp);
+            return;
+        }
+    };
+    if dst.ip().is_loopback() && dst.port() == proxy.outbound_port {
+        warn!(server.addr = %dst, "connection made straight to the outbound listener; resetting");
+        reset_tcp(tcp);
+        return;
+    }
+    let src = proxy.workload_of(pod);
+    let route = proxy.registry.resolve(dst.ip());
+    let (dst_namespace, dst_workload) = proxy.describe_ip(dst.ip());
+    let mut edge = Edge {
+        reporter: Reporter::Source,
+        src_namespace: src.namespace.clone(),
+        src_workload: src.workload.clone(),
+        dst_namespace,
+        dst_workload,
+        tls: false,
+        route: RouteLabel::Passthrough,
+    };
+    tracing::Span::current().record("server.addr", tracing::field::display(dst));
+    match route {
+        Route::Local(dst_pod) => {
+            edge.route = RouteLabel::Local;
+            match connect_in(
+                proxy.sockets.as_ref(),
+                &dst_pod.netns,
+                dst,
+                proxy.mark,
+                proxy.connect_timeout,
+            )
+            .await
+            {
+                Ok(server) => relay_tcp(&edge, tcp, server).await,
+                Err(e) => fail(&edge, tcp, "connect_failed", &e),
+            }
+        }
+        Route::Passthrough => {
+            match connect_in(
+                proxy.sockets.as_ref(),
+                &pod.netns,
+                dst,
+                proxy.mark,
+                proxy.connect_timeout,
+            )
+            .await
+            {
+                Ok(server) => relay_tcp(&edge, tcp, server).await,
+                Err(e) => fail(&edge, tcp, "connect_failed", &e),
+            }
+        }
+        Route::Remote { node, addr } => {
+            edge.route = RouteLabel::Tunnel;
+            edge.tls = true;
+            tunnel(proxy, &edge, &src, tcp, client, dst, &node, addr)
+                .instrument(info_span!("tunnel", peer.node = %node))
+                .await
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn tunnel(
+    proxy: &Proxy,
+    edge: &Edge,
+    src: &Workload,
+    tcp: TcpStream,
+    client: SocketAddr,
+    dst: SocketAddr,
+    node: &str,
+    addr: SocketAddr,
+) {
+    let conn = match proxy.tunnels.connection(node, addr).await {
+        Ok(c) => c,
+        Err(e) => return fail(edge, tcp, "tunnel_unavailable", &e),
+    };
+    let (mut send, mut recv) = match conn.open_bi().await {
+        Ok(s) => s,
+        Err(e) => return fail(edge, tcp, "tunnel_unavailable", &e),
+    };
+    let header = StreamHeader {
+        dst,
+        src: client,
+        src_identity: src.identity.clone(),
+        flags: 0,
+        trace_id: None,
+    };
+    let mut buf = Vec::with_capacity(128);
+    if let Err(e) = header.encode(&mut buf) {
+        return fail(edge, tcp, "bad_header", &e);
+    }
+    if let Err(e) = send.write_all(&buf).await {
+        return fail(edge, tcp, "tunnel_unavailable", &e);
+    }
+    let status = match tokio::time::timeout(proxy.connect_timeout * 2, read_status(&mut recv)).await
+    {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => return fail(edge, tcp, "bad_status", &e),
+        Err(_) => {
+            let _ = send.reset(reset_code(StatusCode::Internal));
+            return fail(
+                edge,
+                tcp,
+                "status_timeout",
+                &"no status from the peer in time",
+            );
+        }
+    };
+    if status.code != StatusCode::Ok {
+        debug!(status = status.code.as_str(), reason = %status.reason, "peer refused the stream");
+        edge.failed(status.code.as_str());
+        reset_tcp(tcp);
+        return;
+    }
+    let counters = edge.opened();
+    let started = Instant::now();
+    let res = relay::tcp_quic(tcp, send, recv, counters.src_to_dst, counters.dst_to_src).await;
+    finish(edge, started, res);
+}
+
+async fn relay_tcp(edge: &Edge, client: TcpStream, server: TcpStream) {
+    let counters = edge.opened();
+    let started = Instant::now();
+    let res = relay::tcp_tcp(client, server, counters.src_to_dst, counters.dst_to_src).await;
+    finish(edge, started, res);
+}
+
+/// Records the end of a relayed connection.
+pub fn finish(edge: &Edge, started: Instant, res: Result<RelayStats, RelayError>) {
+    match res {
+        Ok(stats) => {
+            debug!(
+                bytes.src_to_dst = stats.a_to_b,
+                bytes.dst_to_src = stats.b_to_a,
+                "connection closed"
+            );
+            edge.closed("ok", started.elapsed());
+        }
+        Err(e) => {
+            debug!(error = %e, "connection ended abnormally");
+            edge.closed("error", started.elapsed());
+        }
+    }
+}
+
+fn fail(edge: &Edge, tcp: TcpStream, reason: &'static str, err: &dyn std::fmt::Display) {
+    warn!(reason, error = %err, "connection failed before relaying; resetting client");
+    edge.failed(reason);
+    reset_tcp(tcp);
+}

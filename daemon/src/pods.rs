@@ -1,0 +1,316 @@
+//! Local pod registrations: their in-pod listeners, and their persistence.
+//!
+//! Owns [`PodManager`]: `register` enters the pod's netns (through the
+//! [`SocketFactory`]), creates the outbound (`127.0.0.1:<outbound>`) and inbound
+//! plaintext (`0.0.0.0:<inbound>`) listeners there, starts their accept loops
+//! and only then answers; `unregister` closes them and every connection of the
+//! pod. Registrations are written to `state_dir/<container_id>.json` so a
+//! restarted daemon re-creates the listeners without the CNI being called.
+
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use nodemesh_cni::proto::PodRegistration;
+use tokio::sync::Mutex;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::metrics as m;
+use crate::netns::{listen_in, Netns};
+use crate::proxy::Proxy;
+use crate::{inbound, outbound};
+
+/// A pod registered on this node.
+#[derive(Debug)]
+pub struct LocalPod {
+    /// Registration key (CNI container id).
+    pub container_id: String,
+    /// Namespace.
+    pub namespace: String,
+    /// Name.
+    pub name: String,
+    /// Service account as registered (discovery may know better).
+    pub service_account: Option<String>,
+    /// The pod's IPs.
+    pub ips: Vec<IpAddr>,
+    /// Its network namespace.
+    pub netns: Netns,
+    /// Cancelled on unregister: closes listeners and connections.
+    pub cancel: CancellationToken,
+    /// The registration as received.
+    pub registration: PodRegistration,
+}
+
+/// Why a registration failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RegisterError {
+    /// The request is not usable.
+    #[error("invalid registration: {0}")]
+    Invalid(String),
+    /// The netns path could not be opened.
+    #[error("cannot open network namespace {path}: {source}; is the pod sandbox still running?")]
+    Netns {
+        /// The path.
+        path: PathBuf,
+        /// Why.
+        source: io::Error,
+    },
+    /// A listener could not be created in the pod.
+    #[error("cannot listen on {addr} inside {path}: {source}")]
+    Listen {
+        /// The address.
+        addr: SocketAddr,
+        /// The netns path.
+        path: PathBuf,
+        /// Why.
+        source: io::Error,
+    },
+    /// The daemon is shutting down.
+    #[error("the daemon is shutting down")]
+    ShuttingDown,
+}
+
+/// Registers and unregisters local pods.
+#[derive(Debug)]
+pub struct PodManager {
+    proxy: Arc<Proxy>,
+    state_dir: PathBuf,
+    outbound_port: u16,
+    inbound_port: u16,
+    /// Serializes register/unregister so a pod's state is never half-applied.
+    lock: Mutex<()>,
+}
+
+impl PodManager {
+    /// A manager persisting under `state_dir`.
+    pub fn new(proxy: Arc<Proxy>, state_dir: &Path, outbound_port: u16, inbound_port: u16) -> Self {
+        Self {
+            proxy,
+            state_dir: state_dir.to_owned(),
+            outbound_port,
+            inbound_port,
+            lock: Mutex::new(()),
+        }
+    }
+
+    /// Ports and mark the capture rules must use.
+    pub fn capture_params(&self) -> (u16, u16, u32) {
+        (self.outbound_port, self.inbound_port, self.proxy.mark)
+    }
+
+    /// Registers a pod: listeners up, accept loops running, state persisted.
+    pub async fn register(&self, reg: PodRegistration) -> Result<(), RegisterError> {
+        validate(&reg)?;
+        let _g = self.lock.lock().await;
+        if self.proxy.shutdown.is_cancelled() {
+            return Err(RegisterError::ShuttingDown);
+        }
+        if let Some(existing) = self.proxy.registry.local(&reg.container_id) {
+            if existing.registration == reg && !existing.cancel.is_cancelled() {
+                return Ok(());
+            }
+            self.close(&reg.container_id);
+        }
+        let pod = self.start(reg.clone()).await?;
+        if let Err(e) = self.persist(&reg) {
+            // Serving without persistence would lose the pod on restart: undo.
+            pod.cancel.cancel();
+            self.proxy.registry.remove_local(&reg.container_id);
+            return Err(RegisterError::Invalid(format!(
+                "cannot persist registration in {}: {e}",
+                self.state_dir.display()
+            )));
+        }
+        metrics::gauge!(m::PODS_REGISTERED).set(self.proxy.registry.local_count() as f64);
+        info!(
+            container_id = %reg.container_id,
+            pod = %format_args!("{}/{}", reg.namespace, reg.name),
+            ips = ?reg.ips,
+            "pod registered"
+        );
+        Ok(())
+    }
+
+    async fn start(&self, reg: PodRegistration) -> Result<Arc<LocalPod>, RegisterError> {
+        let netns = Netns::open(&reg.netns).map_err(|source| RegisterError::Netns {
+            path: reg.netns.clone(),
+            source,
+        })?;
+        let factory = self.proxy.sockets.as_ref();
+        let out_addr = SocketAddr::from((Ipv4Addr::LOCALHOST, self.outbound_port));
+        let in_addr = SocketAddr::from((Ipv4Addr::UNSPECIFIED, self.inbound_port));
+        let listen_err = |addr| {
+            let path = reg.netns.clone();
+            move |source| RegisterError::Listen { addr, path, source }
+        };
+        let out = listen_in(factory, &netns, out_addr)
+            .await
+            .map_err(listen_err(out_addr))?;
+        let inb = listen_in(factory, &netns, in_addr)
+            .await
+            .map_err(listen_err(in_addr))?;
+        let pod = Arc::new(LocalPod {
+            container_id: reg.container_id.clone(),
+            namespace: reg.namespace.clone(),
+            name: reg.name.clone(),
+            service_account: reg.service_account.clone(),
+            ips: reg.ips.clone(),
+            netns,
+            cancel: CancellationToken::new(),
+            registration: reg,
+        });
+        tokio::spawn(outbound::serve(self.proxy.clone(), pod.clone(), out));
+        tokio::spawn(inbound::serve_plaintext(
+            self.proxy.clone(),
+            pod.clone(),
+            inb,
+        ));
+        self.proxy.registry.insert_local(pod.clone());
+        Ok(pod)
+    }
+
+    /// Unregisters a pod; returns whether it was registered. Idempotent.
+    pub async fn unregister(&self, container_id: &str) -> bool {
+        let _g = self.lock.lock().await;
+        let was = self.close(container_id);
+        if is_safe_id(container_id) {
+            let path = self.state_path(container_id);
+            if let Err(e) = std::fs::remove_file(&path) {
+                if e.kind() != io::ErrorKind::NotFound {
+                    warn!(path = %path.display(), error = %e, "cannot remove registration state");
+                }
+            }
+        }
+        metrics::gauge!(m::PODS_REGISTERED).set(self.proxy.registry.local_count() as f64);
+        if was {
+            info!(%container_id, "pod unregistered");
+        }
+        was
+    }
+
+    fn close(&self, container_id: &str) -> bool {
+        match self.proxy.registry.remove_local(container_id) {
+            Some(pod) => {
+                pod.cancel.cancel();
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Whether a pod is registered with live listeners.
+    pub fn is_registered(&self, container_id: &str) -> bool {
+        self.proxy
+            .registry
+            .local(container_id)
+            .is_some_and(|p| !p.cancel.is_cancelled())
+    }
+
+    /// Re-creates the persisted registrations; returns how many came back.
+    /// Registrations whose netns is gone are dropped with a log line.
+    pub async fn restore(&self) -> usize {
+        let entries = match std::fs::read_dir(&self.state_dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return 0,
+            Err(e) => {
+                warn!(dir = %self.state_dir.display(), error = %e, "cannot read registration state");
+                return 0;
+            }
+        };
+        let mut restored = 0;
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.extension().and_then(|e| e.to_str()) != Some("json") {
+                continue;
+            }
+            let reg = match std::fs::read(&path)
+                .map_err(|e| e.to_string())
+                .and_then(|b| {
+                    serde_json::from_slice::<PodRegistration>(&b).map_err(|e| e.to_string())
+                }) {
+                Ok(r) => r,
+                Err(e) => {
+                    warn!(path = %path.display(), error = %e, "skipping unreadable registration state");
+                    continue;
+                }
+            };
+            let id = reg.container_id.clone();
+            match self.register(reg).await {
+                Ok(()) => restored += 1,
+                Err(RegisterError::Netns { path: ns, source }) => {
+                    warn!(container_id = %id, netns = %ns.display(), error = %source,
+                        "pod netns is gone; forgetting its registration");
+                    let _ = std::fs::remove_file(&path);
+                }
+                Err(e) => warn!(container_id = %id, error = %e, "cannot restore registration"),
+            }
+        }
+        restored
+    }
+
+    fn state_path(&self, container_id: &str) -> PathBuf {
+        self.state_dir.join(format!("{container_id}.json"))
+    }
+
+    fn persist(&self, reg: &PodRegistration) -> io::Result<()> {
+        std::fs::create_dir_all(&self.state_dir)?;
+        let path = self.state_path(&reg.container_id);
+        let tmp = path.with_extension("json.tmp");
+        std::fs::write(
+            &tmp,
+            serde_json::to_vec_pretty(reg).map_err(io::Error::other)?,
+        )?;
+        std::fs::rename(&tmp, &path)
+    }
+}
+
+/// Container ids become file names: keep them to a safe alphabet.
+fn is_safe_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 256
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+        && !id.starts_with('.')
+}
+
+fn validate(reg: &PodRegistration) -> Result<(), RegisterError> {
+    if !is_safe_id(&reg.container_id) {
+        return Err(RegisterError::Invalid(format!(
+            "container_id {:?} must be 1-256 characters of [A-Za-z0-9._-], not starting with '.'",
+            reg.container_id
+        )));
+    }
+    if reg.namespace.is_empty() || reg.name.is_empty() {
+        return Err(RegisterError::Invalid(
+            "namespace and name must be set".into(),
+        ));
+    }
+    if reg.ips.is_empty() {
+        return Err(RegisterError::Invalid(
+            "ips is empty: the pod needs an address".into(),
+        ));
+    }
+    if !reg.netns.is_absolute() {
+        return Err(RegisterError::Invalid(format!(
+            "netns {:?} must be an absolute path",
+            reg.netns
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn container_ids_are_file_safe() {
+        assert!(is_safe_id("3f2a-b_c.d"));
+        for bad in ["", "../x", "a/b", ".hidden", "a b"] {
+            assert!(!is_safe_id(bad), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,168 @@
+//! The data-plane context shared by the outbound and inbound paths.
+//!
+//! Owns [`Proxy`] (registry, socket factory, tunnels, the few settings the
+//! data path needs, the shutdown signal) and [`ConnTracker`], which counts
+//! connections in flight so that shutdown can drain them.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::identity::workload_spiffe_id;
+use crate::metrics::{self as m, UNKNOWN};
+use crate::netns::SocketFactory;
+use crate::pods::LocalPod;
+use crate::registry::Registry;
+use crate::tunnel::Tunnels;
+
+/// Everything a proxied connection needs.
+#[derive(Debug)]
+pub struct Proxy {
+    /// The cluster view.
+    pub registry: Arc<Registry>,
+    /// Makes sockets inside pods.
+    pub sockets: Arc<dyn SocketFactory>,
+    /// Tunnels to peer nodes.
+    pub tunnels: Arc<Tunnels>,
+    /// SPIFFE trust domain.
+    pub trust_domain: String,
+    /// `SO_MARK` on sockets made inside pods.
+    pub mark: u32,
+    /// Outbound listener port (to refuse redirect loops).
+    pub outbound_port: u16,
+    /// Timeout for connecting to destinations.
+    pub connect_timeout: Duration,
+    /// Connections in flight.
+    pub tracker: ConnTracker,
+    /// Cancelled when the daemon stops accepting.
+    pub shutdown: CancellationToken,
+}
+
+/// Who a local pod is, for headers and metric labels.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Workload {
+    /// Namespace.
+    pub namespace: String,
+    /// Workload name (metrics).
+    pub workload: String,
+    /// SPIFFE identity.
+    pub identity: String,
+}
+
+impl Proxy {
+    /// The identity of a local pod: discovery's view of it when it has one
+    /// (service account, workload labels), else what the CNI registered.
+    pub fn workload_of(&self, pod: &LocalPod) -> Workload {
+        let snap = self.registry.snapshot();
+        let info = pod.ips.iter().find_map(|ip| snap.pod(*ip));
+        let (workload, sa) = match info {
+            Some(p) => (p.workload.clone(), p.service_account.clone()),
+            None => (
+                pod.name.clone(),
+                pod.service_account
+                    .clone()
+                    .unwrap_or_else(|| "default".to_owned()),
+            ),
+        };
+        Workload {
+            identity: workload_spiffe_id(&self.trust_domain, &pod.namespace, &sa),
+            namespace: pod.namespace.clone(),
+            workload,
+        }
+    }
+
+    /// Namespace and workload of any address, from discovery.
+    pub fn describe_ip(&self, ip: std::net::IpAddr) -> (String, String) {
+        if let Some(p) = self.registry.local_by_ip(ip) {
+            let w = self.workload_of(&p);
+            return (w.namespace, w.workload);
+        }
+        match self.registry.snapshot().pod(ip) {
+            Some(p) => (p.namespace.clone(), p.workload.clone()),
+            None => (UNKNOWN.to_owned(), UNKNOWN.to_owned()),
+        }
+    }
+}
+
+/// Counts connections in flight; [`ConnTracker::drained`] waits for zero.
+#[derive(Debug, Clone, Default)]
+pub struct ConnTracker {
+    inner: Arc<TrackerInner>,
+}
+
+#[derive(Debug, Default)]
+struct TrackerInner {
+    active: AtomicUsize,
+    idle: Notify,
+}
+
+/// Held for the life of one connection.
+#[derive(Debug)]
+pub struct ConnGuard {
+    inner: Arc<TrackerInner>,
+}
+
+impl ConnTracker {
+    /// Registers a connection until the guard drops.
+    pub fn track(&self) -> ConnGuard {
+        self.inner.active.fetch_add(1, Ordering::SeqCst);
+        metrics::gauge!(m::CONNECTIONS_ACTIVE).increment(1.0);
+        ConnGuard {
+            inner: self.inner.clone(),
+        }
+    }
+
+    /// Connections in flight.
+    pub fn active(&self) -> usize {
+        self.inner.active.load(Ordering::SeqCst)
+    }
+
+    /// Resolves once no connection is in flight.
+    pub async fn drained(&self) {
+        loop {
+            let notified = self.inner.idle.notified();
+            if self.active() == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+impl Drop for ConnGuard {
+    fn drop(&mut self) {
+        metrics::gauge!(m::CONNECTIONS_ACTIVE).decrement(1.0);
+        if self.inner.active.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.inner.idle.notify_waiters();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn drained_waits_for_the_last_guard() {
+        let t = ConnTracker::default();
+        t.drained().await;
+        let g1 = t.track();
+        let g2 = t.track();
+        let waiter = tokio::spawn({
+            let t = t.clone();
+            async move { t.drained().await }
+        });
+        drop(g1);
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished());
+        drop(g2);
+        tokio::time::timeout(Duration::from_secs(1), waiter)
+            .await
+            .expect("drained in time")
+            .expect("join");
+        assert_eq!(t.active(), 0);
+    }
+}
