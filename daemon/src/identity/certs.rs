@@ -431,3 +431,169 @@ pub fn run(cmd: CertsCommand) -> Result<(), CertsError> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    use clap::Parser;
+    use rustls_pki_types::pem::PemObject;
+
+    use super::*;
+
+    #[derive(Debug, Parser)]
+    struct Cli {
+        #[command(subcommand)]
+        cmd: CertsCommand,
+    }
+
+    fn parse(args: &[&str]) -> CertsCommand {
+        Cli::try_parse_from(std::iter::once("certs").chain(args.iter().copied()))
+            .expect("parse")
+            .cmd
+    }
+
+    fn mode(path: &Path) -> u32 {
+        std::fs::metadata(path)
+            .expect("metadata")
+            .permissions()
+            .mode()
+            & 0o777
+    }
+
+    #[test]
+    fn init_then_node_writes_loadable_files() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let d = dir.path().to_str().expect("utf-8 path");
+        run(parse(&["init", "--dir", d])).expect("init");
+        assert_eq!(mode(&dir.path().join("ca-key.pem")), 0o600);
+        run(parse(&["node", "node-1", "--dir", d])).expect("node");
+        assert_eq!(mode(&dir.path().join("node-1-key.pem")), 0o600);
+        let tls = crate::config::TlsConfig {
+            cert: dir.path().join("node-1.pem"),
+            key: dir.path().join("node-1-key.pem"),
+            bundle: dir.path().join("ca.pem"),
+        };
+        let creds =
+            crate::identity::Credentials::load(&tls, "cluster.local", "node-1").expect("load");
+        assert_eq!(creds.node, "node-1");
+    }
+
+    #[test]
+    fn init_refuses_to_overwrite_without_force() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let d = dir.path().to_str().expect("utf-8 path");
+        run(parse(&["init", "--dir", d])).expect("init");
+        let before = std::fs::read_to_string(dir.path().join("ca.pem")).expect("read");
+        let err = run(parse(&["init", "--dir", d])).expect_err("second init");
+        assert!(
+            matches!(&err, CertsError::AlreadyExists { path } if path.ends_with("ca.pem")),
+            "{err}"
+        );
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join("ca.pem")).expect("read"),
+            before
+        );
+        run(parse(&["init", "--dir", d, "--force"])).expect("forced init");
+        assert_ne!(
+            std::fs::read_to_string(dir.path().join("ca.pem")).expect("read"),
+            before
+        );
+        assert_eq!(mode(&dir.path().join("ca-key.pem")), 0o600);
+    }
+
+    #[test]
+    fn node_uses_the_ca_dir_and_trust_domain() {
+        let ca_dir = tempfile::tempdir().expect("tempdir");
+        let out = tempfile::tempdir().expect("tempdir");
+        let c = ca_dir.path().to_str().expect("utf-8");
+        let o = out.path().to_str().expect("utf-8");
+        run(parse(&[
+            "init",
+            "--dir",
+            c,
+            "--trust-domain",
+            "example.org",
+        ]))
+        .expect("init");
+        run(parse(&[
+            "node",
+            "n2",
+            "--dir",
+            o,
+            "--ca-dir",
+            c,
+            "--trust-domain",
+            "example.org",
+        ]))
+        .expect("node");
+        let tls = crate::config::TlsConfig {
+            cert: out.path().join("n2.pem"),
+            key: out.path().join("n2-key.pem"),
+            bundle: ca_dir.path().join("ca.pem"),
+        };
+        crate::identity::Credentials::load(&tls, "example.org", "n2").expect("load");
+        assert!(!out.path().join("ca.pem").exists());
+    }
+
+    #[test]
+    fn node_without_a_ca_names_the_missing_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let err = run(parse(&[
+            "node",
+            "n1",
+            "--dir",
+            dir.path().to_str().expect("utf-8"),
+        ]))
+        .expect_err("no CA");
+        assert!(
+            matches!(&err, CertsError::Read { path, .. } if path.ends_with("ca.pem")),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn invalid_names_are_refused() {
+        let ca = generate_ca("cluster.local", 1).expect("ca");
+        for bad in ["", "Upper", "a_b", "-a", "a/b", "a..b"] {
+            assert!(
+                matches!(
+                    issue_node(&ca, "cluster.local", bad, 1, 0),
+                    Err(CertsError::InvalidNodeName { .. })
+                ),
+                "{bad:?}"
+            );
+        }
+        assert!(matches!(
+            generate_ca("bad td", 1),
+            Err(CertsError::InvalidTrustDomain { .. })
+        ));
+        assert!(matches!(
+            generate_ca("cluster.local", 0),
+            Err(CertsError::ZeroDays)
+        ));
+    }
+
+    #[test]
+    fn backdated_certificate_is_expired() {
+        let ca = generate_ca("cluster.local", 1).expect("ca");
+        let (cert, _) = issue_node(&ca, "cluster.local", "n1", 1, 2).expect("issue");
+        let der = rustls_pki_types::CertificateDer::from_pem_slice(cert.as_bytes()).expect("pem");
+        let leaf = crate::identity::leaf::parse_leaf(&der).expect("parse");
+        assert!(leaf.not_after < SystemTime::now() - DAY + Duration::from_secs(60));
+        assert_eq!(leaf.uris, ["spiffe://cluster.local/nodemesh/node/n1"]);
+    }
+
+    #[test]
+    fn help_teaches_the_files() {
+        use clap::CommandFactory;
+        let mut cmd = Cli::command();
+        let help = cmd
+            .find_subcommand_mut("node")
+            .expect("node")
+            .render_long_help()
+            .to_string();
+        assert!(help.contains("--backdate-days"), "{help}");
+        assert!(help.contains("tls.bundle"), "{help}");
+    }
+}

@@ -465,3 +465,224 @@ pub fn peer_node(conn: &quinn::Connection, trust_domain: &str) -> Option<String>
     let leaf = parse_leaf(chain.first()?).ok()?;
     node_from_spiffe_id(trust_domain, leaf.single_uri()?).map(str::to_owned)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::certs::{generate_ca, issue_node, GeneratedCa};
+    use super::*;
+
+    const TD: &str = "cluster.local";
+
+    /// A temporary directory with a CA and files for node `n1`.
+    struct Fixture {
+        dir: tempfile::TempDir,
+        ca: GeneratedCa,
+    }
+
+    impl Fixture {
+        fn new() -> Self {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let ca = generate_ca(TD, 30).expect("ca");
+            let f = Self { dir, ca };
+            f.write("ca.pem", &f.ca.cert_pem.clone());
+            let (cert, key) = issue_node(&f.ca, TD, "n1", 30, 0).expect("issue");
+            f.write("n1.pem", &cert);
+            f.write("n1-key.pem", &key);
+            f
+        }
+
+        fn path(&self, name: &str) -> PathBuf {
+            self.dir.path().join(name)
+        }
+
+        fn write(&self, name: &str, contents: &str) {
+            std::fs::write(self.path(name), contents).expect("write");
+        }
+
+        fn tls(&self) -> TlsConfig {
+            TlsConfig {
+                cert: self.path("n1.pem"),
+                key: self.path("n1-key.pem"),
+                bundle: self.path("ca.pem"),
+            }
+        }
+
+        fn load(&self) -> Result<Credentials, IdentityError> {
+            Credentials::load(&self.tls(), TD, "n1")
+        }
+    }
+
+    #[test]
+    fn loads_a_valid_node_identity() {
+        let f = Fixture::new();
+        let creds = f.load().expect("valid credentials load");
+        assert_eq!(creds.node, "n1");
+        assert_eq!(creds.chain.len(), 1);
+        assert_eq!(creds.roots.len(), 1);
+        assert!(
+            creds.not_after > SystemTime::now() + std::time::Duration::from_secs(29 * 24 * 3600)
+        );
+        assert!(!creds.is_expired(SystemTime::now()));
+        server_config(&creds, TD, Arc::new(NoNodes)).expect("server config");
+        client_config(&creds, TD).expect("client config");
+    }
+
+    #[derive(Debug)]
+    struct NoNodes;
+    impl KnownNodes for NoNodes {
+        fn is_known(&self, _: &str) -> bool {
+            false
+        }
+    }
+
+    #[test]
+    fn missing_file_is_unreadable() {
+        let f = Fixture::new();
+        let mut tls = f.tls();
+        tls.key = f.path("absent-key.pem");
+        let err = Credentials::load(&tls, TD, "n1").expect_err("missing key");
+        assert!(
+            matches!(&err, IdentityError::Unreadable { path, .. } if *path == tls.key),
+            "{err}"
+        );
+        assert!(err.to_string().contains("absent-key.pem"), "{err}");
+    }
+
+    #[test]
+    fn empty_certificate_file_has_no_certificate() {
+        let f = Fixture::new();
+        f.write("n1.pem", "");
+        let err = f.load().expect_err("empty cert");
+        assert!(
+            matches!(&err, IdentityError::NoCertificate { path } if *path == f.path("n1.pem")),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn certificate_file_holding_a_key_has_no_certificate() {
+        let f = Fixture::new();
+        let key = std::fs::read_to_string(f.path("n1-key.pem")).expect("read");
+        f.write("n1.pem", &key);
+        assert!(matches!(f.load(), Err(IdentityError::NoCertificate { .. })));
+    }
+
+    #[test]
+    fn key_file_without_a_key_has_no_private_key() {
+        let f = Fixture::new();
+        f.write("n1-key.pem", &f.ca.cert_pem.clone());
+        let err = f.load().expect_err("no key");
+        assert!(
+            matches!(&err, IdentityError::NoPrivateKey { path } if *path == f.path("n1-key.pem")),
+            "{err}"
+        );
+        assert_eq!(err.fix(), FIX_NO_KEY);
+    }
+
+    #[test]
+    fn key_of_another_certificate_is_a_mismatch() {
+        let f = Fixture::new();
+        let (_, other_key) = issue_node(&f.ca, TD, "n1", 30, 0).expect("issue");
+        f.write("n1-key.pem", &other_key);
+        let err = f.load().expect_err("mismatch");
+        assert!(
+            matches!(&err, IdentityError::KeyMismatch { cert, key } if *cert == f.path("n1.pem") && *key == f.path("n1-key.pem")),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn empty_bundle_is_refused() {
+        let f = Fixture::new();
+        f.write("ca.pem", "\n");
+        let err = f.load().expect_err("empty bundle");
+        assert!(
+            matches!(&err, IdentityError::EmptyBundle { path } if *path == f.path("ca.pem")),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn certificate_for_another_node_is_the_wrong_identity() {
+        let f = Fixture::new();
+        let err = Credentials::load(&f.tls(), TD, "n2").expect_err("wrong node");
+        match &err {
+            IdentityError::WrongIdentity {
+                path,
+                expected,
+                found,
+            } => {
+                assert_eq!(*path, f.path("n1.pem"));
+                assert_eq!(expected, "spiffe://cluster.local/nodemesh/node/n2");
+                assert_eq!(found, "spiffe://cluster.local/nodemesh/node/n1");
+            }
+            other => panic!("expected WrongIdentity, got {other}"),
+        }
+    }
+
+    #[test]
+    fn certificate_for_another_trust_domain_is_the_wrong_identity() {
+        let f = Fixture::new();
+        let err = Credentials::load(&f.tls(), "other.td", "n1").expect_err("wrong td");
+        assert!(matches!(err, IdentityError::WrongIdentity { .. }), "{err}");
+    }
+
+    #[test]
+    fn expired_certificate_is_refused_unless_allowed() {
+        let f = Fixture::new();
+        let (cert, key) = issue_node(&f.ca, TD, "n1", 1, 2).expect("issue");
+        f.write("n1.pem", &cert);
+        f.write("n1-key.pem", &key);
+        let err = f.load().expect_err("expired");
+        match &err {
+            IdentityError::Expired { path, not_after } => {
+                assert_eq!(*path, f.path("n1.pem"));
+                assert!(*not_after < SystemTime::now());
+            }
+            other => panic!("expected Expired, got {other}"),
+        }
+        let creds = Credentials::load_allow_expired(&f.tls(), TD, "n1").expect("allowed");
+        assert!(creds.is_expired(SystemTime::now()));
+    }
+
+    #[test]
+    fn garbage_in_a_certificate_block_is_a_bad_certificate() {
+        let f = Fixture::new();
+        f.write(
+            "n1.pem",
+            "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
+        );
+        let err = f.load().expect_err("garbage");
+        assert!(
+            matches!(&err, IdentityError::BadCertificate { path, .. } if *path == f.path("n1.pem")),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn certificate_from_another_ca_is_not_signed_by_the_bundle() {
+        let f = Fixture::new();
+        let other = generate_ca(TD, 30).expect("ca");
+        f.write("ca.pem", &other.cert_pem);
+        let err = f.load().expect_err("other CA");
+        assert!(
+            matches!(err, IdentityError::NotSignedByBundle { .. }),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn node_ids_round_trip() {
+        let id = node_spiffe_id(TD, "n1");
+        assert_eq!(node_from_spiffe_id(TD, &id), Some("n1"));
+        assert_eq!(node_from_spiffe_id("other", &id), None);
+        assert_eq!(
+            node_from_spiffe_id(TD, "spiffe://cluster.local/nodemesh/node/"),
+            None
+        );
+        assert_eq!(
+            node_from_spiffe_id(TD, "spiffe://cluster.local/nodemesh/node/a/b"),
+            None
+        );
+    }
+}
