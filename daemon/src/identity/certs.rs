@@ -27,24 +27,31 @@ pub const CA_KEY_FILE: &str = "ca-key.pem";
 /// Allowance for clocks of other nodes running slightly behind.
 const CLOCK_SKEW: Duration = Duration::from_secs(5 * 60);
 const DAY: Duration = Duration::from_secs(24 * 60 * 60);
+/// Upper bound of `--days` and `--backdate-days` (100 years): keeps dates
+/// far inside what X.509 and the date arithmetic can represent.
+pub const MAX_DAYS: u32 = 36_500;
 
 const AFTER_HELP: &str = "\
-Files (all PEM):
-  DIR/ca.pem           CA certificate = the trust bundle every node is given (tls.bundle)
-  DIR/ca-key.pem       CA private key (mode 0600); only needed to issue node certificates
-  DIR/NAME.pem         node certificate, URI SAN spiffe://<trust-domain>/nodemesh/node/NAME (tls.cert)
-  DIR/NAME-key.pem     node private key (mode 0600) (tls.key)
+Files written (all PEM):
+  DIR/ca.pem         CA certificate: the trust bundle (config tls.bundle) of every node
+  DIR/ca-key.pem     CA private key, mode 0600: keep it off the nodes
+  DIR/NAME.pem       node certificate (config tls.cert); its URI SAN is
+                     spiffe://<trust-domain>/nodemesh/node/NAME
+  DIR/NAME-key.pem   node private key, mode 0600 (config tls.key)
 
 Example:
   nodemesh certs init --dir /etc/nodemesh/tls
   nodemesh certs node node-1 --dir /etc/nodemesh/tls
-  then in node-1's config file:
-    node_name: node-1
-    tls: { cert: /etc/nodemesh/tls/node-1.pem, key: /etc/nodemesh/tls/node-1-key.pem, bundle: /etc/nodemesh/tls/ca.pem }
-  and `nodemesh run --config <that file>`. Every node gets ca.pem and only its own NAME.pem/NAME-key.pem.
+then run `nodemesh run` on node-1 with this in its config file:
+  node_name: node-1
+  tls:
+    cert: /etc/nodemesh/tls/node-1.pem
+    key: /etc/nodemesh/tls/node-1-key.pem
+    bundle: /etc/nodemesh/tls/ca.pem
+Each node gets ca.pem and only its own NAME.pem and NAME-key.pem.
 
-This CA is for development, the lab and standalone use. In a cluster, issue node
-certificates from cert-manager or the Kubernetes CSR API with the same URI SAN.";
+This CA is for development, the lab and standalone use. In a cluster, issue
+node certificates with cert-manager or the Kubernetes CSR API, same URI SAN.";
 
 /// `nodemesh certs` subcommands.
 #[derive(Debug, clap::Subcommand)]
@@ -116,6 +123,14 @@ pub enum CertsError {
     /// A validity of zero days.
     #[error("--days must be at least 1")]
     ZeroDays,
+    /// A number of days beyond what X.509 dates can express sensibly.
+    #[error("--{flag} {days} is too large: at most {max} days", max = MAX_DAYS)]
+    TooManyDays {
+        /// `days` or `backdate-days`.
+        flag: &'static str,
+        /// The value given.
+        days: u32,
+    },
     /// A file exists and `--force` was not given.
     #[error("{path} already exists; pass --force to overwrite it")]
     AlreadyExists {
@@ -165,6 +180,22 @@ pub struct GeneratedCa {
     pub key_pem: String,
 }
 
+fn check_days(days: u32, backdate_days: u32) -> Result<(), CertsError> {
+    if days == 0 {
+        return Err(CertsError::ZeroDays);
+    }
+    if days > MAX_DAYS {
+        return Err(CertsError::TooManyDays { flag: "days", days });
+    }
+    if backdate_days > MAX_DAYS {
+        return Err(CertsError::TooManyDays {
+            flag: "backdate-days",
+            days: backdate_days,
+        });
+    }
+    Ok(())
+}
+
 fn check_trust_domain(trust_domain: &str) -> Result<(), CertsError> {
     if is_dns_subdomain(trust_domain) {
         Ok(())
@@ -178,9 +209,7 @@ fn check_trust_domain(trust_domain: &str) -> Result<(), CertsError> {
 /// Generates a self-signed CA for `trust_domain`, valid `days` days from now.
 pub fn generate_ca(trust_domain: &str, days: u32) -> Result<GeneratedCa, CertsError> {
     check_trust_domain(trust_domain)?;
-    if days == 0 {
-        return Err(CertsError::ZeroDays);
-    }
+    check_days(days, 0)?;
     let key =
         KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(|source| CertsError::Generate {
             what: "CA key",
@@ -242,9 +271,7 @@ pub fn issue_node(
             name: node.to_owned(),
         });
     }
-    if days == 0 {
-        return Err(CertsError::ZeroDays);
-    }
+    check_days(days, backdate_days)?;
     let ca_key = KeyPair::from_pem(&ca.key_pem).map_err(|source| CertsError::BadCa {
         what: "key".to_owned(),
         source,
@@ -572,6 +599,20 @@ mod tests {
             generate_ca("cluster.local", 0),
             Err(CertsError::ZeroDays)
         ));
+        assert!(matches!(
+            generate_ca("cluster.local", u32::MAX),
+            Err(CertsError::TooManyDays { .. })
+        ));
+        assert!(matches!(
+            issue_node(&ca, "cluster.local", "n1", 1, u32::MAX),
+            Err(CertsError::TooManyDays {
+                flag: "backdate-days",
+                ..
+            })
+        ));
+        generate_ca("cluster.local", MAX_DAYS).expect("the maximum is representable");
+        issue_node(&ca, "cluster.local", "n1", MAX_DAYS, MAX_DAYS)
+            .expect("the maximum is representable");
     }
 
     #[test]
