@@ -177,7 +177,7 @@ pub enum IdentityError {
         found: String,
     },
     /// The leaf is expired.
-    #[error("{path} expired at unix time {} ; {}", leaf::unix_secs(*.not_after), FIX_EXPIRED)]
+    #[error("{path} expired at unix time {}; {}", leaf::unix_secs(*.not_after), FIX_EXPIRED)]
     Expired {
         /// The certificate file.
         path: PathBuf,
