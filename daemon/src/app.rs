@@ -83,6 +83,7 @@ impl Daemon {
         tokio::spawn(discovery::file::watch(
             config.discovery.file.clone(),
             Duration::from_millis(config.discovery.poll_interval_ms),
+            last,
             registry.clone(),
             ready.clone(),
             shutdown.clone(),

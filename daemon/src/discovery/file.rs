@@ -75,21 +75,23 @@ pub fn load(path: &Path) -> Result<ClusterModel, DiscoveryError> {
 }
 
 /// Applies the file whenever its content changes, every `interval`, until
-/// `shutdown`. Marks discovery synced in `ready` after the first good load.
+/// `shutdown`. `last` is the content already applied (by a first
+/// [`poll_once`] at start-up). Marks discovery synced in `ready` after the
+/// first good load.
 pub async fn watch(
     path: PathBuf,
     interval: Duration,
+    mut last: Option<String>,
     registry: Arc<Registry>,
     ready: Arc<Readiness>,
     shutdown: CancellationToken,
 ) {
-    let mut last: Option<String> = None;
     loop {
-        poll_once(&path, &mut last, &registry, &ready);
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(interval) => {}
         }
+        poll_once(&path, &mut last, &registry, &ready);
     }
 }
 
