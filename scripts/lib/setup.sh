@@ -1,0 +1,50 @@
+# shellcheck shell=bash
+# Shared by scripts/demo and scripts/test: make this Debian machine able to
+# build and run nodemesh. Idempotent: installs only what is missing.
+
+NODEMESH_APT_PACKAGES=(iproute2 nftables containernetworking-plugins procps util-linux python3 python3-venv ca-certificates)
+
+log() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
+die() { printf 'error: %s\n' "$*" >&2; exit 1; }
+
+ensure_root() {
+  [ "$(id -u)" = 0 ] || die "run as root: the lab and the end-to-end tests create network namespaces and nftables rules"
+}
+
+ensure_packages() {
+  local missing=()
+  for p in "${NODEMESH_APT_PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+  done
+  if [ ${#missing[@]} -gt 0 ]; then
+    log "installing Debian packages: ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  fi
+  [ -x /usr/lib/cni/bridge ] || die "containernetworking-plugins installed but /usr/lib/cni/bridge is missing"
+}
+
+ensure_rust() {
+  if ! command -v cargo >/dev/null 2>&1 && [ -x "$HOME/.cargo/bin/cargo" ]; then
+    export PATH="$HOME/.cargo/bin:$PATH"
+  fi
+  if ! command -v cargo >/dev/null 2>&1; then
+    log "no Rust toolchain found; installing rustup from Debian"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq && apt-get install -y -qq rustup >/dev/null 2>&1 \
+      && rustup default stable >/dev/null \
+      || die "could not install Rust: install a stable toolchain (https://rustup.rs) and re-run"
+    export PATH="$HOME/.cargo/bin:$PATH"
+  fi
+  local v
+  v=$(rustc --version | awk '{print $2}')
+  case "$v" in
+    1.[0-7][0-9].*|1.8[0-4].*) die "Rust $v is too old: nodemesh needs 1.85 or newer (rustup update stable)";;
+  esac
+}
+
+build_bins() {
+  log "building nodemesh, nodemesh-cni and nodemesh-lab"
+  cargo build --workspace --bins --quiet
+}
