@@ -186,7 +186,10 @@ mod tests {
     #[test]
     fn oversized_and_malformed_are_refused() {
         let big = vec![b' '; MAX_MESSAGE_BYTES + 1];
-        assert!(matches!(decode_line::<Request>(&big), Err(FrameError::TooLong)));
+        assert!(matches!(
+            decode_line::<Request>(&big),
+            Err(FrameError::TooLong)
+        ));
         assert!(matches!(
             decode_line::<Request>(b"{\"op\":\"explode\"}\n"),
             Err(FrameError::Malformed(_))
