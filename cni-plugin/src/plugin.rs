@@ -152,7 +152,7 @@ fn namespace(env: &CniEnv) -> String {
 
 fn excluded(env: &CniEnv, conf: &NetConf) -> bool {
     let ns = namespace(env);
-    conf.plugin.excluded_namespaces.iter().any(|e| *e == ns)
+    conf.plugin.excluded_namespaces.contains(&ns)
 }
 
 fn spec_for(conf: &NetConf, capture: Capture, gateways: &[std::net::IpAddr]) -> CaptureSpec {
