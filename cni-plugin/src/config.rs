@@ -23,6 +23,9 @@ pub const SUPPORTED_VERSIONS: [&str; 4] = ["0.3.1", "0.4.0", "1.0.0", "1.1.0"];
 pub const DEFAULT_TIMEOUT_MS: u64 = 10_000;
 /// Default `state_dir`: DEL queue and GC bookkeeping.
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/nodemesh-cni";
+/// Environment variable with a `tracing` filter for the plugin's own logs
+/// (default `info`), e.g. `nodemesh_cni=debug`.
+pub const ENV_LOG_FILTER: &str = "NODEMESH_CNI_LOG";
 /// Default `excluded_namespaces`.
 pub const DEFAULT_EXCLUDED_NAMESPACES: [&str; 1] = ["kube-system"];
 

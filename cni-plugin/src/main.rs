@@ -7,11 +7,11 @@ use std::io::{Read, Write};
 use std::path::Path;
 use std::process::ExitCode;
 
-use nodemesh_cni::config::CniEnv;
+use nodemesh_cni::config::{CniEnv, ENV_LOG_FILTER};
 use nodemesh_cni::os::{SystemNetns, UnixDaemon};
 use nodemesh_cni::plugin::{error_version, run, Edges};
 
-fn init_logging(stdin: &[u8]) {
+fn init_logging(stdin: &[u8], filter: Option<&str>) {
     let log_file = serde_json::from_slice::<serde_json::Value>(stdin)
         .ok()
         .and_then(|v| {
@@ -21,8 +21,9 @@ fn init_logging(stdin: &[u8]) {
         });
     let builder = tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("NODEMESH_CNI_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+            filter
+                .and_then(|f| tracing_subscriber::EnvFilter::try_new(f).ok())
+                .unwrap_or_else(|| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_ansi(false);
     let file = log_file.and_then(|p| {
@@ -45,7 +46,7 @@ fn main() -> ExitCode {
         .collect();
     let mut stdin = Vec::new();
     let read = std::io::stdin().read_to_end(&mut stdin);
-    init_logging(&stdin);
+    init_logging(&stdin, vars.get(ENV_LOG_FILTER).map(String::as_str));
     let outcome = match read {
         Err(e) => Err(nodemesh_cni::error::CniError::new(
             nodemesh_cni::error::code::IO,

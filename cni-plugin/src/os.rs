@@ -158,10 +158,7 @@ impl DaemonClient for UnixDaemon {
             path: path.clone(),
             source,
         })?;
-        let mut stream = UnixStream::connect(path).map_err(|source| DaemonError::Connect {
-            path: path.clone(),
-            source,
-        })?;
+        let mut stream = connect_within(path, timeout)?;
         let remaining = || {
             deadline
                 .checked_duration_since(Instant::now())
@@ -194,6 +191,30 @@ impl DaemonClient for UnixDaemon {
                 return Err(frame(FrameError::TooLong));
             }
         }
+    }
+}
+
+/// Connects to a Unix socket within `timeout`. A Unix `connect` blocks
+/// while the listener's backlog is full (a wedged daemon), so it runs on a
+/// helper thread; on timeout the thread is abandoned and dies with the
+/// short-lived plugin process. Threads do not affect the `setns` in
+/// [`SystemNetns`]: a netns switch is per thread.
+fn connect_within(path: &Path, timeout: Duration) -> Result<UnixStream, DaemonError> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let target = path.to_owned();
+    std::thread::spawn(move || {
+        let _ = tx.send(UnixStream::connect(&target));
+    });
+    match rx.recv_timeout(timeout) {
+        Ok(Ok(stream)) => Ok(stream),
+        Ok(Err(source)) => Err(DaemonError::Connect {
+            path: path.to_owned(),
+            source,
+        }),
+        Err(_) => Err(DaemonError::Timeout {
+            path: path.to_owned(),
+            after: timeout,
+        }),
     }
 }
 
@@ -318,5 +339,116 @@ impl NetnsOps for SystemNetns {
                 stderr: out.stderr,
             })
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::net::UnixListener;
+
+    use super::*;
+
+    /// A one-shot server that reads one line and writes `answer`.
+    fn serve_once(
+        answer: &'static [u8],
+    ) -> (tempfile::TempDir, PathBuf, std::thread::JoinHandle<Vec<u8>>) {
+        let dir = tempfile::tempdir().expect("tmp");
+        let path = dir.path().join("d.sock");
+        let l = UnixListener::bind(&path).expect("bind");
+        let t = std::thread::spawn(move || {
+            let (mut s, _) = l.accept().expect("accept");
+            let mut got = Vec::new();
+            let mut b = [0u8; 1];
+            while s.read(&mut b).expect("read") == 1 && b[0] != b'\n' {
+                got.push(b[0]);
+            }
+            s.write_all(answer).expect("write");
+            got
+        });
+        (dir, path, t)
+    }
+
+    #[test]
+    fn exchanges_one_json_line() {
+        let (_d, path, t) = serve_once(b"{\"result\":\"unregistered\"}\n");
+        let req = Request::Unregister {
+            container_id: "c9".into(),
+        };
+        let resp = UnixDaemon
+            .call(&path, &req, Duration::from_secs(5))
+            .expect("call");
+        assert_eq!(resp, Response::Unregistered);
+        assert_eq!(
+            t.join().expect("join"),
+            b"{\"op\":\"unregister\",\"container_id\":\"c9\"}"
+        );
+    }
+
+    #[test]
+    fn truncated_and_malformed_answers_are_errors() {
+        let (_d, path, t) = serve_once(b"{\"result\":");
+        let err = UnixDaemon
+            .call(&path, &Request::Status, Duration::from_secs(5))
+            .expect_err("truncated");
+        assert!(
+            matches!(
+                err,
+                DaemonError::Frame {
+                    source: FrameError::Truncated,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        t.join().expect("join");
+        let (_d, path, t) = serve_once(b"{\"result\":\"explode\"}\n");
+        let err = UnixDaemon
+            .call(&path, &Request::Status, Duration::from_secs(5))
+            .expect_err("malformed");
+        assert!(
+            matches!(
+                err,
+                DaemonError::Frame {
+                    source: FrameError::Malformed(_),
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        t.join().expect("join");
+    }
+
+    #[test]
+    fn missing_socket_is_connect_error() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let err = UnixDaemon
+            .call(
+                &dir.path().join("none.sock"),
+                &Request::Status,
+                Duration::from_secs(1),
+            )
+            .expect_err("no socket");
+        assert!(matches!(err, DaemonError::Connect { .. }), "{err}");
+    }
+
+    #[test]
+    fn classify_own_and_missing_netns() {
+        let ops = SystemNetns;
+        assert_eq!(
+            ops.classify(Path::new(SELF_NETNS)).expect("own"),
+            NetnsKind::Host
+        );
+        assert_eq!(
+            ops.classify(Path::new("/run/netns/helper-cni-does-not-exist"))
+                .expect("missing"),
+            NetnsKind::Missing
+        );
+        let dir = tempfile::tempdir().expect("tmp");
+        let plain = dir.path().join("not-a-netns");
+        std::fs::write(&plain, b"").expect("write");
+        assert_eq!(
+            ops.classify(&plain).expect("plain file"),
+            NetnsKind::Missing
+        );
     }
 }
