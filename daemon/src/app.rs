@@ -126,6 +126,10 @@ impl Daemon {
             config.ports.outbound,
             config.ports.inbound,
         ));
+        let dequeued = pods.drain_cni_queue(&config.cni_queue_dir).await;
+        if dequeued > 0 {
+            info!(dequeued, "queued CNI unregisters delivered");
+        }
         let restored = pods.restore().await;
         if restored > 0 {
             info!(

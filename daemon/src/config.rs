@@ -43,6 +43,9 @@ pub struct Config {
     pub cni_socket: PathBuf,
     /// Directory for persisted registrations. Default `/run/nodemesh/pods`.
     pub state_dir: PathBuf,
+    /// Where the CNI plugin queues unregisters it could not deliver (its
+    /// `state_dir` + `/queue`); drained at start. Default `/var/lib/nodemesh-cni/queue`.
+    pub cni_queue_dir: PathBuf,
     /// `SO_MARK` set on the daemon's sockets inside pods so their capture
     /// rules let them through. Default `0x4e4d`.
     pub socket_mark: u32,
@@ -179,6 +182,7 @@ impl Default for Config {
                 .unwrap_or_else(|_| unreachable!()),
             cni_socket: PathBuf::from(nodemesh_cni::proto::DEFAULT_SOCKET_PATH),
             state_dir: PathBuf::from(DEFAULT_STATE_DIR),
+            cni_queue_dir: PathBuf::from("/var/lib/nodemesh-cni/queue"),
             socket_mark: nodemesh_cni::proto::DEFAULT_SOCKET_MARK,
             discovery: DiscoveryConfig::default(),
             tunnel: TunnelConfig::default(),

@@ -12,7 +12,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use nodemesh_cni::proto::PodRegistration;
+use nodemesh_cni::proto::{PodRegistration, Request};
 use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -147,6 +147,18 @@ impl PodManager {
         };
         let out = listen_in(factory, &netns, out_addr)
             .await
+            .map_err(|e| {
+                if e.kind() == io::ErrorKind::AddrNotAvailable {
+                    // 127.0.0.1 missing: the runtime has not brought `lo` up
+                    // (the `loopback` plugin runs before the pod network).
+                    io::Error::new(
+                        e.kind(),
+                        format!("{e}; is the pod's loopback interface up?"),
+                    )
+                } else {
+                    e
+                }
+            })
             .map_err(listen_err(out_addr))?;
         let inb = listen_in(factory, &netns, in_addr)
             .await
@@ -248,6 +260,49 @@ impl PodManager {
             }
         }
         restored
+    }
+
+    /// Delivers the unregisters the CNI plugin queued while this daemon was
+    /// down (`<queue_dir>/<container_id>.json`, one request line each), then
+    /// deletes them. Run before [`PodManager::restore`], so a pod deleted
+    /// while the daemon was down does not come back. Returns how many.
+    pub async fn drain_cni_queue(&self, queue_dir: &Path) -> usize {
+        let entries = match std::fs::read_dir(queue_dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return 0,
+            Err(e) => {
+                warn!(dir = %queue_dir.display(), error = %e, "cannot read the CNI unregister queue");
+                return 0;
+            }
+        };
+        let mut drained = 0;
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.extension().and_then(|e| e.to_str()) != Some("json") {
+                continue;
+            }
+            let req = std::fs::read(&path)
+                .map_err(|e| e.to_string())
+                .and_then(|b| {
+                    nodemesh_cni::proto::decode_line::<Request>(&b).map_err(|e| e.to_string())
+                });
+            match req {
+                Ok(Request::Unregister { container_id }) => {
+                    self.unregister(&container_id).await;
+                    drained += 1;
+                }
+                Ok(other) => {
+                    warn!(path = %path.display(), request = ?other, "queued request is not an unregister; dropping it")
+                }
+                Err(e) => {
+                    warn!(path = %path.display(), error = %e, "unreadable queued unregister; dropping it")
+                }
+            }
+            if let Err(e) = std::fs::remove_file(&path) {
+                warn!(path = %path.display(), error = %e, "cannot remove a queued unregister");
+            }
+        }
+        drained
     }
 
     fn state_path(&self, container_id: &str) -> PathBuf {
