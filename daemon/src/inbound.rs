@@ -63,7 +63,13 @@ pub async fn serve_tunnels(proxy: Arc<Proxy>) {
                 loop {
                     match conn.accept_bi().await {
                         Ok((send, recv)) => {
-                            let span = info_span!("inbound", peer.node = %peer, stream = %send.id());
+                            let span = info_span!(
+                                "inbound",
+                                peer.node = %peer,
+                                stream = %send.id(),
+                                src.identity = tracing::field::Empty,
+                                server.addr = tracing::field::Empty,
+                            );
                             tokio::spawn(handle_stream(proxy.clone(), peer.clone(), send, recv).instrument(span));
                         }
                         Err(e) => {

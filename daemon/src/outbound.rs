@@ -34,7 +34,12 @@ pub async fn serve(proxy: Arc<Proxy>, pod: Arc<LocalPod>, listener: TcpListener)
         };
         match accepted {
             Ok((tcp, client)) => {
-                let span = info_span!("outbound", pod = %format_args!("{}/{}", pod.namespace, pod.name), client.addr = %client);
+                let span = info_span!(
+                    "outbound",
+                    pod = %format_args!("{}/{}", pod.namespace, pod.name),
+                    client.addr = %client,
+                    server.addr = tracing::field::Empty,
+                );
                 let (proxy, pod) = (proxy.clone(), pod.clone());
                 tokio::spawn(
                     async move {
