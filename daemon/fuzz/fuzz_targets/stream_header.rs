@@ -12,7 +12,9 @@ fuzz_target!(|data: &[u8]| {
     if let Ok(Decoded::Complete(header, used)) = StreamHeader::decode(data) {
         assert!(used <= data.len());
         let mut again = Vec::new();
-        header.encode(&mut again).expect("a decoded header re-encodes");
+        header
+            .encode(&mut again)
+            .expect("a decoded header re-encodes");
         assert_eq!(again.len(), header.encoded_len());
         assert_eq!(
             StreamHeader::decode(&again).expect("re-encoded header decodes"),
