@@ -37,6 +37,9 @@ pub fn bridge_plugin(subnet: &str, ipam_dir: &Path) -> Value {
             "type": "host-local",
             "subnet": subnet,
             "dataDir": ipam_dir,
+            // The pod's default route via the bridge (the node), as
+            // Kubernetes bridge configs have it.
+            "routes": [{"dst": "0.0.0.0/0"}],
         },
     })
 }
@@ -94,15 +97,21 @@ pub fn plugin_stdin(
         what: "conflist".into(),
         problem: format!("no plugin at index {index}"),
     })?;
-    let mut conf = entry.as_object().cloned().ok_or_else(|| LabError::CniFormat {
-        what: "conflist".into(),
-        problem: format!("plugin {index} is not an object"),
-    })?;
-    for key in ["cniVersion", "name"] {
-        let value = conflist.get(key).cloned().ok_or_else(|| LabError::CniFormat {
+    let mut conf = entry
+        .as_object()
+        .cloned()
+        .ok_or_else(|| LabError::CniFormat {
             what: "conflist".into(),
-            problem: format!("`{key}` is missing"),
+            problem: format!("plugin {index} is not an object"),
         })?;
+    for key in ["cniVersion", "name"] {
+        let value = conflist
+            .get(key)
+            .cloned()
+            .ok_or_else(|| LabError::CniFormat {
+                what: "conflist".into(),
+                problem: format!("`{key}` is missing"),
+            })?;
         conf.insert(key.to_owned(), value);
     }
     if let Some(prev) = prev_result {
@@ -293,6 +302,7 @@ mod tests {
         assert_eq!(conf["type"], "bridge");
         assert_eq!(conf["ipam"]["subnet"], "10.78.1.0/24");
         assert_eq!(conf["ipam"]["dataDir"], "/run/x/n1/ipam");
+        assert_eq!(conf["ipam"]["routes"][0]["dst"], "0.0.0.0/0");
         assert!(conf.get("prevResult").is_none());
     }
 
@@ -329,7 +339,8 @@ mod tests {
         assert_eq!(get("CNI_NETNS"), "/run/netns/nml-n1-p1");
         assert_eq!(get("CNI_IFNAME"), "eth0");
         assert_eq!(get("CNI_PATH"), "/usr/lib/cni:/t");
-        assert!(get("CNI_ARGS").starts_with("IgnoreUnknown=1;K8S_POD_NAMESPACE=lab;K8S_POD_NAME=n1-p1;"));
+        assert!(get("CNI_ARGS")
+            .starts_with("IgnoreUnknown=1;K8S_POD_NAMESPACE=lab;K8S_POD_NAME=n1-p1;"));
         assert!(get("CNI_ARGS").ends_with("K8S_POD_UID=u-1"));
     }
 

@@ -233,7 +233,11 @@ impl DaemonProcess {
     pub fn wait_ready(&mut self, timeout: Duration) -> Result<(), LabError> {
         let deadline = Instant::now() + timeout;
         loop {
-            if let Some(status) = self.child.try_wait().map_err(|e| LabError::io(&self.paths.log, e))? {
+            if let Some(status) = self
+                .child
+                .try_wait()
+                .map_err(|e| LabError::io(&self.paths.log, e))?
+            {
                 return Err(LabError::DaemonDied {
                     node: self.node.clone(),
                     status: status.to_string(),
@@ -241,7 +245,12 @@ impl DaemonProcess {
                     tail: log_tail(&self.paths.log, 20),
                 });
             }
-            if let Ok(r) = http::get(&self.netns, self.paths.admin, "/ready", Duration::from_secs(1)) {
+            if let Ok(r) = http::get(
+                &self.netns,
+                self.paths.admin,
+                "/ready",
+                Duration::from_secs(1),
+            ) {
                 if r.status == 200 {
                     return Ok(());
                 }
@@ -278,7 +287,10 @@ impl DaemonProcess {
                 Ok(None) => {
                     tracing::warn!(node = %self.node, "daemon did not exit after SIGTERM; killing it");
                     let _ = self.child.kill();
-                    return self.child.wait().map_err(|e| LabError::io(&self.paths.log, e));
+                    return self
+                        .child
+                        .wait()
+                        .map_err(|e| LabError::io(&self.paths.log, e));
                 }
                 Err(e) => return Err(LabError::io(&self.paths.log, e)),
             }
@@ -311,7 +323,10 @@ pub fn stop_pid(pid: i32, timeout: Duration) {
 fn is_zombie(pid: i32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .ok()
-        .and_then(|s| s.rsplit_once(')').map(|(_, rest)| rest.trim_start().starts_with('Z')))
+        .and_then(|s| {
+            s.rsplit_once(')')
+                .map(|(_, rest)| rest.trim_start().starts_with('Z'))
+        })
         .unwrap_or(false)
 }
 

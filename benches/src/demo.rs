@@ -93,7 +93,14 @@ fn human_bytes(b: f64) -> String {
 /// Renders the table.
 pub fn render(edges: &BTreeMap<EdgeKey, EdgeStats>) -> String {
     let header = [
-        "SOURCE", "DESTINATION", "ROUTE", "TLS", "REPORTER", "CONNS", "SRC->DST", "DST->SRC",
+        "SOURCE",
+        "DESTINATION",
+        "ROUTE",
+        "TLS",
+        "REPORTER",
+        "CONNS",
+        "SRC->DST",
+        "DST->SRC",
     ];
     let rows: Vec<[String; 8]> = edges
         .iter()
@@ -154,7 +161,10 @@ nodemesh_tunnels_open{peer="n2"} 1
         assert_eq!(v.src_to_dst, 2097152.0);
         assert_eq!(open_tunnels(&samples), 1.0);
         let table = render(&e);
-        assert!(table.contains("2.0 MiB") && table.contains("512 B"), "{table}");
+        assert!(
+            table.contains("2.0 MiB") && table.contains("512 B"),
+            "{table}"
+        );
         assert!(table.lines().next().expect("header").starts_with("SOURCE"));
     }
 }

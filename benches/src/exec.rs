@@ -166,12 +166,8 @@ impl Cmd {
         })?;
         let _ = waiter.join();
         let _ = writer.join();
-        let stdout = out_reader
-            .and_then(|h| h.join().ok())
-            .unwrap_or_default();
-        let stderr = err_reader
-            .and_then(|h| h.join().ok())
-            .unwrap_or_default();
+        let stdout = out_reader.and_then(|h| h.join().ok()).unwrap_or_default();
+        let stderr = err_reader.and_then(|h| h.join().ok()).unwrap_or_default();
         Ok(Output {
             status,
             stdout,

@@ -87,7 +87,9 @@ pub fn parse_response(raw: &[u8]) -> Result<Response, &'static str> {
     let body = if chunked {
         dechunk(body)?
     } else if let Some(len) = length {
-        body.get(..len).ok_or("body shorter than content-length")?.to_vec()
+        body.get(..len)
+            .ok_or("body shorter than content-length")?
+            .to_vec()
     } else {
         body.to_vec()
     };
@@ -124,7 +126,13 @@ mod tests {
     #[test]
     fn content_length_body() {
         let r = parse_response(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhello").expect("ok");
-        assert_eq!(r, Response { status: 200, body: "hello".into() });
+        assert_eq!(
+            r,
+            Response {
+                status: 200,
+                body: "hello".into()
+            }
+        );
     }
 
     #[test]
@@ -137,7 +145,12 @@ mod tests {
 
     #[test]
     fn body_to_eof_and_errors() {
-        assert_eq!(parse_response(b"HTTP/1.0 404 NF\r\n\r\nx").expect("ok").body, "x");
+        assert_eq!(
+            parse_response(b"HTTP/1.0 404 NF\r\n\r\nx")
+                .expect("ok")
+                .body,
+            "x"
+        );
         assert!(parse_response(b"HTTP/1.1 200 OK\r\n").is_err());
         assert!(parse_response(b"SSH-2.0\r\n\r\n").is_err());
         assert!(parse_response(b"HTTP/1.1 200 OK\r\ncontent-length: 9\r\n\r\nab").is_err());

@@ -377,7 +377,10 @@ impl Lab {
             progress(step, total, &what);
         };
 
-        tick(format!("creating underlay {}", topology::underlay_netns(&prefix)));
+        tick(format!(
+            "creating underlay {}",
+            topology::underlay_netns(&prefix)
+        ));
         check_interrupt()?;
         topology::create_underlay(&prefix)?;
         for i in 1..=n {
@@ -402,7 +405,10 @@ impl Lab {
             }
             lab.write_discovery()?;
             for i in 1..=n {
-                tick(format!("starting daemon of node {}", topology::node_name(i)));
+                tick(format!(
+                    "starting daemon of node {}",
+                    topology::node_name(i)
+                ));
                 check_interrupt()?;
                 lab.spawn_daemon(i, &opts.log_level)?;
             }
@@ -443,10 +449,7 @@ impl Lab {
                 log: node_dir.join("daemon.log"),
                 cni_socket: node_dir.join("cni.sock"),
                 state_dir: node_dir.join("pods"),
-                admin: SocketAddr::new(
-                    IpAddr::V4(topology::node_address(i)),
-                    daemon::ADMIN_PORT,
-                ),
+                admin: SocketAddr::new(IpAddr::V4(topology::node_address(i)), daemon::ADMIN_PORT),
             };
             plugins.push(cni::nodemesh_plugin(
                 &paths.cni_socket,
@@ -502,7 +505,11 @@ impl Lab {
                 &self.state.dir.join("certs"),
                 &paths,
                 &self.state.discovery_file(),
-                if log_level.is_empty() { "info" } else { log_level },
+                if log_level.is_empty() {
+                    "info"
+                } else {
+                    log_level
+                },
             );
             daemon::write_config(&paths.config, &config)?;
         }
@@ -535,11 +542,7 @@ impl Lab {
         let name = topology::pod_name(node, k);
         let ns = topology::pod_netns(&prefix, node, k);
         let digest = ring::digest::digest(&ring::digest::SHA256, ns.as_bytes());
-        let container_id: String = digest
-            .as_ref()
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect();
+        let container_id: String = digest.as_ref().iter().map(|b| format!("{b:02x}")).collect();
         let invocation = Invocation {
             container_id: container_id.clone(),
             netns: ns.clone(),
@@ -685,9 +688,12 @@ impl Lab {
     /// [`daemon::STOP_TIMEOUT`]) and returns its exit status.
     pub fn stop_daemon(&mut self, node: usize) -> Result<ExitStatus, LabError> {
         let idx = self.node_index(node)?;
-        let process = self.daemons.remove(&node).ok_or_else(|| LabError::NoDaemon {
-            node: self.state.nodes[idx].name.clone(),
-        })?;
+        let process = self
+            .daemons
+            .remove(&node)
+            .ok_or_else(|| LabError::NoDaemon {
+                node: self.state.nodes[idx].name.clone(),
+            })?;
         let status = process.stop(daemon::STOP_TIMEOUT)?;
         self.state.nodes[idx].daemon_pid = None;
         self.state.save()?;
@@ -895,7 +901,12 @@ fn teardown(
     // 4. Namespaces: pods, then nodes, then the underlay (removing a
     //    namespace removes its links, routes and nftables tables).
     let mut ordered = lab_netns;
-    ordered.sort_by_key(|n| (std::cmp::Reverse(n.matches('-').count()), n.ends_with("-ul")));
+    ordered.sort_by_key(|n| {
+        (
+            std::cmp::Reverse(n.matches('-').count()),
+            n.ends_with("-ul"),
+        )
+    });
     for ns in ordered {
         if let Err(e) = netns::del_netns(&ns) {
             problems.push(e.to_string());

@@ -32,7 +32,12 @@ use nodemesh_lab::{http, metrics, LabError};
 #[command(name = "nodemesh-lab", version, verbatim_doc_comment)]
 struct Cli {
     /// Prefix of every namespace the lab creates (1-10 lowercase letters or digits).
-    #[arg(long, global = true, default_value = "nml", env = "NODEMESH_LAB_PREFIX")]
+    #[arg(
+        long,
+        global = true,
+        default_value = "nml",
+        env = "NODEMESH_LAB_PREFIX"
+    )]
     prefix: String,
     #[command(subcommand)]
     command: Command,
@@ -173,7 +178,11 @@ fn run(cli: Cli) -> Result<(), LabError> {
                 Ok(())
             }
             None => {
-                println!("no lab with prefix {} (no {})", cli.prefix, lab::lab_dir(&cli.prefix).join(lab::STATE_FILE).display());
+                println!(
+                    "no lab with prefix {} (no {})",
+                    cli.prefix,
+                    lab::lab_dir(&cli.prefix).join(lab::STATE_FILE).display()
+                );
                 let left = lab::leftovers(&cli.prefix)?;
                 if !left.is_clean() {
                     println!("leftovers: {left:?}; remove them with `nodemesh-lab down`");
@@ -248,7 +257,11 @@ fn print_state(state: &LabState) {
                     .and_then(|r| metrics::parse(&r.body).ok())
                     .map_or("?".to_owned(), |s| format!("{:.0}", demo::open_tunnels(&s)));
                 (
-                    if alive { pid.to_string() } else { format!("{pid}(dead)") },
+                    if alive {
+                        pid.to_string()
+                    } else {
+                        format!("{pid}(dead)")
+                    },
                     yes_no(ready),
                     tunnels,
                 )
@@ -342,7 +355,11 @@ fn demo_run(opts: &LabOptions, mib: u64) -> Result<(), LabError> {
     let left = lab::wait_clean(&prefix, Duration::from_secs(5))?;
     println!(
         "lab {prefix} removed{}",
-        if left.is_clean() { "" } else { " (with leftovers, run `nodemesh-lab down`)" }
+        if left.is_clean() {
+            ""
+        } else {
+            " (with leftovers, run `nodemesh-lab down`)"
+        }
     );
     Ok(())
 }

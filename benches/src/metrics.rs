@@ -174,7 +174,11 @@ weird{msg="a \"q\" \\ b\nc", x = "1" ,} NaN
             3072.0
         );
         assert_eq!(
-            sum(&s, "nodemesh_tcp_bytes_total", &[("direction", "dst_to_src")]),
+            sum(
+                &s,
+                "nodemesh_tcp_bytes_total",
+                &[("direction", "dst_to_src")]
+            ),
             2048.0
         );
     }

@@ -83,10 +83,7 @@ fn octet(n: usize) -> u8 {
 /// Whether namespace `name` is one a lab with `prefix` creates
 /// (`p-ul`, `p-n<digits>`, `p-n<digits>-p<digits>`), and nothing else.
 pub fn is_lab_netns(prefix: &str, name: &str) -> bool {
-    let Some(rest) = name
-        .strip_prefix(prefix)
-        .and_then(|r| r.strip_prefix('-'))
-    else {
+    let Some(rest) = name.strip_prefix(prefix).and_then(|r| r.strip_prefix('-')) else {
         return false;
     };
     if rest == "ul" {
@@ -120,10 +117,29 @@ pub fn create_node(prefix: &str, node: usize, nodes: usize) -> Result<(), LabErr
     // Created in the underlay, its peer moved straight into the node: no link
     // ever appears in the caller's namespace.
     ip([
-        "-n", &ul, "link", "add", &ul_side, "type", "veth", "peer", "name", NODE_UPLINK,
-        "netns", &ns,
+        "-n",
+        &ul,
+        "link",
+        "add",
+        &ul_side,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        NODE_UPLINK,
+        "netns",
+        &ns,
     ])?;
-    ip(["-n", &ul, "link", "set", &ul_side, "master", UNDERLAY_BRIDGE, "up"])?;
+    ip([
+        "-n",
+        &ul,
+        "link",
+        "set",
+        &ul_side,
+        "master",
+        UNDERLAY_BRIDGE,
+        "up",
+    ])?;
     let addr = format!("{}/24", node_address(node));
     ip(["-n", &ns, "addr", "add", &addr, "dev", NODE_UPLINK])?;
     ip(["-n", &ns, "link", "set", NODE_UPLINK, "up"])?;
@@ -162,7 +178,9 @@ mod tests {
         for ours in ["nml-ul", "nml-n1", "nml-n12-p3"] {
             assert!(is_lab_netns("nml", ours), "{ours}");
         }
-        for theirs in ["nmlx-ul", "nml-n", "nml-n1-p", "nml-nx", "nml-ulx", "nml", "other-n1"] {
+        for theirs in [
+            "nmlx-ul", "nml-n", "nml-n1-p", "nml-nx", "nml-ulx", "nml", "other-n1",
+        ] {
             assert!(!is_lab_netns("nml", theirs), "{theirs}");
         }
     }

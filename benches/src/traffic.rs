@@ -143,7 +143,9 @@ pub fn serve(
         let mut workers = Vec::with_capacity(connections);
         for _ in 0..connections {
             let (stream, _) = listener.accept()?;
-            workers.push(std::thread::spawn(move || serve_connection(stream, reply_len)));
+            workers.push(std::thread::spawn(move || {
+                serve_connection(stream, reply_len)
+            }));
         }
         workers
             .into_iter()
@@ -224,7 +226,10 @@ pub fn exchange(mut stream: TcpStream, send_len: u64) -> std::io::Result<Exchang
     if tail.len() != HASH_LEN {
         return Err(std::io::Error::new(
             std::io::ErrorKind::UnexpectedEof,
-            format!("reply ended after {} bytes, before its hash trailer", payload + tail.len() as u64),
+            format!(
+                "reply ended after {} bytes, before its hash trailer",
+                payload + tail.len() as u64
+            ),
         ));
     }
     let mut server_hash = [0u8; HASH_LEN];
@@ -254,7 +259,10 @@ mod tests {
         assert_eq!(whole, parts);
         assert_ne!(pattern_hash(1, 100), pattern_hash(2, 100));
         let mut sink = Vec::new();
-        assert_eq!(send_pattern(&mut sink, 3, 100_003).expect("vec"), pattern_hash(3, 100_003));
+        assert_eq!(
+            send_pattern(&mut sink, 3, 100_003).expect("vec"),
+            pattern_hash(3, 100_003)
+        );
         assert_eq!(sink.len(), 100_003);
     }
 

@@ -1,0 +1,128 @@
+//! End-to-end tests of the lab itself, without the mesh: topology, pods
+//! through the real CNI chain (bridge + host-local), TCP across and within
+//! nodes, and complete cleanup (after `down`, after a panicking test body,
+//! and by prefix with or without recorded state). Privileged: run as root.
+
+use std::net::Ipv4Addr;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use nodemesh_lab::lab::{self, Lab, LabOptions, LabState};
+use nodemesh_lab::{netns, LabError};
+
+const MIB: u64 = 1 << 20;
+
+fn assert_clean(prefix: &str) {
+    let left = lab::wait_clean(prefix, Duration::from_secs(10)).expect("leftovers");
+    assert!(left.is_clean(), "lab {prefix} left {left:?}");
+}
+
+fn in_pod_cidr(ip: Ipv4Addr, node: usize) -> bool {
+    let o = ip.octets();
+    o[0] == 10 && o[1] == 78 && usize::from(o[2]) == node && o[3] > 1
+}
+
+#[test]
+fn no_mesh_2x2_moves_8_mib_each_way_across_and_within_nodes_then_down_leaves_nothing() {
+    let lab = Lab::up(LabOptions::for_test(2, 2).no_mesh()).expect("lab up");
+    let prefix = lab.prefix().to_owned();
+
+    let pods = lab.pods();
+    assert_eq!(pods.len(), 4);
+    for p in &pods {
+        assert!(in_pod_cidr(p.ip, p.node), "{} has {}", p.name, p.ip);
+        assert!(netns::netns_path(&p.netns).exists(), "{}", p.netns);
+    }
+    let state = LabState::load(&prefix).expect("state").expect("recorded");
+    assert_eq!(state.pods.len(), 4);
+    assert!(state.pods.iter().all(|p| p.result.is_some()));
+
+    // A second lab with the same prefix is refused, and does not harm the first.
+    let again = Lab::up(LabOptions::new(prefix.clone(), 1, 0).no_mesh());
+    assert!(
+        matches!(again, Err(LabError::LabExists { .. })),
+        "{again:?}"
+    );
+
+    let client = lab.pod(1, 1).expect("n1-p1");
+    for (server, what) in [
+        (lab.pod(2, 1).expect("n2-p1"), "across nodes"),
+        (lab.pod(1, 2).expect("n1-p2"), "within a node"),
+    ] {
+        let report = lab
+            .transfer(&client, &server, 8080, 8 * MIB)
+            .unwrap_or_else(|e| panic!("{what}: {e}"));
+        assert_eq!(report.sent_bytes, 8 * MIB, "{what}");
+        assert_eq!(report.received_bytes, 8 * MIB, "{what}");
+        assert_eq!(report.server_hash, report.sent_hash, "{what}");
+    }
+
+    let problems = lab.down();
+    assert!(problems.is_empty(), "{problems:?}");
+    assert_clean(&prefix);
+}
+
+#[test]
+fn a_panicking_test_body_still_removes_its_lab() {
+    let prefix = lab::test_prefix();
+    let inner = prefix.clone();
+    let outcome = std::panic::catch_unwind(move || {
+        let _lab = Lab::up(LabOptions::new(inner.clone(), 2, 1).no_mesh()).expect("lab up");
+        assert!(!lab::leftovers(&inner).expect("leftovers").is_clean());
+        panic!("test body fails with the lab up");
+    });
+    assert!(outcome.is_err(), "the body should have panicked");
+    assert_clean(&prefix);
+}
+
+/// A process left running inside a pod namespace, reaped by the test.
+struct Stray(std::process::Child);
+
+impl Drop for Stray {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn stray_in(netns_name: &str) -> Stray {
+    Stray(
+        Command::new("ip")
+            .args(["netns", "exec", netns_name, "sleep", "300"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn stray"),
+    )
+}
+
+#[test]
+fn down_by_prefix_removes_a_detached_lab_and_stray_processes_and_namespaces() {
+    let lab = Lab::up(LabOptions::for_test(2, 1).no_mesh()).expect("lab up");
+    let prefix = lab.prefix().to_owned();
+    let pod = lab.pod(2, 1).expect("pod");
+    let state = lab.detach();
+    assert_eq!(state.pods.len(), 2);
+    assert!(!lab::leftovers(&prefix).expect("leftovers").is_clean());
+
+    let mut stray = stray_in(&pod.netns);
+    netns::add_netns(&format!("{prefix}-n9-p1")).expect("extra netns");
+    let problems = lab::teardown_prefix(&prefix);
+    assert!(problems.is_empty(), "{problems:?}");
+    let status = stray.0.wait().expect("stray reaped");
+    assert!(!status.success(), "the stray was killed: {status}");
+    assert_clean(&prefix);
+}
+
+#[test]
+fn down_by_prefix_works_without_state() {
+    let lab = Lab::up(LabOptions::for_test(2, 1).no_mesh()).expect("lab up");
+    let prefix = lab.prefix().to_owned();
+    let state = lab.detach();
+    std::fs::remove_file(state.path()).expect("remove state");
+    assert!(LabState::load(&prefix).expect("load").is_none());
+
+    let problems = lab::teardown_prefix(&prefix);
+    assert!(problems.is_empty(), "{problems:?}");
+    assert_clean(&prefix);
+}
