@@ -66,9 +66,9 @@ pub fn bin_search_dirs() -> Vec<PathBuf> {
     dirs
 }
 
-/// Finds binary `name` in [`bin_search_dirs`].
-pub fn find_binary(name: &str) -> Result<PathBuf, LabError> {
-    let searched = bin_search_dirs();
+/// Finds binary `name` in `dir` if given, else in [`bin_search_dirs`].
+pub fn find_binary(name: &str, dir: Option<&Path>) -> Result<PathBuf, LabError> {
+    let searched = dir.map_or_else(bin_search_dirs, |d| vec![d.to_path_buf()]);
     searched
         .iter()
         .map(|d| d.join(name))

@@ -92,6 +92,9 @@ pub struct LabOptions {
     pub mesh: bool,
     /// Daemons' log filter.
     pub log_level: String,
+    /// Directory of the `nodemesh` and `nodemesh-cni` binaries; `None`:
+    /// `NODEMESH_BIN_DIR`, else next to the running executable or its parent.
+    pub bin_dir: Option<PathBuf>,
 }
 
 impl LabOptions {
@@ -103,6 +106,7 @@ impl LabOptions {
             pods_per_node,
             mesh: true,
             log_level: "info".into(),
+            bin_dir: None,
         }
     }
 
@@ -342,8 +346,14 @@ impl Lab {
         // Binaries first: fail before building anything.
         let (nodemesh, cni_bin) = if opts.mesh {
             (
-                Some(daemon::find_binary(daemon::DAEMON_BIN)?),
-                Some(daemon::find_binary(daemon::CNI_BIN)?),
+                Some(daemon::find_binary(
+                    daemon::DAEMON_BIN,
+                    opts.bin_dir.as_deref(),
+                )?),
+                Some(daemon::find_binary(
+                    daemon::CNI_BIN,
+                    opts.bin_dir.as_deref(),
+                )?),
             )
         } else {
             (None, None)

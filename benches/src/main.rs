@@ -77,6 +77,10 @@ struct Shape {
     /// Daemons' log filter (written in their config).
     #[arg(long, default_value = "info")]
     log_level: String,
+    /// Directory holding the `nodemesh` and `nodemesh-cni` binaries
+    /// (default: next to this program, or its parent directory).
+    #[arg(long, env = "NODEMESH_BIN_DIR")]
+    bin_dir: Option<std::path::PathBuf>,
 }
 
 impl Shape {
@@ -87,6 +91,7 @@ impl Shape {
             pods_per_node: self.pods_per_node,
             mesh: !self.no_mesh,
             log_level: self.log_level.clone(),
+            bin_dir: self.bin_dir.clone(),
         }
     }
 }

@@ -7,8 +7,10 @@ use std::net::Ipv4Addr;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use nodemesh::config::Config;
+use nodemesh::discovery::model::ClusterModel;
 use nodemesh_lab::lab::{self, Lab, LabOptions, LabState};
-use nodemesh_lab::{netns, LabError};
+use nodemesh_lab::{metrics, netns, LabError};
 
 const MIB: u64 = 1 << 20;
 
@@ -124,5 +126,128 @@ fn down_by_prefix_works_without_state() {
 
     let problems = lab::teardown_prefix(&prefix);
     assert!(problems.is_empty(), "{problems:?}");
+    assert_clean(&prefix);
+}
+
+/// A directory where the test-support fake answers as `nodemesh` and `nodemesh-cni`.
+fn fake_bins() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let fake = env!("CARGO_BIN_EXE_nodemesh-lab-fake");
+    for name in ["nodemesh", "nodemesh-cni"] {
+        std::os::unix::fs::symlink(fake, dir.path().join(name)).expect("symlink");
+    }
+    dir
+}
+
+fn meshed_with_fakes(bins: &tempfile::TempDir, nodes: usize, pods: usize) -> LabOptions {
+    let mut opts = LabOptions::for_test(nodes, pods);
+    opts.bin_dir = Some(bins.path().to_path_buf());
+    opts
+}
+
+#[test]
+fn meshed_lab_starts_restarts_and_stops_daemons_with_fake_binaries() {
+    let bins = fake_bins();
+    let mut lab = Lab::up(meshed_with_fakes(&bins, 2, 1)).expect("lab up");
+    let prefix = lab.prefix().to_owned();
+
+    // Discovery lists every node and every pod with its CNI-assigned IP.
+    let text = std::fs::read_to_string(lab.state().discovery_file()).expect("discovery");
+    let model: ClusterModel = serde_yaml::from_str(&text).expect("discovery yaml");
+    model.validate().expect("valid model");
+    assert_eq!(model.nodes.len(), 2);
+    assert_eq!(model.pods.len(), 2);
+    for pod in lab.pods() {
+        let listed = model
+            .pods
+            .iter()
+            .find(|p| p.name == pod.name)
+            .expect("pod listed");
+        assert_eq!(listed.ips, vec![std::net::IpAddr::V4(pod.ip)]);
+        assert_eq!(listed.node, format!("n{}", pod.node));
+    }
+    // Each node's config is a valid daemon config.
+    for node in lab.nodes() {
+        let paths = node.daemon.as_ref().expect("meshed");
+        let config = Config::from_file(&paths.config).expect("config");
+        config.validate().expect("valid config");
+        assert_eq!(config.node_name, node.name);
+        assert_eq!(config.cni_socket, paths.cni_socket);
+    }
+
+    assert_eq!(lab.admin_get(2, "/ready").expect("ready").status, 200);
+    let samples = lab.metrics(1).expect("metrics");
+    assert_eq!(samples.len(), 1);
+    assert_eq!(
+        metrics::sum(&samples, "nodemesh_tunnels_open", &[("peer", "n1")]),
+        0.0
+    );
+
+    let first = lab.daemon_pid(1).expect("daemon 1");
+    let status = lab.restart_daemon(1).expect("restart");
+    assert!(status.success(), "SIGTERM exits 0: {status}");
+    let second = lab.daemon_pid(1).expect("daemon 1 again");
+    assert_ne!(first, second);
+    assert!(!std::path::Path::new(&format!("/proc/{first}")).exists());
+
+    assert!(lab.stop_daemon(2).expect("stop").success());
+    assert!(lab.daemon_pid(2).is_none());
+    assert!(
+        lab.admin_get(2, "/ready").is_err(),
+        "stopped daemon answers"
+    );
+    lab.start_daemon(2).expect("start again");
+    let third = lab.daemon_pid(2).expect("daemon 2");
+
+    // The fake plugin captures nothing: pods still talk directly.
+    let report = lab
+        .transfer(
+            &lab.pod(1, 1).expect("pod"),
+            &lab.pod(2, 1).expect("pod"),
+            8080,
+            MIB,
+        )
+        .expect("transfer");
+    assert_eq!(report.server_hash, report.sent_hash);
+
+    let problems = lab.down();
+    assert!(problems.is_empty(), "{problems:?}");
+    assert_clean(&prefix);
+    for pid in [second, third] {
+        assert!(
+            !std::path::Path::new(&format!("/proc/{pid}")).exists(),
+            "{pid}"
+        );
+    }
+}
+
+#[test]
+fn a_daemon_dying_at_start_fails_up_with_its_log_and_leaves_nothing() {
+    let bins = fake_bins();
+    let mut opts = meshed_with_fakes(&bins, 2, 1);
+    opts.log_level = "info,fake_die=trace".into();
+    let prefix = opts.prefix.clone();
+    match Lab::up(opts) {
+        Err(LabError::DaemonDied { node, tail, .. }) => {
+            assert_eq!(node, "n1");
+            assert!(tail.contains("told to die"), "{tail}");
+        }
+        other => panic!("expected DaemonDied, got {other:?}"),
+    }
+    assert_clean(&prefix);
+}
+
+#[test]
+fn missing_binaries_fail_before_anything_is_built() {
+    let empty = tempfile::tempdir().expect("tempdir");
+    let mut opts = LabOptions::for_test(1, 1);
+    opts.bin_dir = Some(empty.path().to_path_buf());
+    let prefix = opts.prefix.clone();
+    let err = Lab::up(opts).expect_err("no binaries");
+    assert!(matches!(err, LabError::BinaryMissing { .. }), "{err}");
+    assert!(
+        err.to_string().contains("cargo build --workspace --bins"),
+        "{err}"
+    );
     assert_clean(&prefix);
 }
