@@ -175,6 +175,12 @@ pub enum LabError {
         /// What differs.
         problem: String,
     },
+    /// The thread doing the lab work failed unexpectedly.
+    #[error("the lab worker failed: {problem}")]
+    WorkerFailed {
+        /// What happened.
+        problem: String,
+    },
     /// The operation was interrupted by a signal (Ctrl-C, SIGTERM).
     #[error("interrupted by a signal")]
     Interrupted,

@@ -96,6 +96,23 @@ impl Shape {
     }
 }
 
+/// `println!` that ignores a closed stdout (`nodemesh-lab status | head`)
+/// instead of panicking.
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
+
+/// `print!` that ignores a closed stdout.
+macro_rules! outp {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = write!(std::io::stdout(), $($arg)*);
+    }};
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
@@ -124,9 +141,8 @@ fn main() -> ExitCode {
         });
         match tokio::task::spawn_blocking(move || run(cli)).await {
             Ok(r) => r,
-            Err(e) => Err(LabError::Transfer {
-                what: "lab".into(),
-                problem: format!("worker failed: {e}"),
+            Err(e) => Err(LabError::WorkerFailed {
+                problem: e.to_string(),
             }),
         }
     });
@@ -171,7 +187,7 @@ fn run(cli: Cli) -> Result<(), LabError> {
             let lab = up(&shape.options(&cli.prefix))?;
             let state = lab.detach();
             print_state(&state);
-            println!(
+            out!(
                 "\nlab {} is up. Explore: `ip netns exec {}-n1-p1 sh`; `nodemesh-lab status`; remove with `nodemesh-lab down`.",
                 state.prefix, state.prefix
             );
@@ -183,27 +199,27 @@ fn run(cli: Cli) -> Result<(), LabError> {
                 Ok(())
             }
             None => {
-                println!(
+                out!(
                     "no lab with prefix {} (no {})",
                     cli.prefix,
                     lab::lab_dir(&cli.prefix).join(lab::STATE_FILE).display()
                 );
                 let left = lab::leftovers(&cli.prefix)?;
                 if !left.is_clean() {
-                    println!("leftovers: {left:?}; remove them with `nodemesh-lab down`");
+                    out!("leftovers: {left:?}; remove them with `nodemesh-lab down`");
                 }
                 Ok(())
             }
         },
         Command::Down => {
-            println!("removing lab {} ...", cli.prefix);
+            out!("removing lab {} ...", cli.prefix);
             let problems = lab::teardown_prefix(&cli.prefix);
             for p in &problems {
                 eprintln!("warning: {p}");
             }
             let left = lab::wait_clean(&cli.prefix, Duration::from_secs(5))?;
             if left.is_clean() {
-                println!("lab {} removed", cli.prefix);
+                out!("lab {} removed", cli.prefix);
                 Ok(())
             } else {
                 Err(LabError::State {
@@ -217,7 +233,7 @@ fn run(cli: Cli) -> Result<(), LabError> {
 }
 
 fn up(opts: &LabOptions) -> Result<Lab, LabError> {
-    println!(
+    out!(
         "building lab {}: {} nodes x {} pods, mesh {}",
         opts.prefix,
         opts.nodes,
@@ -225,7 +241,7 @@ fn up(opts: &LabOptions) -> Result<Lab, LabError> {
         if opts.mesh { "on" } else { "off" }
     );
     Lab::up_with_progress(opts.clone(), &mut |step, total, what| {
-        println!("[{step}/{total}] {what} ...");
+        out!("[{step}/{total}] {what} ...");
     })
 }
 
@@ -238,7 +254,7 @@ fn yes_no(b: bool) -> &'static str {
 }
 
 fn print_state(state: &LabState) {
-    println!(
+    out!(
         "lab {}: {} nodes, {} pods, mesh {}, files in {}",
         state.prefix,
         state.nodes.len(),
@@ -246,7 +262,7 @@ fn print_state(state: &LabState) {
         if state.mesh { "on" } else { "off" },
         state.dir.display()
     );
-    println!(
+    out!(
         "\n{:<5} {:<14} {:<10} {:<13} {:<8} {:<6} TUNNELS",
         "NODE", "NETNS", "ADDRESS", "POD CIDR", "DAEMON", "READY"
     );
@@ -274,14 +290,14 @@ fn print_state(state: &LabState) {
             (Some(_), None) => ("stopped".into(), "no", "-".into()),
             (None, _) => ("-".into(), "-", "-".into()),
         };
-        println!(
+        out!(
             "{:<5} {:<14} {:<10} {:<13} {:<8} {:<6} {}",
             n.name, n.netns, n.address, n.pod_cidr, pid, ready, tunnels
         );
     }
-    println!("\n{:<12} {:<5} {:<18} IP", "POD", "NODE", "NETNS");
+    out!("\n{:<12} {:<5} {:<18} IP", "POD", "NODE", "NETNS");
     for p in &state.pods {
-        println!(
+        out!(
             "{:<12} {:<5} {:<18} {}",
             format!("{}/{}", p.invocation.pod_namespace, p.invocation.pod_name),
             format!("n{}", p.node),
@@ -305,9 +321,9 @@ fn demo_run(opts: &LabOptions, mib: u64) -> Result<(), LabError> {
         pairs.push(("across nodes", a, b));
     }
     if pairs.is_empty() {
-        println!("no pod pairs to send traffic between (use --nodes 2 --pods-per-node 2)");
+        out!("no pod pairs to send traffic between (use --nodes 2 --pods-per-node 2)");
     }
-    println!("\ntraffic ({mib} MiB each way per connection, SHA-256 checked):");
+    out!("\ntraffic ({mib} MiB each way per connection, SHA-256 checked):");
     for (kind, src, dst) in &pairs {
         if lab::interrupted() {
             return Err(LabError::Interrupted);
@@ -315,7 +331,7 @@ fn demo_run(opts: &LabOptions, mib: u64) -> Result<(), LabError> {
         let start = Instant::now();
         lab.transfer(src, dst, 8080, bytes)?;
         let secs = start.elapsed().as_secs_f64();
-        println!(
+        out!(
             "  {:<14} {} ({}) -> {} ({}:8080): ok, hashes equal, {:.0} ms, {:.0} MiB/s",
             kind,
             src.name,
@@ -340,25 +356,25 @@ fn demo_run(opts: &LabOptions, mib: u64) -> Result<(), LabError> {
             }
             std::thread::sleep(Duration::from_millis(100));
         };
-        println!("\nper-edge metrics from the daemons:");
-        print!("{}", demo::render(&demo::edges(&samples)));
+        out!("\nper-edge metrics from the daemons:");
+        outp!("{}", demo::render(&demo::edges(&samples)));
         let mut tunnels = 0.0;
         for n in lab.nodes() {
             let t = demo::open_tunnels(&lab.metrics(n.index)?);
-            println!("  node {}: {t:.0} tunnel(s) open", n.name);
+            out!("  node {}: {t:.0} tunnel(s) open", n.name);
             tunnels += t;
         }
-        println!("open tunnels in the lab: {tunnels:.0}");
+        out!("open tunnels in the lab: {tunnels:.0}");
     } else {
-        println!("\n(mesh off: no daemons, no metrics)");
+        out!("\n(mesh off: no daemons, no metrics)");
     }
-    println!("\nremoving lab {} ...", lab.prefix());
+    out!("\nremoving lab {} ...", lab.prefix());
     let prefix = lab.prefix().to_owned();
     for p in lab.down() {
         eprintln!("warning: {p}");
     }
     let left = lab::wait_clean(&prefix, Duration::from_secs(5))?;
-    println!(
+    out!(
         "lab {prefix} removed{}",
         if left.is_clean() {
             ""
