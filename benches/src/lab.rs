@@ -420,7 +420,7 @@ impl Lab {
                     topology::node_name(i)
                 ));
                 check_interrupt()?;
-                lab.spawn_daemon(i, &opts.log_level)?;
+                lab.spawn_daemon(i, Some(&opts.log_level))?;
             }
             tick("waiting for daemons to be ready".into());
             for i in 1..=n {
@@ -461,10 +461,12 @@ impl Lab {
                 state_dir: node_dir.join("pods"),
                 admin: SocketAddr::new(IpAddr::V4(topology::node_address(i)), daemon::ADMIN_PORT),
             };
+            let cni_state = node_dir.join("cni");
+            std::fs::create_dir_all(&cni_state).map_err(|e| LabError::io(&cni_state, e))?;
             plugins.push(cni::nodemesh_plugin(
                 &paths.cni_socket,
                 &node_dir.join("cni.log"),
-                &node_dir.join("cni"),
+                &cni_state,
             ));
             Some(paths)
         } else {
@@ -500,7 +502,8 @@ impl Lab {
         Ok(&self.state.nodes[self.node_index(node)?])
     }
 
-    fn spawn_daemon(&mut self, node: usize, log_level: &str) -> Result<(), LabError> {
+    /// Starts node `node`'s daemon; with `log_level`, (re)writes its config first.
+    fn spawn_daemon(&mut self, node: usize, log_level: Option<&str>) -> Result<(), LabError> {
         let idx = self.node_index(node)?;
         let n = &self.state.nodes[idx];
         let (Some(nodemesh), Some(paths)) = (self.nodemesh.clone(), n.daemon.clone()) else {
@@ -508,18 +511,16 @@ impl Lab {
                 node: n.name.clone(),
             });
         };
-        if !paths.config.exists() || !log_level.is_empty() {
+        if let Some(log_level) = log_level {
+            std::fs::create_dir_all(&paths.state_dir)
+                .map_err(|e| LabError::io(&paths.state_dir, e))?;
             let config = daemon::node_config(
                 &n.name,
                 IpAddr::V4(n.address),
-                &self.state.dir.join("certs"),
+                &self.cert_dir(),
                 &paths,
                 &self.state.discovery_file(),
-                if log_level.is_empty() {
-                    "info"
-                } else {
-                    log_level
-                },
+                log_level,
             );
             daemon::write_config(&paths.config, &config)?;
         }
@@ -669,6 +670,17 @@ impl Lab {
         netns::exec_in(netns, program, args.iter().copied())
     }
 
+    /// The `nodemesh` binary the lab runs (meshed labs).
+    pub fn nodemesh_bin(&self) -> Option<&Path> {
+        self.nodemesh.as_deref()
+    }
+
+    /// Directory of the lab's CA and node certificates (`ca.pem`,
+    /// `<node>.pem`, `<node>-key.pem`), made with `nodemesh certs`.
+    pub fn cert_dir(&self) -> PathBuf {
+        self.state.dir.join("certs")
+    }
+
     /// Pid of node `node`'s daemon, if this lab runs one.
     pub fn daemon_pid(&self, node: usize) -> Option<u32> {
         self.daemons.get(&node).map(DaemonProcess::pid)
@@ -690,7 +702,8 @@ impl Lab {
         if self.daemons.contains_key(&node) {
             return Ok(());
         }
-        self.spawn_daemon(node, "")?;
+        // Same config as before: a restart must not change anything.
+        self.spawn_daemon(node, None)?;
         self.wait_daemon_ready(node)
     }
 
@@ -756,6 +769,20 @@ impl Lab {
         transfer(src, dst, port, bytes)
     }
 
+    /// Runs `connections` concurrent [`Lab::transfer`]-style exchanges of
+    /// `bytes` each way from `src` to one server on `port` in `dst`; fails
+    /// unless every one arrived intact. Returns the client reports.
+    pub fn transfer_many(
+        &self,
+        src: &PodHandle,
+        dst: &PodHandle,
+        port: u16,
+        connections: usize,
+        bytes: u64,
+    ) -> Result<Vec<ExchangeReport>, LabError> {
+        transfer_many(src, dst, port, connections, bytes)
+    }
+
     /// Leaves the lab running (for `nodemesh-lab up`) and returns its state;
     /// `nodemesh-lab down` or [`teardown_prefix`] removes it later.
     pub fn detach(mut self) -> LabState {
@@ -818,6 +845,47 @@ pub fn transfer(
     report.verify(&what, bytes)?;
     match server.join() {
         Ok(Ok(_)) => Ok(report),
+        Ok(Err(e)) => Err(io_err(e)),
+        Err(_) => Err(io_err(std::io::Error::other("server thread panicked"))),
+    }
+}
+
+/// Concurrent transfers; see [`Lab::transfer_many`].
+pub fn transfer_many(
+    src: &PodHandle,
+    dst: &PodHandle,
+    port: u16,
+    connections: usize,
+    bytes: u64,
+) -> Result<Vec<ExchangeReport>, LabError> {
+    let what = format!("{} -> {}:{port} x{connections}", src.name, dst.name);
+    let io_err = |e: std::io::Error| LabError::Transfer {
+        what: what.clone(),
+        problem: e.to_string(),
+    };
+    let listener = dst.listen(port)?;
+    let port = listener.local_addr().map_err(io_err)?.port();
+    let server = traffic::serve(listener, connections, bytes);
+    // Connect all first (each from the source pod), then exchange all at once.
+    let mut streams = Vec::with_capacity(connections);
+    for _ in 0..connections {
+        streams.push(src.connect(dst.addr(port))?);
+    }
+    let clients: Vec<_> = streams
+        .into_iter()
+        .map(|s| std::thread::spawn(move || traffic::exchange(s, bytes)))
+        .collect();
+    let mut reports = Vec::with_capacity(connections);
+    for (i, c) in clients.into_iter().enumerate() {
+        let report = c
+            .join()
+            .unwrap_or_else(|_| Err(std::io::Error::other("client thread panicked")))
+            .map_err(io_err)?;
+        report.verify(&format!("{what} #{i}"), bytes)?;
+        reports.push(report);
+    }
+    match server.join() {
+        Ok(Ok(_)) => Ok(reports),
         Ok(Err(e)) => Err(io_err(e)),
         Err(_) => Err(io_err(std::io::Error::other("server thread panicked"))),
     }

@@ -264,7 +264,12 @@ fn print_state(state: &LabState) {
     );
     out!(
         "\n{:<5} {:<14} {:<10} {:<13} {:<8} {:<6} TUNNELS",
-        "NODE", "NETNS", "ADDRESS", "POD CIDR", "DAEMON", "READY"
+        "NODE",
+        "NETNS",
+        "ADDRESS",
+        "POD CIDR",
+        "DAEMON",
+        "READY"
     );
     for n in &state.nodes {
         let (pid, ready, tunnels) = match (&n.daemon, n.daemon_pid) {
@@ -292,7 +297,13 @@ fn print_state(state: &LabState) {
         };
         out!(
             "{:<5} {:<14} {:<10} {:<13} {:<8} {:<6} {}",
-            n.name, n.netns, n.address, n.pod_cidr, pid, ready, tunnels
+            n.name,
+            n.netns,
+            n.address,
+            n.pod_cidr,
+            pid,
+            ready,
+            tunnels
         );
     }
     out!("\n{:<12} {:<5} {:<18} IP", "POD", "NODE", "NETNS");
@@ -357,7 +368,12 @@ fn demo_run(opts: &LabOptions, mib: u64) -> Result<(), LabError> {
             std::thread::sleep(Duration::from_millis(100));
         };
         out!("\nper-edge metrics from the daemons:");
-        outp!("{}", demo::render(&demo::edges(&samples)));
+        let edges = demo::edges(&samples);
+        if edges.is_empty() {
+            out!("  (no connections reported: is traffic captured? see the daemons' logs)");
+        } else {
+            outp!("{}", demo::render(&edges));
+        }
         let mut tunnels = 0.0;
         for n in lab.nodes() {
             let t = demo::open_tunnels(&lab.metrics(n.index)?);

@@ -59,9 +59,59 @@ fn no_mesh_2x2_moves_8_mib_each_way_across_and_within_nodes_then_down_leaves_not
         assert_eq!(report.server_hash, report.sent_hash, "{what}");
     }
 
+    // Many concurrent connections between two pods all complete intact.
+    let reports = lab
+        .transfer_many(
+            &lab.pod(2, 2).expect("n2-p2"),
+            &lab.pod(1, 2).expect("n1-p2"),
+            0,
+            50,
+            64 * 1024,
+        )
+        .expect("concurrent transfers");
+    assert_eq!(reports.len(), 50);
+
     let problems = lab.down();
     assert!(problems.is_empty(), "{problems:?}");
     assert_clean(&prefix);
+}
+
+#[test]
+fn cli_up_status_down_without_mesh() {
+    let prefix = lab::test_prefix();
+    let cli = env!("CARGO_BIN_EXE_nodemesh-lab");
+    let run = |args: &[&str]| {
+        let out = Command::new(cli)
+            .args(["--prefix", &prefix])
+            .args(args)
+            .output()
+            .expect("run nodemesh-lab");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "{args:?}: {text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        text
+    };
+    // Remove the lab even if an assertion below fails.
+    struct Down(String);
+    impl Drop for Down {
+        fn drop(&mut self) {
+            lab::teardown_prefix(&self.0);
+        }
+    }
+    let _guard = Down(prefix.clone());
+
+    let up = run(&["up", "--no-mesh", "--nodes", "2", "--pods-per-node", "1"]);
+    assert!(up.contains("[1/5] creating underlay"), "{up}");
+    assert!(up.contains(&format!("{prefix}-n2-p1")), "{up}");
+    let status = run(&["status"]);
+    assert!(status.contains("10.78.2.2"), "{status}");
+    run(&["down"]);
+    assert_clean(&prefix);
+    let status = run(&["status"]);
+    assert!(status.contains("no lab"), "{status}");
 }
 
 #[test]
