@@ -43,6 +43,8 @@ pub const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 pub const LAB_DRAIN_TIMEOUT_MS: u64 = 3_000;
 /// Discovery poll interval written in lab configs, in ms.
 pub const LAB_DISCOVERY_POLL_MS: u64 = 200;
+/// How long the lab lets daemons pick up a discovery change (3 polls).
+pub const DISCOVERY_SETTLE: Duration = Duration::from_millis(3 * LAB_DISCOVERY_POLL_MS);
 const POLL: Duration = Duration::from_millis(50);
 
 /// Directories searched for binaries, in order.

@@ -440,7 +440,7 @@ impl Lab {
             }
         }
         if opts.mesh {
-            lab.write_discovery()?;
+            lab.publish_discovery()?;
         }
         Ok(lab)
     }
@@ -487,6 +487,17 @@ impl Lab {
 
     fn write_discovery(&self) -> Result<(), LabError> {
         daemon::write_discovery(&self.state.discovery_file(), &self.state.cluster_model())
+    }
+
+    /// Writes discovery, then gives the daemons time to poll it.
+    ///
+    /// The daemons expose no "discovery generation" yet, so this waits
+    /// [`daemon::DISCOVERY_SETTLE`] (a few poll intervals) instead of
+    /// observing the reload; replace with a metric check once one exists.
+    fn publish_discovery(&self) -> Result<(), LabError> {
+        self.write_discovery()?;
+        std::thread::sleep(daemon::DISCOVERY_SETTLE);
+        Ok(())
     }
 
     fn node_index(&self, node: usize) -> Result<usize, LabError> {
@@ -614,7 +625,7 @@ impl Lab {
         self.node_index(node)?;
         let pod = self.create_pod(node, k)?;
         if self.state.mesh {
-            self.write_discovery()?;
+            self.publish_discovery()?;
         }
         Ok(pod)
     }
