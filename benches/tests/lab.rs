@@ -112,6 +112,11 @@ fn cli_up_status_down_without_mesh() {
     assert_clean(&prefix);
     let status = run(&["status"]);
     assert!(status.contains("no lab"), "{status}");
+
+    let demo = run(&["demo", "--no-mesh", "--mib", "1"]);
+    assert_eq!(demo.matches("hashes equal").count(), 3, "{demo}");
+    assert!(demo.contains(&format!("lab {prefix} removed")), "{demo}");
+    assert_clean(&prefix);
 }
 
 #[test]
