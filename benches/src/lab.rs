@@ -734,6 +734,27 @@ impl Lab {
         Ok(status)
     }
 
+    /// Rewrites node `node`'s daemon config through `edit` (takes effect at
+    /// the next [`Lab::start_daemon`] / [`Lab::restart_daemon`]), e.g. to
+    /// point it at certificates from another CA.
+    pub fn update_config(
+        &self,
+        node: usize,
+        edit: impl FnOnce(&mut nodemesh::config::Config),
+    ) -> Result<(), LabError> {
+        let n = self.node(node)?;
+        let paths = n.daemon.as_ref().ok_or(LabError::NoDaemon {
+            node: n.name.clone(),
+        })?;
+        let mut config =
+            nodemesh::config::Config::from_file(&paths.config).map_err(|e| LabError::State {
+                path: paths.config.clone(),
+                problem: e.to_string(),
+            })?;
+        edit(&mut config);
+        daemon::write_config(&paths.config, &config)
+    }
+
     /// Stops then starts node `node`'s daemon; returns the stop's exit status.
     pub fn restart_daemon(&mut self, node: usize) -> Result<ExitStatus, LabError> {
         let status = self.stop_daemon(node)?;

@@ -7,7 +7,7 @@
 //! `ip netns exec`. Nothing here touches the caller's own namespace.
 
 use std::fs::File;
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -74,6 +74,16 @@ pub fn tcp_connect(
         let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
         socket.set_tcp_nodelay(true)?;
         socket.connect_timeout(&SockAddr::from(addr), timeout)?;
+        Ok(socket.into())
+    })
+}
+
+/// A UDP socket bound to `addr` inside `netns` (e.g. for a test QUIC
+/// endpoint: `quinn::Endpoint::new(.., socket, ..)` after `set_nonblocking`).
+pub fn udp_bind(netns: &str, addr: SocketAddr) -> Result<UdpSocket, LabError> {
+    in_netns(netns, &format!("bind UDP {addr}"), move || {
+        let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+        socket.bind(&SockAddr::from(addr))?;
         Ok(socket.into())
     })
 }

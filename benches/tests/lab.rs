@@ -245,6 +245,8 @@ fn meshed_lab_starts_restarts_and_stops_daemons_with_fake_binaries() {
     assert_ne!(first, second);
     assert!(!std::path::Path::new(&format!("/proc/{first}")).exists());
 
+    lab.update_config(2, |c| c.connect_timeout_ms = 1234)
+        .expect("update config");
     assert!(lab.stop_daemon(2).expect("stop").success());
     assert!(lab.daemon_pid(2).is_none());
     assert!(
@@ -253,6 +255,23 @@ fn meshed_lab_starts_restarts_and_stops_daemons_with_fake_binaries() {
     );
     lab.start_daemon(2).expect("start again");
     let third = lab.daemon_pid(2).expect("daemon 2");
+    let paths = lab.node(2).expect("n2").daemon.clone().expect("meshed");
+    assert_eq!(
+        Config::from_file(&paths.config)
+            .expect("config")
+            .connect_timeout_ms,
+        1234
+    );
+    // A UDP socket can be made in a node namespace (test QUIC peers).
+    let udp = netns::udp_bind(
+        &lab.node(1).expect("n1").netns,
+        "10.77.0.1:0".parse().expect("addr"),
+    )
+    .expect("udp in node");
+    assert_eq!(
+        udp.local_addr().expect("addr").ip().to_string(),
+        "10.77.0.1"
+    );
 
     // The fake plugin captures nothing: pods still talk directly.
     let report = lab
