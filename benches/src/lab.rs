@@ -22,7 +22,7 @@ use serde_json::Value;
 use crate::cni::{self, Invocation, Runtime};
 use crate::daemon::{self, DaemonPaths, DaemonProcess};
 use crate::error::LabError;
-use crate::exec::{Cmd, Output};
+use crate::exec::Output;
 use crate::http::{self, Response};
 use crate::metrics::{self, Sample};
 use crate::netns;
@@ -1080,11 +1080,4 @@ pub fn wait_clean(prefix: &str, timeout: Duration) -> Result<Leftovers, LabError
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-}
-
-/// Runs `program args` inside namespace `netns`.
-pub fn exec_in(netns_name: &str, program: &str, args: &[&str]) -> Result<Output, LabError> {
-    Cmd::in_netns(netns_name, program)
-        .args(args.iter().copied())
-        .run()
 }
