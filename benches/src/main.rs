@@ -1,1 +1,402 @@
-fn main() {}
+//! `nodemesh-lab`: build, inspect, demo and remove a simulated nodemesh
+//! cluster in network namespaces on this machine (see the library docs).
+//!
+//! `main` parses the command line, installs a Ctrl-C/SIGTERM handler that
+//! interrupts the lab (which then removes what it built), and runs the
+//! blocking lab work on a blocking thread.
+
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use clap::{Args, Parser, Subcommand};
+use nodemesh_lab::demo;
+use nodemesh_lab::lab::{self, Lab, LabOptions, LabState};
+use nodemesh_lab::{http, metrics, LabError};
+
+/// Build a simulated nodemesh cluster on this machine, in network namespaces.
+///
+/// Each node is a network namespace joined to an underlay bridge
+/// (10.77.0.<i>/24) and running a `nodemesh` daemon; each pod is a namespace
+/// wired through the real CNI chain (bridge + host-local, then nodemesh-cni)
+/// with an address in its node's pod CIDR 10.78.<i>.0/24. Nothing is added to
+/// this machine's own network namespace. Needs root, iproute2, nftables and
+/// the CNI reference plugins in /usr/lib/cni; the meshed lab also needs the
+/// `nodemesh` and `nodemesh-cni` binaries (`cargo build --workspace --bins`),
+/// found next to this program or in NODEMESH_BIN_DIR.
+///
+/// Quick tour: `nodemesh-lab demo` builds a lab, sends traffic across nodes
+/// and within a node, prints what the daemons measured, and removes it all.
+/// `up` leaves a lab running for you to explore (`ip netns exec nml-n1-p1 sh`),
+/// `status` shows it, `down` removes it. Ctrl-C at any time removes what was built.
+#[derive(Debug, Parser)]
+#[command(name = "nodemesh-lab", version, verbatim_doc_comment)]
+struct Cli {
+    /// Prefix of every namespace the lab creates (1-10 lowercase letters or digits).
+    #[arg(
+        long,
+        global = true,
+        default_value = "nml",
+        env = "NODEMESH_LAB_PREFIX"
+    )]
+    prefix: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Build a lab and leave it running (state in /run/nodemesh-lab/<prefix>/state.json).
+    Up(Shape),
+    /// Show the running lab: nodes, daemons, readiness, tunnels, pods and their IPs.
+    Status,
+    /// Remove the lab: pods (CNI DEL), daemons, namespaces, files; also any
+    /// leftover namespace or process of the prefix, even without state.
+    Down,
+    /// Build a lab, move traffic between pods across nodes and within a node,
+    /// print per-edge connections and bytes from the daemons' metrics, remove it.
+    Demo {
+        #[command(flatten)]
+        shape: Shape,
+        /// MiB sent each way per transfer.
+        #[arg(long, default_value_t = 4)]
+        mib: u64,
+    },
+}
+
+#[derive(Debug, Clone, Args)]
+struct Shape {
+    /// Number of nodes.
+    #[arg(long, default_value_t = 2)]
+    nodes: usize,
+    /// Pods per node.
+    #[arg(long, default_value_t = 2)]
+    pods_per_node: usize,
+    /// No daemons and no nodemesh-cni: plain bridge networking (the baseline).
+    #[arg(long)]
+    no_mesh: bool,
+    /// Daemons' log filter (written in their config).
+    #[arg(long, default_value = "info")]
+    log_level: String,
+    /// Directory holding the `nodemesh` and `nodemesh-cni` binaries
+    /// (default: next to this program, or its parent directory).
+    #[arg(long, env = "NODEMESH_BIN_DIR")]
+    bin_dir: Option<std::path::PathBuf>,
+}
+
+impl Shape {
+    fn options(&self, prefix: &str) -> LabOptions {
+        LabOptions {
+            prefix: prefix.to_owned(),
+            nodes: self.nodes,
+            pods_per_node: self.pods_per_node,
+            mesh: !self.no_mesh,
+            log_level: self.log_level.clone(),
+            bin_dir: self.bin_dir.clone(),
+        }
+    }
+}
+
+/// `println!` that ignores a closed stdout (`nodemesh-lab status | head`)
+/// instead of panicking.
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
+
+/// `print!` that ignores a closed stdout.
+macro_rules! outp {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = write!(std::io::stdout(), $($arg)*);
+    }};
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("NODEMESH_LAB_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .init();
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let prefix = cli.prefix.clone();
+    let result = runtime.block_on(async move {
+        tokio::spawn(async {
+            wait_for_signal().await;
+            eprintln!("\ninterrupted: removing the lab ...");
+            lab::interrupt();
+        });
+        match tokio::task::spawn_blocking(move || run(cli)).await {
+            Ok(r) => r,
+            Err(e) => Err(LabError::WorkerFailed {
+                problem: e.to_string(),
+            }),
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            if lab::interrupted() {
+                sweep(&prefix);
+                return ExitCode::from(130);
+            }
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+/// After an interruption: remove anything of the prefix that is left.
+fn sweep(prefix: &str) {
+    for p in lab::teardown_prefix(prefix) {
+        eprintln!("warning: {p}");
+    }
+}
+
+fn run(cli: Cli) -> Result<(), LabError> {
+    match cli.command {
+        Command::Up(shape) => {
+            let lab = up(&shape.options(&cli.prefix))?;
+            let state = lab.detach();
+            print_state(&state);
+            out!(
+                "\nlab {} is up. Explore: `ip netns exec {}-n1-p1 sh`; `nodemesh-lab status`; remove with `nodemesh-lab down`.",
+                state.prefix, state.prefix
+            );
+            Ok(())
+        }
+        Command::Status => match LabState::load(&cli.prefix)? {
+            Some(state) => {
+                print_state(&state);
+                Ok(())
+            }
+            None => {
+                out!(
+                    "no lab with prefix {} (no {})",
+                    cli.prefix,
+                    lab::lab_dir(&cli.prefix).join(lab::STATE_FILE).display()
+                );
+                let left = lab::leftovers(&cli.prefix)?;
+                if !left.is_clean() {
+                    out!("leftovers: {left:?}; remove them with `nodemesh-lab down`");
+                }
+                Ok(())
+            }
+        },
+        Command::Down => {
+            out!("removing lab {} ...", cli.prefix);
+            let problems = lab::teardown_prefix(&cli.prefix);
+            for p in &problems {
+                eprintln!("warning: {p}");
+            }
+            let left = lab::wait_clean(&cli.prefix, Duration::from_secs(5))?;
+            if left.is_clean() {
+                out!("lab {} removed", cli.prefix);
+                Ok(())
+            } else {
+                Err(LabError::State {
+                    path: lab::lab_dir(&cli.prefix),
+                    problem: format!("still present after down: {left:?}"),
+                })
+            }
+        }
+        Command::Demo { shape, mib } => demo_run(&shape.options(&cli.prefix), mib),
+    }
+}
+
+fn up(opts: &LabOptions) -> Result<Lab, LabError> {
+    out!(
+        "building lab {}: {} nodes x {} pods, mesh {}",
+        opts.prefix,
+        opts.nodes,
+        opts.pods_per_node,
+        if opts.mesh { "on" } else { "off" }
+    );
+    Lab::up_with_progress(opts.clone(), &mut |step, total, what| {
+        out!("[{step}/{total}] {what} ...");
+    })
+}
+
+fn yes_no(b: bool) -> &'static str {
+    if b {
+        "yes"
+    } else {
+        "no"
+    }
+}
+
+fn print_state(state: &LabState) {
+    out!(
+        "lab {}: {} nodes, {} pods, mesh {}, files in {}",
+        state.prefix,
+        state.nodes.len(),
+        state.pods.len(),
+        if state.mesh { "on" } else { "off" },
+        state.dir.display()
+    );
+    out!(
+        "\n{:<5} {:<14} {:<10} {:<13} {:<8} {:<6} TUNNELS",
+        "NODE",
+        "NETNS",
+        "ADDRESS",
+        "POD CIDR",
+        "DAEMON",
+        "READY"
+    );
+    for n in &state.nodes {
+        let (pid, ready, tunnels) = match (&n.daemon, n.daemon_pid) {
+            (Some(paths), Some(pid)) => {
+                let alive = std::path::Path::new(&format!("/proc/{pid}")).exists();
+                let ready = alive
+                    && http::get(&n.netns, paths.admin, "/ready", Duration::from_secs(2))
+                        .is_ok_and(|r| r.status == 200);
+                let tunnels = http::get(&n.netns, paths.admin, "/metrics", Duration::from_secs(2))
+                    .ok()
+                    .and_then(|r| metrics::parse(&r.body).ok())
+                    .map_or("?".to_owned(), |s| format!("{:.0}", demo::open_tunnels(&s)));
+                (
+                    if alive {
+                        pid.to_string()
+                    } else {
+                        format!("{pid}(dead)")
+                    },
+                    yes_no(ready),
+                    tunnels,
+                )
+            }
+            (Some(_), None) => ("stopped".into(), "no", "-".into()),
+            (None, _) => ("-".into(), "-", "-".into()),
+        };
+        out!(
+            "{:<5} {:<14} {:<10} {:<13} {:<8} {:<6} {}",
+            n.name,
+            n.netns,
+            n.address,
+            n.pod_cidr,
+            pid,
+            ready,
+            tunnels
+        );
+    }
+    out!("\n{:<12} {:<5} {:<18} IP", "POD", "NODE", "NETNS");
+    for p in &state.pods {
+        out!(
+            "{:<12} {:<5} {:<18} {}",
+            format!("{}/{}", p.invocation.pod_namespace, p.invocation.pod_name),
+            format!("n{}", p.node),
+            p.invocation.netns,
+            p.ip.map_or("(none)".to_owned(), |ip| ip.to_string())
+        );
+    }
+}
+
+fn demo_run(opts: &LabOptions, mib: u64) -> Result<(), LabError> {
+    let lab = up(opts)?;
+    let bytes = mib << 20;
+    let mut pairs = Vec::new();
+    if let (Ok(a), Ok(b)) = (lab.pod(1, 1), lab.pod(2, 1)) {
+        pairs.push(("across nodes", a, b));
+    }
+    if let (Ok(a), Ok(b)) = (lab.pod(1, 1), lab.pod(1, 2)) {
+        pairs.push(("within a node", a, b));
+    }
+    if let (Ok(a), Ok(b)) = (lab.pod(2, 2), lab.pod(1, 2)) {
+        pairs.push(("across nodes", a, b));
+    }
+    if pairs.is_empty() {
+        out!("no pod pairs to send traffic between (use --nodes 2 --pods-per-node 2)");
+    }
+    out!("\ntraffic ({mib} MiB each way per connection, SHA-256 checked):");
+    for (kind, src, dst) in &pairs {
+        if lab::interrupted() {
+            return Err(LabError::Interrupted);
+        }
+        let start = Instant::now();
+        lab.transfer(src, dst, 8080, bytes)?;
+        let secs = start.elapsed().as_secs_f64();
+        out!(
+            "  {:<14} {} ({}) -> {} ({}:8080): ok, hashes equal, {:.0} ms, {:.0} MiB/s",
+            kind,
+            src.name,
+            src.ip,
+            dst.name,
+            dst.ip,
+            secs * 1000.0,
+            (2 * mib) as f64 / secs.max(1e-9)
+        );
+    }
+    if opts.mesh {
+        // The daemons count a connection once both sides closed: give them a moment.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let samples = loop {
+            let mut all = Vec::new();
+            for n in lab.nodes() {
+                all.extend(lab.metrics(n.index)?);
+            }
+            let closed = metrics::sum(&all, demo::CLOSED, &[("reporter", "source")]);
+            if closed >= pairs.len() as f64 || Instant::now() >= deadline {
+                break all;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        out!("\nper-edge metrics from the daemons:");
+        let edges = demo::edges(&samples);
+        if edges.is_empty() {
+            out!("  (no connections reported: is traffic captured? see the daemons' logs)");
+        } else {
+            outp!("{}", demo::render(&edges));
+        }
+        let mut tunnels = 0.0;
+        for n in lab.nodes() {
+            let t = demo::open_tunnels(&lab.metrics(n.index)?);
+            out!("  node {}: {t:.0} tunnel(s) open", n.name);
+            tunnels += t;
+        }
+        out!("open tunnels in the lab: {tunnels:.0}");
+    } else {
+        out!("\n(mesh off: no daemons, no metrics)");
+    }
+    out!("\nremoving lab {} ...", lab.prefix());
+    let prefix = lab.prefix().to_owned();
+    for p in lab.down() {
+        eprintln!("warning: {p}");
+    }
+    let left = lab::wait_clean(&prefix, Duration::from_secs(5))?;
+    out!(
+        "lab {prefix} removed{}",
+        if left.is_clean() {
+            ""
+        } else {
+            " (with leftovers, run `nodemesh-lab down`)"
+        }
+    );
+    Ok(())
+}

@@ -1,0 +1,281 @@
+//! Deterministic, hashed TCP transfers for end-to-end checks.
+//!
+//! The server reads everything a client sends until EOF (hashing it with
+//! SHA-256), then answers with `reply_len` bytes of a deterministic
+//! pseudo-random stream followed by the 32-byte SHA-256 of what it received,
+//! and closes. The client sends `send_len` bytes of the stream, shuts its
+//! write side (half-close), reads the reply to EOF and reports hashes, so a
+//! test can assert both directions arrived byte-identical.
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::thread::JoinHandle;
+
+use ring::digest::{Context, SHA256};
+
+use crate::error::LabError;
+
+/// Seed of the stream clients send.
+pub const CLIENT_SEED: u64 = 0x6e6d_6c61_6231;
+/// Seed of the stream servers reply with.
+pub const SERVER_SEED: u64 = 0x6e6d_6c61_6232;
+/// Length of the hash trailer.
+pub const HASH_LEN: usize = 32;
+/// Longest wait for a peer to accept, send or receive before giving up, so a
+/// broken data path fails a test instead of hanging it.
+pub const IO_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+const CHUNK: usize = 64 * 1024;
+
+/// A SHA-256 digest.
+pub type Hash = [u8; HASH_LEN];
+
+/// A deterministic pseudo-random byte stream (splitmix64).
+#[derive(Debug, Clone)]
+pub struct Pattern {
+    state: u64,
+}
+
+impl Pattern {
+    /// The stream of `seed`.
+    pub fn new(seed: u64) -> Self {
+        Self { state: seed }
+    }
+
+    /// Fills `buf` with the next bytes (`buf.len()` a multiple of 8 keeps
+    /// streams identical however they are chunked).
+    pub fn fill(&mut self, buf: &mut [u8]) {
+        for word in buf.chunks_mut(8) {
+            self.state = self.state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+            let mut z = self.state;
+            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            z ^= z >> 31;
+            let bytes = z.to_le_bytes();
+            word.copy_from_slice(&bytes[..word.len()]);
+        }
+    }
+}
+
+fn finish(ctx: Context) -> Hash {
+    let mut out = [0u8; HASH_LEN];
+    out.copy_from_slice(ctx.finish().as_ref());
+    out
+}
+
+/// SHA-256 of the first `len` bytes of the stream of `seed`.
+pub fn pattern_hash(seed: u64, len: u64) -> Hash {
+    let mut pattern = Pattern::new(seed);
+    let mut ctx = Context::new(&SHA256);
+    let mut buf = vec![0u8; CHUNK];
+    let mut left = len;
+    while left > 0 {
+        let n = usize::try_from(left).map_or(CHUNK, |l| l.min(CHUNK));
+        pattern.fill(&mut buf[..n]);
+        ctx.update(&buf[..n]);
+        left -= n as u64;
+    }
+    finish(ctx)
+}
+
+/// Writes `len` bytes of the stream of `seed` to `w`; returns their hash.
+pub fn send_pattern(w: &mut impl Write, seed: u64, len: u64) -> std::io::Result<Hash> {
+    let mut pattern = Pattern::new(seed);
+    let mut ctx = Context::new(&SHA256);
+    let mut buf = vec![0u8; CHUNK];
+    let mut left = len;
+    while left > 0 {
+        let n = usize::try_from(left).map_or(CHUNK, |l| l.min(CHUNK));
+        pattern.fill(&mut buf[..n]);
+        ctx.update(&buf[..n]);
+        w.write_all(&buf[..n])?;
+        left -= n as u64;
+    }
+    Ok(finish(ctx))
+}
+
+/// What the server saw on one connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerReport {
+    /// Bytes received before EOF.
+    pub received_bytes: u64,
+    /// Their SHA-256.
+    pub received_hash: Hash,
+    /// Reply bytes sent (without the trailer).
+    pub sent_bytes: u64,
+}
+
+/// Serves one connection: read to EOF, reply `reply_len` bytes + hash, close.
+pub fn serve_connection(mut stream: TcpStream, reply_len: u64) -> std::io::Result<ServerReport> {
+    stream.set_read_timeout(Some(IO_TIMEOUT))?;
+    stream.set_write_timeout(Some(IO_TIMEOUT))?;
+    let mut ctx = Context::new(&SHA256);
+    let mut buf = vec![0u8; CHUNK];
+    let mut received = 0u64;
+    loop {
+        let n = stream.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        ctx.update(&buf[..n]);
+        received += n as u64;
+    }
+    let hash = finish(ctx);
+    send_pattern(&mut stream, SERVER_SEED, reply_len)?;
+    stream.write_all(&hash)?;
+    stream.shutdown(Shutdown::Write)?;
+    Ok(ServerReport {
+        received_bytes: received,
+        received_hash: hash,
+        sent_bytes: reply_len,
+    })
+}
+
+/// Accepts exactly `connections` connections on `listener`, serving each on
+/// its own thread; the handle yields one report per connection (accept order).
+/// Each accept gives up after [`IO_TIMEOUT`] (Linux honours `SO_RCVTIMEO` on accept).
+pub fn serve(
+    listener: TcpListener,
+    connections: usize,
+    reply_len: u64,
+) -> JoinHandle<std::io::Result<Vec<ServerReport>>> {
+    std::thread::spawn(move || {
+        socket2::SockRef::from(&listener).set_read_timeout(Some(IO_TIMEOUT))?;
+        let mut workers = Vec::with_capacity(connections);
+        for _ in 0..connections {
+            let (stream, _) = listener.accept()?;
+            workers.push(std::thread::spawn(move || {
+                serve_connection(stream, reply_len)
+            }));
+        }
+        workers
+            .into_iter()
+            .map(|w| {
+                w.join()
+                    .unwrap_or_else(|_| Err(std::io::Error::other("server worker panicked")))
+            })
+            .collect()
+    })
+}
+
+/// What the client saw on one exchange.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExchangeReport {
+    /// Bytes sent.
+    pub sent_bytes: u64,
+    /// SHA-256 of what was sent.
+    pub sent_hash: Hash,
+    /// Reply bytes received (without the trailer).
+    pub received_bytes: u64,
+    /// SHA-256 of the reply.
+    pub received_hash: Hash,
+    /// The trailer: SHA-256 of what the server received.
+    pub server_hash: Hash,
+}
+
+impl ExchangeReport {
+    /// Checks both directions: the server received exactly what was sent, and
+    /// the reply is the `reply_len` bytes of the server's stream.
+    pub fn verify(&self, what: &str, reply_len: u64) -> Result<(), LabError> {
+        let fail = |problem: String| LabError::Transfer {
+            what: what.to_owned(),
+            problem,
+        };
+        if self.server_hash != self.sent_hash {
+            return Err(fail(format!(
+                "server received other bytes than the {} sent (hash differs)",
+                self.sent_bytes
+            )));
+        }
+        if self.received_bytes != reply_len {
+            return Err(fail(format!(
+                "reply has {} bytes, expected {reply_len}",
+                self.received_bytes
+            )));
+        }
+        if self.received_hash != pattern_hash(SERVER_SEED, reply_len) {
+            return Err(fail("reply bytes differ from the server's stream".into()));
+        }
+        Ok(())
+    }
+}
+
+/// Sends `send_len` bytes, shuts the write side, reads the reply to EOF.
+pub fn exchange(mut stream: TcpStream, send_len: u64) -> std::io::Result<ExchangeReport> {
+    stream.set_read_timeout(Some(IO_TIMEOUT))?;
+    stream.set_write_timeout(Some(IO_TIMEOUT))?;
+    let sent_hash = send_pattern(&mut stream, CLIENT_SEED, send_len)?;
+    stream.shutdown(Shutdown::Write)?;
+    let mut ctx = Context::new(&SHA256);
+    let mut buf = vec![0u8; CHUNK];
+    // The last HASH_LEN bytes are the trailer: hold them back until EOF.
+    let mut tail: Vec<u8> = Vec::with_capacity(CHUNK + HASH_LEN);
+    let mut payload = 0u64;
+    loop {
+        let n = stream.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        tail.extend_from_slice(&buf[..n]);
+        if tail.len() > HASH_LEN {
+            let spill = tail.len() - HASH_LEN;
+            ctx.update(&tail[..spill]);
+            payload += spill as u64;
+            tail.drain(..spill);
+        }
+    }
+    if tail.len() != HASH_LEN {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            format!(
+                "reply ended after {} bytes, before its hash trailer",
+                payload + tail.len() as u64
+            ),
+        ));
+    }
+    let mut server_hash = [0u8; HASH_LEN];
+    server_hash.copy_from_slice(&tail);
+    Ok(ExchangeReport {
+        sent_bytes: send_len,
+        sent_hash,
+        received_bytes: payload,
+        received_hash: finish(ctx),
+        server_hash,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pattern_is_deterministic_and_chunking_independent() {
+        let mut a = Pattern::new(7);
+        let mut whole = vec![0u8; 64];
+        a.fill(&mut whole);
+        let mut b = Pattern::new(7);
+        let mut parts = vec![0u8; 64];
+        b.fill(&mut parts[..16]);
+        b.fill(&mut parts[16..]);
+        assert_eq!(whole, parts);
+        assert_ne!(pattern_hash(1, 100), pattern_hash(2, 100));
+        let mut sink = Vec::new();
+        assert_eq!(
+            send_pattern(&mut sink, 3, 100_003).expect("vec"),
+            pattern_hash(3, 100_003)
+        );
+        assert_eq!(sink.len(), 100_003);
+    }
+
+    #[test]
+    fn loopback_exchange_verifies() {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let server = serve(listener, 1, 300_000);
+        let report = exchange(TcpStream::connect(addr).expect("connect"), 200_000).expect("x");
+        report.verify("loopback", 300_000).expect("verified");
+        let seen = server.join().expect("join").expect("serve");
+        assert_eq!(seen[0].received_bytes, 200_000);
+        assert_eq!(seen[0].received_hash, report.sent_hash);
+        assert!(report.verify("loopback", 299_999).is_err());
+    }
+}
