@@ -70,9 +70,10 @@ pub fn edges(samples: &[Sample]) -> BTreeMap<EdgeKey, EdgeStats> {
     out
 }
 
-/// Open tunnels in one node's samples.
+/// Tunnels this node dialled and holds open (`direction="outbound"`): one per
+/// peer it sends to. Summed over nodes this counts each QUIC connection once.
 pub fn open_tunnels(samples: &[Sample]) -> f64 {
-    sum(samples, TUNNELS, &[])
+    sum(samples, TUNNELS, &[("direction", "outbound")])
 }
 
 fn human_bytes(b: f64) -> String {
@@ -150,7 +151,8 @@ mod tests {
 nodemesh_connections_opened_total{reporter="source",src_namespace="lab",src_workload="a",dst_namespace="lab",dst_workload="b",tls="true",route="tunnel"} 2
 nodemesh_tcp_bytes_total{direction="src_to_dst",reporter="source",src_namespace="lab",src_workload="a",dst_namespace="lab",dst_workload="b",tls="true",route="tunnel"} 2097152
 nodemesh_tcp_bytes_total{direction="dst_to_src",reporter="source",src_namespace="lab",src_workload="a",dst_namespace="lab",dst_workload="b",tls="true",route="tunnel"} 512
-nodemesh_tunnels_open{peer="n2"} 1
+nodemesh_tunnels_open{peer="n2",direction="outbound"} 1
+nodemesh_tunnels_open{peer="n2",direction="inbound"} 1
 "#;
         let samples = parse(page).expect("parse");
         let e = edges(&samples);

@@ -377,10 +377,14 @@ fn demo_run(opts: &LabOptions, mib: u64) -> Result<(), LabError> {
         let mut tunnels = 0.0;
         for n in lab.nodes() {
             let t = demo::open_tunnels(&lab.metrics(n.index)?);
-            out!("  node {}: {t:.0} tunnel(s) open", n.name);
+            out!("  node {}: {t:.0} tunnel(s) dialled to peers", n.name);
             tunnels += t;
         }
-        out!("open tunnels in the lab: {tunnels:.0}");
+        let nodes = lab.nodes().len() as f64;
+        out!(
+            "QUIC tunnels in the lab: {tunnels:.0} (at most {:.0} for {nodes:.0} nodes: one per ordered node pair, whatever the number of pods)",
+            nodes * (nodes - 1.0)
+        );
     } else {
         out!("\n(mesh off: no daemons, no metrics)");
     }
