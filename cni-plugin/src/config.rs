@@ -127,6 +127,13 @@ impl CniEnv {
         }
         let netns = require("CNI_NETNS", need_netns)?;
         let ifname = require("CNI_IFNAME", need_id)?;
+        if !ifname.is_empty() && !valid_ifname(&ifname) {
+            return Err(CniError::new(
+                code::INVALID_ENV,
+                format!("invalid CNI_IFNAME: {ifname:?}"),
+                "an interface name is 1-15 characters without '/', ':' or whitespace, and not '.' or '..'",
+            ));
+        }
         require("CNI_PATH", need_path)?;
         let args = CniArgs::parse(get("CNI_ARGS").unwrap_or(""))?;
         Ok(Self {
@@ -146,6 +153,16 @@ pub fn valid_container_id(id: &str) -> bool {
         && id
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
+}
+
+/// Linux interface name rules (as the reference `skel` checks them).
+pub fn valid_ifname(name: &str) -> bool {
+    name.len() <= 15
+        && name != "."
+        && name != ".."
+        && !name
+            .chars()
+            .any(|c| c == '/' || c == ':' || c.is_whitespace())
 }
 
 /// Pod identity from `CNI_ARGS` (`K=V;K=V`); other keys are ignored.
@@ -331,6 +348,9 @@ impl NetConf {
         if raw.exclude_inbound_ports.contains(&0) || raw.exclude_outbound_ports.contains(&0) {
             return Err(invalid("port 0 cannot be excluded".into()).at_version(&version));
         }
+        if raw.name.is_empty() {
+            return Err(invalid("missing network name".into()).at_version(&version));
+        }
         let defaults = PluginConfig::default();
         Ok(Self {
             cni_version: version,
@@ -432,6 +452,28 @@ mod tests {
         assert_eq!(e.code, 4);
         let e = CniEnv::from_vars(&vars(&[])).expect_err("no command");
         assert!(e.msg.contains("CNI_COMMAND"));
+    }
+
+    #[test]
+    fn ifname_rules() {
+        assert!(valid_ifname("eth0"));
+        assert!(!valid_ifname("a-very-long-interface"));
+        assert!(!valid_ifname("et/h0"));
+        assert!(!valid_ifname(".."));
+        let e = CniEnv::from_vars(&vars(&[
+            ("CNI_COMMAND", "DEL"),
+            ("CNI_CONTAINERID", "c1"),
+            ("CNI_IFNAME", "bad name"),
+            ("CNI_PATH", "/opt/cni/bin"),
+        ]))
+        .expect_err("bad ifname");
+        assert_eq!(e.code, 4);
+        assert_eq!(
+            NetConf::parse(br#"{"cniVersion":"1.0.0","name":"","type":"t"}"#)
+                .expect_err("no name")
+                .code,
+            7
+        );
     }
 
     #[test]

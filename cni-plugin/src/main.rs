@@ -1,6 +1,7 @@
 //! `nodemesh-cni`: reads the CNI environment and stdin, runs the command,
 //! prints the result or the CNI error JSON on stdout. Logs go to stderr or
-//! to the configured `log_file`, never to stdout.
+//! to the configured `log_file`, never to stdout. With arguments it is the
+//! installer (`install` / `uninstall`, see `cli`).
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
@@ -40,7 +41,24 @@ fn init_logging(stdin: &[u8], filter: Option<&str>) {
     };
 }
 
+fn installer() -> ExitCode {
+    use clap::Parser;
+    let cli = nodemesh_cni::cli::Cli::parse();
+    init_logging(b"", std::env::var(ENV_LOG_FILTER).ok().as_deref());
+    match nodemesh_cni::cli::run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %e, "installer failed");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 fn main() -> ExitCode {
+    // Runtimes call the plugin without arguments; any argument is the installer.
+    if std::env::args_os().len() > 1 {
+        return installer();
+    }
     let vars: HashMap<String, String> = std::env::vars_os()
         .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
         .collect();

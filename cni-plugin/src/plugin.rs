@@ -300,6 +300,15 @@ fn del(env: &CniEnv, conf: &NetConf, edges: Edges<'_>) -> Result<(), CniError> {
                 Err(e @ NetnsError::Enter { .. }) => {
                     info!(container.id = cid, error = %e, "netns gone: nothing to remove");
                 }
+                // Without nft no ADD could have installed rules: nothing to remove.
+                Err(NetnsError::Spawn { ref source, .. })
+                    if source.kind() == std::io::ErrorKind::NotFound =>
+                {
+                    warn!(
+                        container.id = cid,
+                        "nft not found: no capture rules can exist"
+                    );
+                }
                 Err(e) => return Err(nft_err(&e)),
             },
             Ok(NetnsKind::Host) => {}

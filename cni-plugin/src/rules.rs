@@ -50,12 +50,11 @@ fn ports(p: &[u16]) -> Vec<String> {
     p.iter().map(u16::to_string).collect()
 }
 
-/// Splits CIDRs by family, truncated (host bits cleared), sorted, deduped;
+/// Splits CIDRs by family, aggregated (host bits cleared, contained and
+/// adjacent networks merged, sorted) as nft itself merges interval sets;
 /// host routes are written as bare addresses, as nft prints them.
 fn cidrs(nets: &[IpNet]) -> (Vec<String>, Vec<String>) {
-    let mut nets: Vec<IpNet> = nets.iter().map(IpNet::trunc).collect();
-    nets.sort_unstable();
-    nets.dedup();
+    let nets = IpNet::aggregate(&nets.to_vec());
     let show = |n: &IpNet| {
         if n.prefix_len() == n.max_prefix_len() {
             n.addr().to_string()
@@ -231,8 +230,10 @@ mod tests {
             mark: 0xdead_beef,
             exclude_outbound_ports: vec![53, 22, 53],
             exclude_outbound_cidrs: vec![
-                "192.168.0.0/16".parse().expect("net"),
+                "192.168.0.0/17".parse().expect("net"),
+                "192.168.128.0/17".parse().expect("net"),
                 "10.1.2.3/8".parse().expect("net"),
+                "10.2.0.0/16".parse().expect("net"),
                 "fd00::/8".parse().expect("net"),
             ],
             exclude_inbound_ports: vec![8080],
@@ -266,6 +267,26 @@ mod tests {
              \t\tmeta l4proto tcp redirect to :16006\n\
              \t}\n\
              }\n"
+        );
+    }
+
+    #[test]
+    fn documented_ruleset_is_the_generated_one() {
+        let spec = CaptureSpec {
+            exclude_outbound_ports: vec![22, 53],
+            exclude_outbound_cidrs: vec![
+                "10.0.0.0/8".parse().expect("net"),
+                "fd00::/8".parse().expect("net"),
+            ],
+            exclude_inbound_ports: vec![8080],
+            probe_sources: vec![host_net("10.22.0.1".parse().expect("ip"))],
+            ..minimal()
+        };
+        let docs = include_str!("../../docs/cni.md");
+        assert!(
+            docs.contains(&apply_script(&spec)),
+            "docs/cni.md must show exactly:\n{}",
+            apply_script(&spec)
         );
     }
 

@@ -8,7 +8,7 @@ mod support;
 use std::io::ErrorKind;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream};
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use nix::sys::socket::{getsockopt, sockopt::OriginalDst};
 use serde_json::{json, Value};
@@ -55,30 +55,31 @@ fn first_ip(prev: &Value, key: &str) -> Ipv4Addr {
     s.split('/').next().expect("addr").parse().expect("ipv4")
 }
 
+/// A listener made inside `ns`; `accept` blocks at most [`CONNECT_TIMEOUT`]
+/// (`SO_RCVTIMEO` bounds `accept` on Linux), so no test can hang.
 fn listen(ns: &Netns, addr: SocketAddr) -> TcpListener {
     ns.run(move || {
         let l = TcpListener::bind(addr).expect("bind");
-        l.set_nonblocking(true).expect("nonblocking");
+        socket2::SockRef::from(&l)
+            .set_read_timeout(Some(CONNECT_TIMEOUT))
+            .expect("SO_RCVTIMEO");
         l
     })
 }
 
-/// Accepts one connection within a bounded deadline.
-fn accept_within(l: &TcpListener, deadline: Duration) -> Option<TcpStream> {
-    let end = Instant::now() + deadline;
-    loop {
-        match l.accept() {
-            Ok((s, _)) => return Some(s),
-            Err(e) if e.kind() == ErrorKind::WouldBlock && Instant::now() < end => {
-                std::thread::sleep(Duration::from_millis(5));
-            }
-            Err(_) => return None,
-        }
-    }
+/// Accepts one connection, waiting at most [`CONNECT_TIMEOUT`].
+fn accept_within(l: &TcpListener) -> Option<TcpStream> {
+    l.accept().ok().map(|(s, _)| s)
 }
 
+/// Whether no connection is queued on `l` right now. Called only after the
+/// connection under test was accepted elsewhere: its handshake is complete,
+/// so had it been sent here it would already be queued.
 fn nothing_pending(l: &TcpListener) -> bool {
-    matches!(l.accept(), Err(e) if e.kind() == ErrorKind::WouldBlock)
+    l.set_nonblocking(true).expect("nonblocking");
+    let pending = l.accept();
+    l.set_nonblocking(false).expect("blocking");
+    matches!(pending, Err(e) if e.kind() == ErrorKind::WouldBlock)
 }
 
 /// Connects from inside `ns`, optionally with `SO_MARK`; returns the
@@ -167,7 +168,7 @@ fn bridge_then_nodemesh_redirects_real_connections() {
     let server = listen(&host, SocketAddr::new(gateway.into(), 0));
     let target = server.local_addr().expect("addr");
     let (_client, client_addr) = connect_from(&pod, target, None);
-    let captured = accept_within(&outbound, CONNECT_TIMEOUT).expect("outbound listener accepted");
+    let captured = accept_within(&outbound).expect("outbound listener accepted");
     assert_eq!(captured.peer_addr().expect("peer"), client_addr);
     let orig = getsockopt(&captured, OriginalDst).expect("SO_ORIGINAL_DST");
     let orig = SocketAddrV4::new(
@@ -186,22 +187,21 @@ fn bridge_then_nodemesh_redirects_real_connections() {
 
     // The daemon's own (marked) sockets are not redirected.
     let (_marked, marked_addr) = connect_from(&pod, target, Some(MARK));
-    let direct =
-        accept_within(&server, CONNECT_TIMEOUT).expect("server accepted marked connection");
+    let direct = accept_within(&server).expect("server accepted marked connection");
     assert_eq!(direct.peer_addr().expect("peer"), marked_addr);
     assert!(nothing_pending(&outbound));
 
     // Inbound from another pod: redirected to the inbound listener.
     let app_addr = SocketAddr::new(pod_ip.into(), port(&app));
     let (_in_client, in_addr) = connect_from(&peer, app_addr, None);
-    let inb = accept_within(&inbound, CONNECT_TIMEOUT).expect("inbound listener accepted");
+    let inb = accept_within(&inbound).expect("inbound listener accepted");
     assert_eq!(inb.peer_addr().expect("peer"), in_addr);
     assert_eq!(in_addr.ip(), first_ip(&peer_prev, "address"));
     assert!(nothing_pending(&app));
 
     // Kubelet probes from the node (the gateway) reach the app directly.
     let (_probe, probe_addr) = connect_from(&host, app_addr, None);
-    let probed = accept_within(&app, CONNECT_TIMEOUT).expect("app accepted probe");
+    let probed = accept_within(&app).expect("app accepted probe");
     assert_eq!(probed.peer_addr().expect("peer"), probe_addr);
     assert!(nothing_pending(&inbound));
 

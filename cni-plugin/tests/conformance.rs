@@ -452,3 +452,27 @@ fn logs_go_to_log_file_not_stdout() {
     assert!(text.contains("pod meshed"), "{text}");
     pod.run("DEL", "default", &conf).expect_ok();
 }
+
+#[test]
+fn check_accepts_the_listing_of_a_full_ruleset() {
+    let pod = Pod::new();
+    let daemon = FakeDaemon::start(up_mode());
+    let conf = pod.conf(
+        "1.1.0",
+        sock(&daemon),
+        json!({
+            "exclude_outbound_ports": [53, 22, 23, 24],
+            "exclude_inbound_ports": [8080, 9090],
+            "exclude_outbound_cidrs": ["10.0.0.0/25", "10.0.0.128/25", "192.168.1.7/32", "fd00::/8", "fe80::1/128"],
+            "probe_source_cidrs": ["172.16.0.0/12", "fd01::1/128"]
+        }),
+    );
+    pod.run("ADD", "default", &conf).expect_ok();
+    let table = pod.netns.nodemesh_table().expect("table");
+    assert!(
+        table.contains("ip daddr { 10.0.0.0/24, 192.168.1.7 } return"),
+        "{table}"
+    );
+    pod.run("CHECK", "default", &conf).expect_ok();
+    pod.run("DEL", "default", &conf).expect_ok();
+}
