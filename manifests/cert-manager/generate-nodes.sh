@@ -110,9 +110,10 @@ YAML
     cat <<YAML
               - secret:
                   name: nodemesh-node-$n
-                  # Optional: a node whose certificate is not issued yet gets a
-                  # daemon that is not ready (and says why), not a stuck rollout
-                  # on every node.
+                  # Optional: a missing Secret must not keep the pods of every
+                  # other node from starting. The daemon of a node whose
+                  # certificate is not issued yet exits naming the missing file
+                  # and is restarted until it appears.
                   optional: true
                   items:
                     - key: tls.crt
