@@ -23,7 +23,8 @@ const MIB: u64 = 1 << 20;
 const TD: &str = "cluster.local";
 
 fn mesh_lab(nodes: usize, pods: usize) -> Lab {
-    Lab::up(LabOptions::for_test(nodes, pods)).expect("lab up (run `cargo build --workspace --bins` first)")
+    Lab::up(LabOptions::for_test(nodes, pods))
+        .expect("lab up (run `cargo build --workspace --bins` first)")
 }
 
 fn metrics(lab: &Lab, node: usize) -> Vec<Sample> {
@@ -44,10 +45,15 @@ fn assert_clean(prefix: &str) {
 fn cross_node_64_mib_each_way_is_byte_identical_through_both_daemons() {
     let lab = mesh_lab(2, 1);
     let (client, server) = (lab.pod(1, 1).expect("n1-p1"), lab.pod(2, 1).expect("n2-p1"));
-    let report = lab.transfer(&client, &server, 8080, 64 * MIB).expect("64 MiB each way");
+    let report = lab
+        .transfer(&client, &server, 8080, 64 * MIB)
+        .expect("64 MiB each way");
     assert_eq!(report.sent_bytes, 64 * MIB);
     assert_eq!(report.received_bytes, 64 * MIB);
-    assert_eq!(report.server_hash, report.sent_hash, "server received what was sent");
+    assert_eq!(
+        report.server_hash, report.sent_hash,
+        "server received what was sent"
+    );
 
     let edge = |reporter| {
         vec![
@@ -72,7 +78,14 @@ fn cross_node_64_mib_each_way_is_byte_identical_through_both_daemons() {
             value(samples, "nodemesh_tcp_bytes_total", &f) >= (64 * MIB) as f64,
             "{reporter} daemon counted the server's 64 MiB"
         );
-        assert_eq!(value(samples, "nodemesh_connections_opened_total", &edge(reporter)), 1.0);
+        assert_eq!(
+            value(
+                samples,
+                "nodemesh_connections_opened_total",
+                &edge(reporter)
+            ),
+            1.0
+        );
     }
 }
 
@@ -81,18 +94,39 @@ fn cross_node_64_mib_each_way_is_byte_identical_through_both_daemons() {
 fn same_node_64_mib_each_way_opens_no_tunnel() {
     let lab = mesh_lab(2, 2);
     let (client, server) = (lab.pod(1, 1).expect("n1-p1"), lab.pod(1, 2).expect("n1-p2"));
-    let report = lab.transfer(&client, &server, 8080, 64 * MIB).expect("64 MiB each way");
+    let report = lab
+        .transfer(&client, &server, 8080, 64 * MIB)
+        .expect("64 MiB each way");
     assert_eq!(report.server_hash, report.sent_hash);
     assert_eq!(report.received_bytes, 64 * MIB);
 
     let n1 = metrics(&lab, 1);
-    let local = [("route", "local"), ("reporter", "source"), ("direction", "src_to_dst")];
+    let local = [
+        ("route", "local"),
+        ("reporter", "source"),
+        ("direction", "src_to_dst"),
+    ];
     assert!(value(&n1, "nodemesh_tcp_bytes_total", &local) >= (64 * MIB) as f64);
     for node in [1, 2] {
         let m = metrics(&lab, node);
-        assert_eq!(value(&m, "nodemesh_tunnel_handshakes_total", &[]), 0.0, "node {node} handshook");
-        assert_eq!(value(&m, "nodemesh_tunnels_open", &[]), 0.0, "node {node} has a tunnel");
-        assert_eq!(value(&m, "nodemesh_connections_opened_total", &[("route", "tunnel")]), 0.0);
+        assert_eq!(
+            value(&m, "nodemesh_tunnel_handshakes_total", &[]),
+            0.0,
+            "node {node} handshook"
+        );
+        assert_eq!(
+            value(&m, "nodemesh_tunnels_open", &[]),
+            0.0,
+            "node {node} has a tunnel"
+        );
+        assert_eq!(
+            value(
+                &m,
+                "nodemesh_connections_opened_total",
+                &[("route", "tunnel")]
+            ),
+            0.0
+        );
     }
 }
 
@@ -114,7 +148,11 @@ fn two_hundred_concurrent_connections_share_one_tunnel_per_direction() {
     for (node, peer) in [(1, "n2"), (2, "n1")] {
         let m = metrics(&lab, node);
         assert_eq!(
-            value(&m, "nodemesh_tunnel_handshakes_total", &[("side", "client"), ("peer", peer)]),
+            value(
+                &m,
+                "nodemesh_tunnel_handshakes_total",
+                &[("side", "client"), ("peer", peer)]
+            ),
             1.0,
             "node {node} dialled {peer} exactly once"
         );
@@ -124,16 +162,28 @@ fn two_hundred_concurrent_connections_share_one_tunnel_per_direction() {
             "node {node} holds one outbound tunnel"
         );
         assert_eq!(
-            value(&m, "nodemesh_tunnel_handshakes_total", &[("side", "server")]),
+            value(
+                &m,
+                "nodemesh_tunnel_handshakes_total",
+                &[("side", "server")]
+            ),
             1.0,
             "node {node} accepted one tunnel"
         );
         assert_eq!(
-            value(&m, "nodemesh_connections_opened_total", &[("reporter", "source"), ("route", "tunnel")]),
+            value(
+                &m,
+                "nodemesh_connections_opened_total",
+                &[("reporter", "source"), ("route", "tunnel")]
+            ),
             200.0
         );
         assert_eq!(
-            value(&m, "nodemesh_connections_opened_total", &[("reporter", "destination")]),
+            value(
+                &m,
+                "nodemesh_connections_opened_total",
+                &[("reporter", "destination")]
+            ),
             200.0
         );
     }
@@ -151,7 +201,9 @@ fn half_closed_client_receives_the_whole_reply() {
     let srv = traffic::serve(listener, 1, 16 * MIB);
     let stream = client.connect(server.addr(port)).expect("connect");
     let report = traffic::exchange(stream, 1024).expect("exchange");
-    report.verify("half-close", 16 * MIB).expect("whole reply after half-close");
+    report
+        .verify("half-close", 16 * MIB)
+        .expect("whole reply after half-close");
     assert_eq!(report.received_bytes, 16 * MIB);
     srv.join().expect("join").expect("server");
 }
@@ -164,8 +216,11 @@ fn refused_destination_resets_the_client() {
     let (client, server) = (lab.pod(1, 1).expect("n1-p1"), lab.pod(2, 1).expect("n2-p1"));
     // Nothing listens on 9 in the server pod; the client's own connect
     // succeeds (it is accepted by the daemon in its pod), then gets a reset.
-    let mut s = client.connect(server.addr(9)).expect("connect to the capture listener");
-    s.set_read_timeout(Some(Duration::from_secs(20))).expect("timeout");
+    let mut s = client
+        .connect(server.addr(9))
+        .expect("connect to the capture listener");
+    s.set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
     let mut buf = [0u8; 16];
     let res = s.read(&mut buf);
     match res {
@@ -174,11 +229,22 @@ fn refused_destination_resets_the_client() {
     }
     let n1 = metrics(&lab, 1);
     assert_eq!(
-        value(&n1, "nodemesh_connections_failed_total", &[("reason", "connect_failed")]),
+        value(
+            &n1,
+            "nodemesh_connections_failed_total",
+            &[("reason", "connect_failed")]
+        ),
         1.0
     );
     let n2 = metrics(&lab, 2);
-    assert_eq!(value(&n2, "nodemesh_streams_rejected_total", &[("status", "connect_failed")]), 1.0);
+    assert_eq!(
+        value(
+            &n2,
+            "nodemesh_streams_rejected_total",
+            &[("status", "connect_failed")]
+        ),
+        1.0
+    );
 }
 
 /// A destination outside the mesh is reached by passthrough from the source pod.
@@ -195,7 +261,11 @@ fn unmeshed_destination_is_passed_through() {
     srv.join().expect("join").expect("server");
     let n1 = metrics(&lab, 1);
     assert_eq!(
-        value(&n1, "nodemesh_connections_opened_total", &[("route", "passthrough")]),
+        value(
+            &n1,
+            "nodemesh_connections_opened_total",
+            &[("route", "passthrough")]
+        ),
         1.0
     );
     assert_eq!(value(&n1, "nodemesh_tunnels_open", &[]), 0.0);
@@ -214,7 +284,10 @@ impl Rogue {
         let ul = format!("{}-ul", lab.prefix());
         netns::add_netns(&ns).expect("rogue netns");
         for args in [
-            vec!["-n", &ul, "link", "add", "rogue0", "type", "veth", "peer", "name", "ul0", "netns", &ns],
+            vec![
+                "-n", &ul, "link", "add", "rogue0", "type", "veth", "peer", "name", "ul0", "netns",
+                &ns,
+            ],
             vec!["-n", &ul, "link", "set", "rogue0", "master", "br0", "up"],
             vec!["-n", &ns, "addr", "add", "10.77.0.99/24", "dev", "ul0"],
             vec!["-n", &ns, "link", "set", "ul0", "up"],
@@ -236,7 +309,11 @@ impl Rogue {
         std::fs::write(p("cert.pem"), cert).expect("write");
         std::fs::write(p("key.pem"), key).expect("write");
         std::fs::write(p("bundle.pem"), trust.concat()).expect("write");
-        let tls = TlsConfig { cert: p("cert.pem"), key: p("key.pem"), bundle: p("bundle.pem") };
+        let tls = TlsConfig {
+            cert: p("cert.pem"),
+            key: p("key.pem"),
+            bundle: p("bundle.pem"),
+        };
         Credentials::load(&tls, TD, node).expect("rogue credentials")
     }
 
@@ -261,7 +338,9 @@ fn lab_ca(lab: &Lab) -> certs::GeneratedCa {
 }
 
 fn tunnel_addr(lab: &Lab, node: usize) -> SocketAddr {
-    format!("{}:15008", lab.node(node).expect("node").address).parse().expect("addr")
+    format!("{}:15008", lab.node(node).expect("node").address)
+        .parse()
+        .expect("addr")
 }
 
 fn log_of(lab: &Lab, node: usize) -> String {
@@ -292,7 +371,8 @@ fn rogue_peers_cannot_open_a_tunnel_and_are_logged_and_counted() {
                     Ok(Ok(conn)) => {
                         // TLS 1.3: the client may finish before the server
                         // has checked its certificate; the server then closes.
-                        let closed = tokio::time::timeout(Duration::from_secs(10), conn.closed()).await;
+                        let closed =
+                            tokio::time::timeout(Duration::from_secs(10), conn.closed()).await;
                         Err(format!("closed by server: {closed:?}"))
                     }
                     Ok(Err(e)) => Err(e.to_string()),
@@ -303,22 +383,31 @@ fn rogue_peers_cannot_open_a_tunnel_and_are_logged_and_counted() {
             ep.close(0u32.into(), b"");
             res
         });
-        assert!(outcome.is_err(), "{reason}: rogue got a tunnel: {outcome:?}");
+        assert!(
+            outcome.is_err(),
+            "{reason}: rogue got a tunnel: {outcome:?}"
+        );
         let n2 = metrics(&lab, 2);
         assert_eq!(
-            value(&n2, "nodemesh_tunnel_peer_refused_total", &[("side", "server"), ("reason", reason)]),
+            value(
+                &n2,
+                "nodemesh_tunnel_peer_refused_total",
+                &[("side", "server"), ("reason", reason)]
+            ),
             1.0,
             "n2 counted the {reason} refusal"
         );
         let log = log_of(&lab, 2);
         assert!(
-            log.lines().any(|l| l.contains("WARN") && l.contains(reason)),
+            log.lines()
+                .any(|l| l.contains("WARN") && l.contains(reason)),
             "n2 logged the {reason} refusal:\n{log}"
         );
     }
     // The real peers are unaffected.
     let (client, server) = (lab.pod(1, 1).expect("n1-p1"), lab.pod(2, 1).expect("n2-p1"));
-    lab.transfer(&client, &server, 8080, MIB).expect("real traffic still flows");
+    lab.transfer(&client, &server, 8080, MIB)
+        .expect("real traffic still flows");
 }
 
 /// 6. A malformed or oversized stream header from an authenticated peer gets
@@ -334,7 +423,8 @@ fn malformed_headers_reset_the_stream_with_the_right_status_and_the_daemon_keeps
         address: "10.77.0.99".parse().expect("ip"),
         pod_cidrs: vec![],
     });
-    nodemesh_lab::daemon::write_discovery(&lab.state().discovery_file(), &model).expect("discovery");
+    nodemesh_lab::daemon::write_discovery(&lab.state().discovery_file(), &model)
+        .expect("discovery");
     let creds = rogue.credentials(&lab_ca(&lab), "n3", &[&lab_ca(&lab).cert_pem]);
     let target = tunnel_addr(&lab, 2);
     let rt = tokio::runtime::Runtime::new().expect("runtime");
@@ -344,13 +434,23 @@ fn malformed_headers_reset_the_stream_with_the_right_status_and_the_daemon_keeps
         let deadline = Instant::now() + Duration::from_secs(15);
         let conn = loop {
             let attempt = async { ep.connect(target, "n2").ok()?.await.ok() };
-            if let Some(c) = tokio::time::timeout(Duration::from_secs(5), attempt).await.ok().flatten() {
+            if let Some(c) = tokio::time::timeout(Duration::from_secs(5), attempt)
+                .await
+                .ok()
+                .flatten()
+            {
                 // Survives the server's certificate check?
-                if tokio::time::timeout(Duration::from_millis(300), c.closed()).await.is_err() {
+                if tokio::time::timeout(Duration::from_millis(300), c.closed())
+                    .await
+                    .is_err()
+                {
                     break c;
                 }
             }
-            assert!(Instant::now() < deadline, "n2 never accepted the known node n3");
+            assert!(
+                Instant::now() < deadline,
+                "n2 never accepted the known node n3"
+            );
             tokio::time::sleep(Duration::from_millis(200)).await;
         };
         let cases: [(&[u8], u64, &str); 3] = [
@@ -363,7 +463,9 @@ fn malformed_headers_reset_the_stream_with_the_right_status_and_the_daemon_keeps
             send.write_all(bytes).await.expect("write");
             let _ = send.finish();
             let mut buf = [0u8; 64];
-            let res = tokio::time::timeout(Duration::from_secs(15), recv.read(&mut buf)).await.expect("answer in time");
+            let res = tokio::time::timeout(Duration::from_secs(15), recv.read(&mut buf))
+                .await
+                .expect("answer in time");
             match res {
                 Err(quinn::ReadError::Reset(c)) => assert_eq!(c.into_inner(), code, "{what}"),
                 other => panic!("{what}: expected a reset with code {code}, got {other:?}"),
@@ -375,17 +477,27 @@ fn malformed_headers_reset_the_stream_with_the_right_status_and_the_daemon_keeps
     });
     let n2 = metrics(&lab, 2);
     assert_eq!(
-        value(&n2, "nodemesh_streams_rejected_total", &[("peer", "n3"), ("status", "bad_header")]),
+        value(
+            &n2,
+            "nodemesh_streams_rejected_total",
+            &[("peer", "n3"), ("status", "bad_header")]
+        ),
         2.0
     );
     assert_eq!(
-        value(&n2, "nodemesh_streams_rejected_total", &[("peer", "n3"), ("status", "unsupported_version")]),
+        value(
+            &n2,
+            "nodemesh_streams_rejected_total",
+            &[("peer", "n3"), ("status", "unsupported_version")]
+        ),
         1.0
     );
     // The daemon keeps serving real streams.
     let (client, server) = (lab.pod(1, 1).expect("n1-p1"), lab.pod(2, 1).expect("n2-p1"));
-    lab.transfer(&client, &server, 8080, MIB).expect("real traffic after malformed headers");
-    lab.restart_daemon(2).expect("daemon n2 still exits cleanly on SIGTERM");
+    lab.transfer(&client, &server, 8080, MIB)
+        .expect("real traffic after malformed headers");
+    lab.restart_daemon(2)
+        .expect("daemon n2 still exits cleanly on SIGTERM");
 }
 
 /// 7. After SIGTERM and restart of a daemon, new connections from existing
@@ -394,21 +506,32 @@ fn malformed_headers_reset_the_stream_with_the_right_status_and_the_daemon_keeps
 fn restarted_daemons_serve_existing_pods_without_the_cni() {
     let mut lab = mesh_lab(2, 1);
     let (client, server) = (lab.pod(1, 1).expect("n1-p1"), lab.pod(2, 1).expect("n2-p1"));
-    lab.transfer(&client, &server, 8080, MIB).expect("before restart");
+    lab.transfer(&client, &server, 8080, MIB)
+        .expect("before restart");
     let cni_logs: Vec<String> = [1, 2]
         .iter()
-        .map(|n| std::fs::read_to_string(lab.dir().join(format!("n{n}/cni.log"))).unwrap_or_default())
+        .map(|n| {
+            std::fs::read_to_string(lab.dir().join(format!("n{n}/cni.log"))).unwrap_or_default()
+        })
         .collect();
     for node in [1, 2] {
         let status = lab.restart_daemon(node).expect("restart");
         assert!(status.success(), "node {node} exited {status:?} on SIGTERM");
     }
-    lab.transfer(&client, &server, 8080, 4 * MIB).expect("after restart of both daemons");
+    lab.transfer(&client, &server, 8080, 4 * MIB)
+        .expect("after restart of both daemons");
     for (i, node) in [1, 2].into_iter().enumerate() {
-        let after = std::fs::read_to_string(lab.dir().join(format!("n{node}/cni.log"))).unwrap_or_default();
-        assert_eq!(after, cni_logs[i], "the CNI plugin was not called again on node {node}");
+        let after =
+            std::fs::read_to_string(lab.dir().join(format!("n{node}/cni.log"))).unwrap_or_default();
+        assert_eq!(
+            after, cni_logs[i],
+            "the CNI plugin was not called again on node {node}"
+        );
         let log = log_of(&lab, node);
-        assert!(log.contains("restored=1"), "node {node} restored its pod:\n{log}");
+        assert!(
+            log.contains("restored=1"),
+            "node {node} restored its pod:\n{log}"
+        );
     }
 }
 
@@ -440,6 +563,12 @@ fn nothing_remains_after_down_or_after_a_failing_test() {
     assert!(!failed_prefix.is_empty());
     assert_clean(&failed_prefix);
     // No nodemesh table was ever added to this (the host's) namespace.
-    let out = std::process::Command::new("nft").args(["list", "tables"]).output().expect("nft");
-    assert!(!String::from_utf8_lossy(&out.stdout).contains("nodemesh"), "host netns has a nodemesh table");
+    let out = std::process::Command::new("nft")
+        .args(["list", "tables"])
+        .output()
+        .expect("nft");
+    assert!(
+        !String::from_utf8_lossy(&out.stdout).contains("nodemesh"),
+        "host netns has a nodemesh table"
+    );
 }
