@@ -40,7 +40,7 @@ fn assert_clean(prefix: &str) {
     assert!(left.is_clean(), "lab {prefix} left {left:?}");
 }
 
-/// 1. Cross-node: 64 MiB each way arrive byte-identical through both daemons.
+/// Acceptance 1: Cross-node: 64 MiB each way arrive byte-identical through both daemons.
 #[test]
 fn cross_node_64_mib_each_way_is_byte_identical_through_both_daemons() {
     let lab = mesh_lab(2, 1);
@@ -89,7 +89,7 @@ fn cross_node_64_mib_each_way_is_byte_identical_through_both_daemons() {
     }
 }
 
-/// 2. Same-node: the same between two pods on one node, and no tunnel is opened.
+/// Acceptance 2: Same-node: the same between two pods on one node, and no tunnel is opened.
 #[test]
 fn same_node_64_mib_each_way_opens_no_tunnel() {
     let lab = mesh_lab(2, 2);
@@ -130,7 +130,7 @@ fn same_node_64_mib_each_way_opens_no_tunnel() {
     }
 }
 
-/// 3. 200 concurrent connections each way between two nodes complete and share
+/// Acceptance 3: 200 concurrent connections each way between two nodes complete and share
 /// exactly one QUIC connection per direction.
 #[test]
 fn two_hundred_concurrent_connections_share_one_tunnel_per_direction() {
@@ -189,7 +189,7 @@ fn two_hundred_concurrent_connections_share_one_tunnel_per_direction() {
     }
 }
 
-/// 4. Half-close: a client that shuts its write side still receives the
+/// Acceptance 4: Half-close: a client that shuts its write side still receives the
 /// server's whole reply (which the server only starts after the client's FIN).
 #[test]
 fn half_closed_client_receives_the_whole_reply() {
@@ -347,7 +347,7 @@ fn log_of(lab: &Lab, node: usize) -> String {
     std::fs::read_to_string(lab.daemon_log(node).expect("log path")).expect("read log")
 }
 
-/// 5. A peer presenting a certificate from another CA, or one naming a node
+/// Acceptance 5: A peer presenting a certificate from another CA, or one naming a node
 /// the mesh does not know, cannot open a tunnel; the refusal is logged and counted.
 #[test]
 fn rogue_peers_cannot_open_a_tunnel_and_are_logged_and_counted() {
@@ -410,7 +410,7 @@ fn rogue_peers_cannot_open_a_tunnel_and_are_logged_and_counted() {
         .expect("real traffic still flows");
 }
 
-/// 6. A malformed or oversized stream header from an authenticated peer gets
+/// Acceptance 6: A malformed or oversized stream header from an authenticated peer gets
 /// its stream reset with the right status; the daemon keeps serving.
 #[test]
 fn malformed_headers_reset_the_stream_with_the_right_status_and_the_daemon_keeps_serving() {
@@ -500,7 +500,7 @@ fn malformed_headers_reset_the_stream_with_the_right_status_and_the_daemon_keeps
         .expect("daemon n2 still exits cleanly on SIGTERM");
 }
 
-/// 7. After SIGTERM and restart of a daemon, new connections from existing
+/// Acceptance 7: After SIGTERM and restart of a daemon, new connections from existing
 /// pods work again without calling the CNI.
 #[test]
 fn restarted_daemons_serve_existing_pods_without_the_cni() {
@@ -535,7 +535,7 @@ fn restarted_daemons_serve_existing_pods_without_the_cni() {
     }
 }
 
-/// 8. After `down`, and after a failing test, nothing the lab made remains.
+/// Acceptance 8: After `down`, and after a failing test, nothing the lab made remains.
 #[test]
 fn nothing_remains_after_down_or_after_a_failing_test() {
     let lab = mesh_lab(2, 1);
@@ -571,4 +571,115 @@ fn nothing_remains_after_down_or_after_a_failing_test() {
         !String::from_utf8_lossy(&out.stdout).contains("nodemesh"),
         "host netns has a nodemesh table"
     );
+}
+
+/// SIGTERM drains: a connection open through the daemon completes, new
+/// connections are refused while draining, and the daemon exits 0.
+#[test]
+fn sigterm_drains_open_connections_then_exits_zero() {
+    let mut lab = mesh_lab(2, 1);
+    let (client, server) = (lab.pod(1, 1).expect("n1-p1"), lab.pod(2, 1).expect("n2-p1"));
+    let listener = server.listen(0).expect("listen");
+    let port = listener.local_addr().expect("addr").port();
+    let srv = traffic::serve(listener, 1, MIB);
+    let mut stream = client.connect(server.addr(port)).expect("connect");
+    // Half of the request now, the rest during the drain.
+    let payload = vec![7u8; MIB as usize];
+    stream
+        .write_all(&payload[..MIB as usize / 2])
+        .expect("first half");
+    let node = lab.node(1).expect("n1").clone();
+    let admin = node.daemon.as_ref().expect("meshed").admin;
+    std::thread::scope(|s| {
+        let stopper = s.spawn(|| lab.stop_daemon(1));
+        // Wait (bounded) until the daemon reports draining.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match nodemesh_lab::http::get(&node.netns, admin, "/ready", Duration::from_secs(2)) {
+                Ok(r) if r.status == 503 && r.body.contains("draining") => break,
+                _ => {}
+            }
+            assert!(
+                Instant::now() < deadline,
+                "daemon n1 never reported draining"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // New connections from the pod are refused while draining.
+        let refused = client.connect(server.addr(port));
+        assert!(
+            refused.is_err(),
+            "a new connection was accepted while draining"
+        );
+        // The open one completes.
+        stream
+            .write_all(&payload[MIB as usize / 2..])
+            .expect("second half during drain");
+        stream.shutdown(Shutdown::Write).expect("half-close");
+        let mut reply = Vec::new();
+        stream.read_to_end(&mut reply).expect("reply during drain");
+        assert_eq!(
+            reply.len() as u64,
+            MIB + 32,
+            "1 MiB reply plus the server's SHA-256"
+        );
+        let status = stopper.join().expect("join").expect("stop");
+        assert!(status.success(), "exit status {status:?}");
+    });
+    srv.join().expect("join").expect("server");
+}
+
+/// Unregistering a pod (CNI DEL) closes its listeners and its open connections.
+#[test]
+fn unregister_closes_the_pods_listeners_and_connections() {
+    let lab = mesh_lab(2, 1);
+    let (client, server) = (lab.pod(1, 1).expect("n1-p1"), lab.pod(2, 1).expect("n2-p1"));
+    let listener = server.listen(7070).expect("listen");
+    let mut c = client.connect(server.addr(7070)).expect("connect");
+    let (_accepted, _) = listener.accept().expect("accept");
+    c.write_all(b"ping").expect("write");
+
+    let pod = lab
+        .state()
+        .pods
+        .iter()
+        .find(|p| p.node == 1 && p.index == 1)
+        .expect("state")
+        .clone();
+    let socket = lab
+        .node(1)
+        .expect("n1")
+        .daemon
+        .as_ref()
+        .expect("meshed")
+        .cni_socket
+        .clone();
+    let line = nodemesh_cni::proto::encode_line(&nodemesh_cni::proto::Request::Unregister {
+        container_id: pod.invocation.container_id.clone(),
+    })
+    .expect("encode");
+    let mut unix = std::os::unix::net::UnixStream::connect(&socket).expect("cni socket");
+    unix.write_all(&line).expect("send");
+    let mut answer = String::new();
+    unix.read_to_string(&mut answer).expect("answer");
+    assert!(answer.contains("unregistered"), "{answer}");
+
+    // The open connection is closed by the daemon ...
+    c.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let mut buf = [0u8; 8];
+    match c.read(&mut buf) {
+        Ok(0) | Err(_) => {}
+        Ok(n) => panic!("connection still open, read {n} bytes"),
+    }
+    // ... and the pod's capture listener is gone (its rules stay until CNI DEL
+    // removes them, so a new connection is refused rather than leaking out).
+    let out = lab.exec_in(&client.netns, "ss", &["-ltnH"]).expect("ss");
+    assert!(
+        !out.stdout_text().contains(":15001"),
+        "listener still there:\n{}",
+        out.stdout_text()
+    );
+    let m = metrics(&lab, 1);
+    assert_eq!(value(&m, "nodemesh_pods_registered", &[]), 0.0);
 }
