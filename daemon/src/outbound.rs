@@ -90,43 +90,36 @@ async fn handle(proxy: &Proxy, pod: &LocalPod, tcp: TcpStream, client: SocketAdd
         route: RouteLabel::Passthrough,
     };
     tracing::Span::current().record("server.addr", tracing::field::display(dst));
-    match route {
-        Route::Local(dst_pod) => {
+    // Local delivery connects from inside the destination pod, passthrough
+    // from inside the source pod (keeping its address); both marked.
+    let dst_pod;
+    let connect_from = match route {
+        Route::Local(p) => {
             edge.route = RouteLabel::Local;
-            match connect_in(
-                proxy.sockets.as_ref(),
-                &dst_pod.netns,
-                dst,
-                proxy.mark,
-                proxy.connect_timeout,
-            )
-            .await
-            {
-                Ok(server) => relay_tcp(&edge, tcp, server).await,
-                Err(e) => fail(&edge, tcp, "connect_failed", &e),
-            }
+            dst_pod = p;
+            &dst_pod.netns
         }
-        Route::Passthrough => {
-            match connect_in(
-                proxy.sockets.as_ref(),
-                &pod.netns,
-                dst,
-                proxy.mark,
-                proxy.connect_timeout,
-            )
-            .await
-            {
-                Ok(server) => relay_tcp(&edge, tcp, server).await,
-                Err(e) => fail(&edge, tcp, "connect_failed", &e),
-            }
-        }
+        Route::Passthrough => &pod.netns,
         Route::Remote { node, addr } => {
             edge.route = RouteLabel::Tunnel;
             edge.tls = true;
-            tunnel(proxy, &edge, &src, tcp, client, dst, &node, addr)
+            return tunnel(proxy, &edge, &src, tcp, client, dst, &node, addr)
                 .instrument(info_span!("tunnel", peer.node = %node))
-                .await
+                .await;
         }
+    };
+    let sockets = proxy.sockets.as_ref();
+    match connect_in(
+        sockets,
+        connect_from,
+        dst,
+        proxy.mark,
+        proxy.connect_timeout,
+    )
+    .await
+    {
+        Ok(server) => relay_tcp(&edge, tcp, server).await,
+        Err(e) => fail(&edge, tcp, "connect_failed", &e),
     }
 }
 
