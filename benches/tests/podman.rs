@@ -25,7 +25,7 @@ use nodemesh::discovery::model::Pod;
 use nodemesh_lab::cni::{NETWORK_NAME, SYSTEM_PLUGIN_DIR};
 use nodemesh_lab::daemon;
 use nodemesh_lab::exec::{Cmd, Output};
-use nodemesh_lab::lab::{self, Lab, LabOptions};
+use nodemesh_lab::lab::{self, Lab, LabOptions, PodHandle};
 use nodemesh_lab::metrics;
 use serde_json::Value;
 
@@ -323,30 +323,198 @@ fn logs(lab: &Lab) -> String {
     s
 }
 
+/// What the test follows of a running container.
+struct Running {
+    /// Full container ID (`CNI_CONTAINERID`).
+    id: String,
+    /// Its netns path (`CNI_NETNS`), made by podman.
+    sandbox: PathBuf,
+    /// Its address on the lab network.
+    ip: IpAddr,
+    /// The netns, held open so that after stop/removal the rules can be
+    /// checked in the very namespace they were installed in (DEL must
+    /// delete them, not just let the namespace go).
+    netns: File,
+}
+
+/// Inspects running container `name` and checks it is meshed: the nodemesh
+/// table in its netns, registered with node `node`'s daemon.
+fn running_and_meshed(lab: &Lab, podman: &Podman, node: usize, name: &str) -> Running {
+    let info = podman.inspect(name);
+    assert_eq!(
+        info["State"]["Status"], "running",
+        "{name}: {}",
+        info["State"]
+    );
+    let id = info["Id"].as_str().expect("container id").to_owned();
+    let sandbox = PathBuf::from(
+        info["NetworkSettings"]["SandboxKey"]
+            .as_str()
+            .expect("sandbox key"),
+    );
+    let ip: IpAddr = info["NetworkSettings"]["Networks"][NETWORK_NAME]["IPAddress"]
+        .as_str()
+        .expect("container address on the lab network")
+        .parse()
+        .expect("ip");
+    let cidr: ipnet::IpNet = lab
+        .node(node)
+        .expect("node")
+        .pod_cidr
+        .parse()
+        .expect("cidr");
+    assert!(
+        cidr.contains(&ip),
+        "{name} got {ip}, outside its node's {cidr}"
+    );
+    let netns = File::open(&sandbox).expect("open the container's netns");
+    let table = nodemesh_table(&netns).unwrap_or_else(|| {
+        panic!(
+            "no nodemesh table in {name}'s netns {}{}",
+            sandbox.display(),
+            logs(lab)
+        )
+    });
+    assert!(table.contains("redirect"), "capture rules: {table}");
+    let registered = local_pod(lab, node, &id).unwrap_or_else(|| {
+        panic!(
+            "the daemon of node {node} does not list {name} ({id}){}",
+            logs(lab)
+        )
+    });
+    assert_eq!(registered["namespace"], POD_NAMESPACE, "{registered}");
+    assert_eq!(registered["name"], name, "{registered}");
+    assert_eq!(
+        registered["ips"],
+        serde_json::json!([ip.to_string()]),
+        "{registered}"
+    );
+    Running {
+        id,
+        sandbox,
+        ip,
+        netns,
+    }
+}
+
+/// Checks that a container's network is gone from the mesh: no nodemesh
+/// table left in its (held) netns, no registration with node `node`'s daemon.
+fn unmeshed(lab: &Lab, node: usize, name: &str, r: &Running) {
+    assert!(
+        nodemesh_table(&r.netns).is_none(),
+        "the nodemesh table of {name} outlived its network{}",
+        logs(lab)
+    );
+    assert!(
+        local_pod(lab, node, &r.id).is_none(),
+        "the daemon of node {node} still lists {name}"
+    );
+    assert!(!r.sandbox.exists(), "podman left {}", r.sandbox.display());
+}
+
+/// Publishes the lab's pods plus `extra` in discovery, as the API server
+/// would, and waits until every daemon has loaded it (L2 verifies that a
+/// source address belongs to a pod of the peer node).
+fn publish(lab: &Lab, extra: Pod) {
+    let generation = |node: usize| config_dump(lab, node)["discovery"]["generation"].as_u64();
+    let nodes: Vec<usize> = lab.nodes().iter().map(|n| n.index).collect();
+    let before: Vec<Option<u64>> = nodes.iter().map(|&n| generation(n)).collect();
+    let mut model = lab.state().cluster_model();
+    model.pods.push(extra);
+    daemon::write_discovery(&lab.state().discovery_file(), &model).expect("write discovery");
+    for (&node, before) in nodes.iter().zip(before) {
+        let seen = wait_for(OBSERVE_TIMEOUT, || {
+            (generation(node)? > before.unwrap_or(0)).then_some(())
+        });
+        assert!(seen.is_some(), "node {node} never loaded the new discovery");
+    }
+}
+
+/// The container pod as discovery has it.
+fn container_pod(name: &str, node: &str, ip: IpAddr) -> Pod {
+    Pod {
+        namespace: POD_NAMESPACE.into(),
+        name: name.into(),
+        service_account: "default".into(),
+        node: node.into(),
+        ips: vec![ip],
+        labels: BTreeMap::from([("app".to_owned(), name.to_owned())]),
+    }
+}
+
+/// Container `name` sends an HTTP/1.0 GET to `server` with busybox `nc`
+/// (busybox `wget` crashes in a rootfs without NSS files: static glibc's
+/// getservbyname); checks the whole reply arrives. Returns the peer address
+/// the server saw.
+fn request(podman: &Podman, name: &str, server: &PodHandle) -> SocketAddr {
+    let body = format!("hello {name} from {}", server.name);
+    let reply = format!(
+        "HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let listener = server.listen(0).expect("listen in the server pod");
+    let port = listener.local_addr().expect("addr").port();
+    let served = serve_once(listener, reply.clone());
+    // `nc` keeps reading after its stdin ends, until the server closes.
+    let script = format!(
+        "printf 'GET / HTTP/1.0\\r\\n\\r\\n' | /bin/busybox nc -w 10 {} {port}",
+        server.ip
+    );
+    let got = podman.run(&["exec", name, "/bin/busybox", "sh", "-c", &script]);
+    assert_eq!(
+        got.stdout_text(),
+        reply,
+        "{name}'s request to {}:{port}",
+        server.ip
+    );
+    served.join().expect("server thread")
+}
+
+/// Waits until node `node` counts at least `n` connections of `reporter`
+/// from `src` to `dst` over the tunnel.
+fn carried(lab: &Lab, node: usize, reporter: &str, src: &str, dst: &str, n: f64) {
+    let count = || {
+        let samples = lab.metrics(node).ok()?;
+        let c = metrics::sum(
+            &samples,
+            "nodemesh_connections_opened_total",
+            &[
+                ("reporter", reporter),
+                ("src_workload", src),
+                ("dst_workload", dst),
+                ("route", "tunnel"),
+            ],
+        );
+        (c >= n).then_some(c)
+    };
+    assert!(
+        wait_for(OBSERVE_TIMEOUT, count).is_some(),
+        "node {node} counted fewer than {n} {reporter} connections {src} -> {dst}:\n{}{}",
+        lab.admin_get(node, "/metrics")
+            .map(|r| r.body)
+            .unwrap_or_default(),
+        logs(lab)
+    );
+}
+
 #[test]
-fn podman_container_is_meshed_by_the_cni_chain_and_unmeshed_when_removed() {
+fn podman_container_is_meshed_by_the_cni_chain_and_unmeshed_when_stopped_or_removed() {
     require_runtime();
     let lab = Lab::up(LabOptions::for_test(2, 1)).expect("lab up");
     let prefix = lab.prefix().to_owned();
     let server = lab.pod(2, 1).expect("n2-p1");
-    // Declared after `lab`: dropped (containers removed) before the lab.
+    // Declared after `lab`: dropped (containers removed, CNI DEL run) while
+    // the daemons still run.
     let podman = Podman::new(&lab, 1);
-    let name = format!("{prefix}-ctr");
+    let rootfs = podman.rootfs();
 
     // A container that does not say which namespace it is in (podman's
     // default CNI_ARGS) is either meshed or refused: never started unmeshed.
     let anonymous = format!("{prefix}-anon");
-    let rootfs = podman.rootfs();
     let cmd = podman.cmd_with_cni_args(&run_args(&anonymous, &rootfs, true), "");
     let out = cmd.output().expect("spawn podman");
     if out.status.success() {
-        let info = podman.inspect(&anonymous);
-        let id = info["Id"].as_str().expect("id");
-        assert!(
-            local_pod(&lab, 1, id).is_some(),
-            "{anonymous} started but is not registered with n1's daemon{}",
-            logs(&lab)
-        );
+        running_and_meshed(&lab, &podman, 1, &anonymous);
         podman.run(&["rm", "--force", "--time", "0", &anonymous]);
     } else {
         assert!(
@@ -367,122 +535,20 @@ fn podman_container_is_meshed_by_the_cni_chain_and_unmeshed_when_removed() {
         "n1's daemon still lists {anonymous}: {locals}"
     );
 
-    // Start: podman runs the node's CNI chain, nodemesh-cni registers the
-    // container with n1's daemon and installs the capture rules.
+    // Start: podman runs the node's CNI chain (bridge, host-local,
+    // nodemesh-cni), which registers the container with n1's daemon and
+    // installs the capture rules in the container's netns.
+    let name = format!("{prefix}-ctr");
     podman.run(&run_args(&name, &rootfs, false));
-    let info = podman.inspect(&name);
-    let id = info["Id"].as_str().expect("container id").to_owned();
-    let sandbox = PathBuf::from(
-        info["NetworkSettings"]["SandboxKey"]
-            .as_str()
-            .expect("sandbox key"),
-    );
-    let ip: IpAddr = info["NetworkSettings"]["Networks"][NETWORK_NAME]["IPAddress"]
-        .as_str()
-        .expect("container address on the lab network")
-        .parse()
-        .expect("ip");
-    assert!(
-        ip.to_string().starts_with("10.78.1."),
-        "the container got {ip}, not an address of node n1's pod CIDR"
-    );
-    // Held open so that, after removal, the rules can be checked in the very
-    // namespace they were installed in (removal must delete them, not just
-    // drop the namespace).
-    let netns = File::open(&sandbox).expect("open the container's netns");
+    let first = running_and_meshed(&lab, &podman, 1, &name);
+    publish(&lab, container_pod(&name, "n1", first.ip));
 
-    let table = nodemesh_table(&netns).unwrap_or_else(|| {
-        panic!(
-            "no nodemesh table in the container's netns {}{}",
-            sandbox.display(),
-            logs(&lab)
-        )
-    });
-    assert!(table.contains("redirect"), "capture rules: {table}");
-    let registered = local_pod(&lab, 1, &id)
-        .unwrap_or_else(|| panic!("n1's daemon does not list container {id}{}", logs(&lab)));
-    assert_eq!(
-        registered["ips"],
-        serde_json::json!([ip.to_string()]),
-        "{registered}"
-    );
-    let pod_ns = registered["namespace"].as_str().expect("ns").to_owned();
-    let pod_name = registered["name"].as_str().expect("name").to_owned();
-
-    // Publish the container in discovery, as the API server would (L2
-    // verifies the source address belongs to a pod of the peer node).
-    let mut model = lab.state().cluster_model();
-    let before = model.pods.iter().map(|p| p.ips.len()).sum::<usize>();
-    model.pods.push(Pod {
-        namespace: pod_ns.clone(),
-        name: pod_name.clone(),
-        service_account: "default".into(),
-        node: "n1".into(),
-        ips: vec![ip],
-        labels: BTreeMap::from([("app".to_owned(), pod_name.clone())]),
-    });
-    daemon::write_discovery(&lab.state().discovery_file(), &model).expect("write discovery");
-    for node in [1, 2] {
-        let seen = wait_for(OBSERVE_TIMEOUT, || {
-            let ips = config_dump(&lab, node)["discovery"]["pod_ips"].as_u64()?;
-            (usize::try_from(ips).ok()? > before).then_some(())
-        });
-        assert!(seen.is_some(), "node {node} never loaded the new discovery");
-    }
-
-    // The container's request to the pod on n2, with busybox `nc` (its
-    // `wget` crashes in a rootfs without NSS files: static glibc's
-    // getservbyname). `nc` reads until the server closes.
-    let body = format!("hello from {} via nodemesh", server.name);
-    let reply = format!(
-        "HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    );
-    let listener = server.listen(0).expect("listen in n2-p1");
-    let port = listener.local_addr().expect("addr").port();
-    let served = serve_once(listener, reply.clone());
-    let script = format!(
-        "printf 'GET / HTTP/1.0\\r\\n\\r\\n' | /bin/busybox nc -w 10 {} {port}",
-        server.ip
-    );
-    let got = podman.run(&["exec", &name, "/bin/busybox", "sh", "-c", &script]);
-    assert_eq!(
-        got.stdout_text(),
-        reply,
-        "the container's request to {}:{port}",
-        server.ip
-    );
-    let peer = served.join().expect("server thread");
-    eprintln!("server saw the container's connection from {peer}");
-
-    // Carried by the daemons: counted by n1 as source and n2 as destination,
+    // Its connection to a pod on n2 is captured and carried by both daemons
     // over one tunnel.
-    let opened = |node: usize, reporter: &str| {
-        let samples = lab.metrics(node).ok()?;
-        let n = metrics::sum(
-            &samples,
-            "nodemesh_connections_opened_total",
-            &[
-                ("reporter", reporter),
-                ("src_workload", &pod_name),
-                ("dst_workload", &server.name),
-                ("route", "tunnel"),
-            ],
-        );
-        (n >= 1.0).then_some(n)
-    };
-    for (node, reporter) in [(1, "source"), (2, "destination")] {
-        let n = wait_for(OBSERVE_TIMEOUT, || opened(node, reporter));
-        assert!(
-            n.is_some(),
-            "node {node} counted no {reporter} connection {pod_name} -> {}: {}{}",
-            server.name,
-            lab.admin_get(node, "/metrics")
-                .map(|r| r.body)
-                .unwrap_or_default(),
-            logs(&lab)
-        );
-    }
+    let peer = request(&podman, &name, &server);
+    eprintln!("the server saw {name}'s connection from {peer}");
+    carried(&lab, 1, "source", &name, &server.name, 1.0);
+    carried(&lab, 2, "destination", &name, &server.name, 1.0);
     let tunnels = metrics::sum(
         &lab.metrics(1).expect("n1 metrics"),
         "nodemesh_tunnels_open",
@@ -490,19 +556,23 @@ fn podman_container_is_meshed_by_the_cni_chain_and_unmeshed_when_removed() {
     );
     assert_eq!(tunnels, 1.0, "one tunnel from n1 to n2");
 
-    // Removal: podman runs the CNI DEL chain; nodemesh-cni unregisters the
-    // container and deletes its table.
+    // Stop: podman tears the network down (CNI DEL): unregistered, rules gone.
+    podman.run(&["stop", "--time", "0", &name]);
+    unmeshed(&lab, 1, &name, &first);
+    drop(first);
+
+    // Start again, same container ID, new netns: meshed again.
+    podman.run(&["start", &name]);
+    let second = running_and_meshed(&lab, &podman, 1, &name);
+    publish(&lab, container_pod(&name, "n1", second.ip));
+    request(&podman, &name, &server);
+    carried(&lab, 1, "source", &name, &server.name, 2.0);
+    carried(&lab, 2, "destination", &name, &server.name, 2.0);
+
+    // Removal: CNI DEL again; nothing of the container is left in the mesh.
     podman.run(&["rm", "--force", "--time", "0", &name]);
-    assert!(
-        nodemesh_table(&netns).is_none(),
-        "the nodemesh table outlived the container"
-    );
-    assert!(
-        local_pod(&lab, 1, &id).is_none(),
-        "n1's daemon still lists the removed container"
-    );
-    assert!(!sandbox.exists(), "podman left {}", sandbox.display());
-    drop(netns);
+    unmeshed(&lab, 1, &name, &second);
+    drop(second);
     drop(podman);
 
     let problems = lab.down();
