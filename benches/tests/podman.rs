@@ -3,8 +3,11 @@
 //! node n1 whose network is that node's conflist — `bridge` + `host-local`,
 //! then `nodemesh-cni`. The container's outbound HTTP request to a pod on
 //! node n2 is captured by the rules `nodemesh-cni` installed in the
-//! container's netns and carried by both daemons over their tunnel; removing
-//! the container unregisters it from the daemon and removes its rules.
+//! container's netns and carried by both daemons over their tunnel. Stopping
+//! the container (CNI DEL) unregisters it and removes its rules; starting it
+//! again (CNI ADD, new netns) meshes it again; removing it (CNI DEL) leaves
+//! nothing. A container that does not name its Kubernetes namespace is
+//! either meshed or refused, never started unmeshed.
 //!
 //! Podman runs with its own `containers.conf`, storage, state and CNI config
 //! directory in a temp dir, and inside node n1's network namespace
@@ -102,7 +105,7 @@ impl Podman {
     fn new(lab: &Lab, node: usize) -> Self {
         let n = lab.node(node).expect("node");
         let dir = tempfile::Builder::new()
-            .prefix("helper-podman-")
+            .prefix("nodemesh-podman-")
             .tempdir()
             .expect("tempdir");
         let root = dir.path();
