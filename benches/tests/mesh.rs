@@ -280,7 +280,8 @@ struct Rogue {
 
 impl Rogue {
     fn attach(lab: &Lab) -> Self {
-        let ns = format!("{}-rogue", lab.prefix());
+        // `<prefix>-n99`: a name the lab's teardown owns, so it is removed with the lab.
+        let ns = format!("{}-n99", lab.prefix());
         let ul = format!("{}-ul", lab.prefix());
         netns::add_netns(&ns).expect("rogue netns");
         for args in [
