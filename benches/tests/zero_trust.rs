@@ -1,9 +1,10 @@
 //! End-to-end tests of zero trust at L2 (issue 5, lab tests 1–3): real
 //! daemons, the real CNI chain, real QUIC tunnels, in network namespaces.
 //!
-//! 1. A DENY policy resets the caller, is counted with its reason on both
-//!    nodes and logged with both identities; switching it to ALLOW lets the
-//!    same client through; switching back closes the open connection.
+//! 1. A DENY policy resets the caller (across nodes and on the same node), is
+//!    counted with its reason on both nodes and logged with both identities;
+//!    switching it to ALLOW lets the same clients through; switching back
+//!    closes their open connections (both sides reset).
 //! 2. A rogue node with a valid certificate (for a node discovery knows)
 //!    forging stream headers is refused: `source_not_on_peer`,
 //!    `unknown_source`, `identity_mismatch`; only its own pod, as itself,
@@ -156,9 +157,12 @@ fn wait_log_line(lab: &Lab, node: usize, needles: &[&str]) {
 
 #[test]
 fn deny_policy_resets_the_caller_then_allow_admits_it_and_deny_again_closes_it() {
-    let mut lab = Lab::up(LabOptions::for_test(2, 1)).expect("lab up");
+    let mut lab = Lab::up(LabOptions::for_test(2, 2)).expect("lab up");
     let client = lab.pod(1, 1).expect("n1-p1");
     let server = lab.pod(2, 1).expect("n2-p1");
+    // Same identity as `client`, on the server's node: delivered locally by
+    // n2, which is L1 and L2 at once and applies the same policy.
+    let neighbour = lab.pod(2, 2).expect("n2-p2");
     let port = echo_server(&server);
     let deny = || {
         with_policies(vec![policy(
@@ -182,6 +186,7 @@ fn deny_policy_resets_the_caller_then_allow_admits_it_and_deny_again_closes_it()
         denied(&lab, 1, "source", "policy_denied"),
     );
     connect_expect_reset(&client, server.addr(port), "denied by policy");
+    connect_expect_reset(&neighbour, server.addr(port), "same node, denied by policy");
     assert!(denied(&lab, 2, "destination", "policy_denied") > dst_before);
     assert!(denied(&lab, 1, "source", "policy_denied") > src_before);
     wait_log_line(
@@ -196,13 +201,16 @@ fn deny_policy_resets_the_caller_then_allow_admits_it_and_deny_again_closes_it()
     lab.set_discovery_extra(allow).expect("publish ALLOW");
     let mut c = client.connect(server.addr(port)).expect("connect");
     ping(&mut c, b"allowed now").expect("ALLOW: allowed");
+    let mut local = neighbour.connect(server.addr(port)).expect("connect");
+    ping(&mut local, b"same node, allowed now").expect("ALLOW: allowed locally");
     lab.transfer(&client, &server, 0, 256 * 1024)
         .expect("transfer under ALLOW");
 
     // Back to DENY: the open connection is closed, both sides reset.
     lab.set_discovery_extra(deny()).expect("publish DENY again");
     assert_reset(&mut c, "open connection after DENY");
-    assert!(denied(&lab, 2, "destination", "policy_revoked") >= 1.0);
+    assert_reset(&mut local, "open same-node connection after DENY");
+    assert!(denied(&lab, 2, "destination", "policy_revoked") >= 2.0);
     wait_log_line(&lab, 2, &["policy_revoked", CLIENT_ID]);
 
     let problems = lab.down();
