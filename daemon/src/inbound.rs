@@ -203,6 +203,7 @@ pub async fn handle_stream(
             service_account: src_pod.service_account.clone(),
         }),
         src_ip: header.src.ip(),
+        peer_node: Some(peer.clone()),
         cancel: pod.cancel.child_token(),
     });
     let decision = {
@@ -334,6 +335,7 @@ pub fn admit_local(
             service_account: sa.to_owned(),
         }),
         src_ip: client.ip(),
+        peer_node: None,
         cancel: dst_pod.cancel.child_token(),
     });
     let c = Client {
@@ -486,6 +488,7 @@ async fn plaintext(proxy: &Proxy, pod: &LocalPod, tcp: TcpStream, client: Socket
         dst_namespace: pod.namespace.clone(),
         identity: None,
         src_ip: client.ip(),
+        peer_node: None,
         cancel: pod.cancel.child_token(),
     });
     let refusal = {

@@ -260,6 +260,7 @@ impl Registry {
                 .map_or("none (plaintext)", |p| p.principal.as_str());
             warn!(
                 reason,
+                peer.node = c.peer_node.as_deref().unwrap_or("none (local or plaintext)"),
                 server.addr = %c.dst,
                 client.addr = %c.src_ip,
                 src.identity = src_identity,
@@ -409,6 +410,7 @@ pods:
                 service_account: "default".into(),
             }),
             src_ip: "10.78.1.5".parse().expect("ip"),
+            peer_node: None,
             cancel: CancellationToken::new(),
         };
         let from_a = r.live().register(conn("a", false));

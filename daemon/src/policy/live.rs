@@ -40,6 +40,8 @@ pub struct LiveConn {
     pub identity: Option<OwnedPeer>,
     /// Source address.
     pub src_ip: IpAddr,
+    /// The tunnel peer node it came from; `None` for plaintext and same-node.
+    pub peer_node: Option<Arc<str>>,
     /// Cancelled to close the connection.
     pub cancel: CancellationToken,
 }
@@ -141,6 +143,7 @@ mod tests {
             dst_namespace: "a".into(),
             identity: None,
             src_ip: IpAddr::from([10, 0, 0, 2]),
+            peer_node: None,
             cancel: CancellationToken::new(),
         }
     }
