@@ -257,6 +257,7 @@ impl LabState {
                         node: topology::node_name(p.node),
                         ips: vec![IpAddr::V4(ip)],
                         labels: BTreeMap::from([("app".to_owned(), p.invocation.pod_name.clone())]),
+                        annotations: BTreeMap::new(),
                     })
                 })
                 .collect(),

@@ -684,3 +684,69 @@ fn unregister_closes_the_pods_listeners_and_connections() {
     let m = metrics(&lab, 1);
     assert_eq!(value(&m, "nodemesh_pods_registered", &[]), 0.0);
 }
+
+/// Issue 3: a pod annotated `nodemesh.io/inject: disabled` (known to the
+/// daemon through discovery before its CNI ADD, as in Kubernetes) is passed
+/// through untouched: ADD succeeds, no capture table, no registration, and its
+/// traffic does not go through the daemon.
+#[test]
+fn pods_annotated_inject_disabled_are_passed_through_untouched() {
+    use nodemesh::discovery::model::{ClusterModel, Pod, INJECT_ANNOTATION};
+    let mut lab = mesh_lab(2, 1);
+    let opted_out = Pod {
+        namespace: "lab".into(),
+        name: "n1-p2".into(), // the next pod add_pod(1) creates
+        service_account: "default".into(),
+        node: "n1".into(),
+        ips: vec![], // pending: no address before ADD
+        labels: Default::default(),
+        annotations: [(INJECT_ANNOTATION.to_owned(), "disabled".to_owned())].into(),
+    };
+    lab.set_discovery_extra(ClusterModel {
+        pods: vec![opted_out],
+        ..ClusterModel::default()
+    })
+    .expect("publish the annotated pod");
+    let pod = lab
+        .add_pod(1)
+        .expect("CNI ADD succeeds for an opted-out pod");
+    assert_eq!(pod.name, "n1-p2");
+    let tables = lab
+        .exec_in(&pod.netns, "nft", &["list", "tables"])
+        .expect("nft");
+    assert!(
+        !tables.stdout_text().contains("nodemesh"),
+        "capture rules installed:\n{}",
+        tables.stdout_text()
+    );
+    let listeners = lab.exec_in(&pod.netns, "ss", &["-ltnH"]).expect("ss");
+    assert!(
+        !listeners.stdout_text().contains(":15001"),
+        "{}",
+        listeners.stdout_text()
+    );
+    let m = metrics(&lab, 1);
+    assert_eq!(
+        value(
+            &m,
+            "nodemesh_cni_requests_total",
+            &[("op", "register"), ("result", "skipped")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        value(&m, "nodemesh_pods_registered", &[]),
+        1.0,
+        "only n1-p1 is meshed"
+    );
+    // Its traffic goes straight to the server: nothing is counted by n1.
+    let server = lab.pod(2, 1).expect("n2-p1");
+    let before = value(&m, "nodemesh_connections_opened_total", &[]);
+    lab.transfer(&pod, &server, 8080, MIB)
+        .expect("direct traffic");
+    let after = value(&metrics(&lab, 1), "nodemesh_connections_opened_total", &[]);
+    assert_eq!(
+        before, after,
+        "the opted-out pod's connection went through the daemon"
+    );
+}

@@ -442,6 +442,7 @@ fn container_pod(name: &str, node: &str, ip: IpAddr) -> Pod {
         node: node.into(),
         ips: vec![ip],
         labels: BTreeMap::from([("app".to_owned(), name.to_owned())]),
+        annotations: BTreeMap::new(),
     }
 }
 

@@ -333,6 +333,7 @@ fn a_rogue_node_cannot_speak_for_pods_of_another_node() {
             node: "n99".into(),
             ips: vec![own_pod_ip],
             labels: BTreeMap::new(),
+            annotations: BTreeMap::new(),
         }],
         ..ClusterModel::default()
     })

@@ -100,6 +100,20 @@ impl PodManager {
         (self.outbound_port, self.inbound_port, self.proxy.mark)
     }
 
+    /// Why discovery says this pod must not be meshed, if it does.
+    pub fn opt_out_reason(&self, reg: &PodRegistration) -> Option<String> {
+        self.proxy
+            .registry
+            .snapshot()
+            .injection_disabled(&reg.namespace, &reg.name)
+            .then(|| {
+                format!(
+                    "pod {}/{} is annotated nodemesh.io/inject: disabled",
+                    reg.namespace, reg.name
+                )
+            })
+    }
+
     /// Registers a pod: listeners up, accept loops running, state persisted.
     pub async fn register(&self, reg: PodRegistration) -> Result<(), RegisterError> {
         validate(&reg)?;

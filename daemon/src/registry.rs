@@ -10,7 +10,7 @@
 //!
 //! [`Registry::resolve`] turns an original destination into a [`Route`].
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, RwLock};
 
@@ -69,6 +69,8 @@ pub struct Snapshot {
     cidrs: Vec<(IpNet, String)>,
     modes: HashMap<String, Mode>,
     policies: PolicyIndex,
+    /// `(namespace, name)` of pods annotated `nodemesh.io/inject: disabled`.
+    opted_out: HashSet<(String, String)>,
     /// Generation, incremented by each apply.
     pub generation: u64,
 }
@@ -105,8 +107,24 @@ impl Snapshot {
                 .map(|n| (n.name.clone(), n.mode))
                 .collect(),
             policies: PolicyIndex::build(&model.policies),
+            opted_out: model
+                .pods
+                .iter()
+                .filter(|p| p.injection_disabled())
+                .map(|p| (p.namespace.clone(), p.name.clone()))
+                .collect(),
             generation,
         }
+    }
+
+    /// Whether discovery says pod `namespace/name` opted out of the mesh
+    /// (annotation `nodemesh.io/inject: disabled`).
+    pub fn injection_disabled(&self, namespace: &str, name: &str) -> bool {
+        // A borrowed-key lookup without allocating: the set is small and the
+        // check runs once per pod start.
+        self.opted_out
+            .iter()
+            .any(|(ns, n)| ns == namespace && n == name)
     }
 
     /// The mode of namespace `ns` (`permissive` unless discovery says otherwise).
@@ -433,5 +451,25 @@ pods:
         assert!(!from_b.token().is_cancelled());
         drop((from_a, from_b, plain));
         assert!(r.live().is_empty());
+    }
+
+    #[test]
+    fn opted_out_pods_are_known_before_they_have_an_address() {
+        let model: ClusterModel = serde_yaml::from_str(
+            r#"
+nodes: [{name: n1, address: 10.77.0.1}]
+pods:
+  - {namespace: shop, name: legacy, node: n1, annotations: {nodemesh.io/inject: disabled}}
+  - {namespace: shop, name: web, node: n1, annotations: {nodemesh.io/inject: enabled}}
+"#,
+        )
+        .expect("model");
+        model
+            .validate()
+            .expect("pending pods without ips are valid");
+        let snap = Snapshot::from_model(&model, 1);
+        assert!(snap.injection_disabled("shop", "legacy"));
+        assert!(!snap.injection_disabled("shop", "web"));
+        assert!(!snap.injection_disabled("other", "legacy"));
     }
 }

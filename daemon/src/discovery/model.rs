@@ -180,11 +180,25 @@ pub struct Pod {
     pub service_account: String,
     /// Node the pod is scheduled on.
     pub node: String,
-    /// The pod's addresses.
+    /// The pod's addresses; empty while the pod is pending (as at CNI ADD).
+    #[serde(default)]
     pub ips: Vec<IpAddr>,
     /// Labels (used by policy selectors).
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+    /// Annotations; `nodemesh.io/inject: disabled` opts the pod out of the mesh.
+    #[serde(default)]
+    pub annotations: BTreeMap<String, String>,
+}
+
+/// The annotation that opts a pod out of the mesh when set to `disabled`.
+pub const INJECT_ANNOTATION: &str = "nodemesh.io/inject";
+
+impl Pod {
+    /// Whether the pod opted out of the mesh.
+    pub fn injection_disabled(&self) -> bool {
+        self.annotations.get(INJECT_ANNOTATION).map(String::as_str) == Some("disabled")
+    }
 }
 
 fn default_sa() -> String {
@@ -233,16 +247,6 @@ pub enum ModelError {
         name: String,
         /// The IP.
         ip: IpAddr,
-    },
-    /// A pod has no IPs.
-    #[error("pods[{index}] ({namespace}/{name}): ips is empty; list at least one address")]
-    NoPodIps {
-        /// Position in `pods`.
-        index: usize,
-        /// Pod namespace.
-        namespace: String,
-        /// Pod name.
-        name: String,
     },
     /// A namespace entry's name is not a DNS label.
     #[error(
@@ -314,13 +318,6 @@ impl ClusterModel {
                     namespace: p.namespace.clone(),
                     name: p.name.clone(),
                     node: p.node.clone(),
-                });
-            }
-            if p.ips.is_empty() {
-                return Err(ModelError::NoPodIps {
-                    index,
-                    namespace: p.namespace.clone(),
-                    name: p.name.clone(),
                 });
             }
             for ip in &p.ips {
