@@ -750,3 +750,42 @@ fn pods_annotated_inject_disabled_are_passed_through_untouched() {
         "the opted-out pod's connection went through the daemon"
     );
 }
+
+/// A pod deleted while its node's daemon is down: CNI DEL removes the rules
+/// and queues the unregister; the daemon delivers it when it starts, so the
+/// pod is not restored.
+#[test]
+fn unregister_queued_while_the_daemon_is_down_is_delivered_at_start() {
+    let mut lab = mesh_lab(1, 2);
+    let pod = lab
+        .state()
+        .pods
+        .iter()
+        .find(|p| p.node == 1 && p.index == 2)
+        .expect("n1-p2")
+        .clone();
+    let node = lab.node(1).expect("n1").clone();
+    lab.stop_daemon(1).expect("stop n1");
+    let runtime = nodemesh_lab::cni::Runtime {
+        conflist: node.conflist.clone(),
+        cni_path: lab.state().cni_path.clone(),
+        exec_netns: node.netns.clone(),
+    };
+    runtime
+        .del(&pod.invocation, pod.result.as_ref())
+        .expect("CNI DEL succeeds with the daemon down");
+    let queued = lab
+        .dir()
+        .join("n1/cni/queue")
+        .join(format!("{}.json", pod.invocation.container_id));
+    assert!(queued.exists(), "unregister queued at {}", queued.display());
+    lab.start_daemon(1).expect("start n1");
+    assert!(!queued.exists(), "the daemon consumed the queue entry");
+    let log = log_of(&lab, 1);
+    assert!(log.contains("dequeued=1"), "{log}");
+    assert!(log.contains("restored=1"), "only n1-p1 comes back:\n{log}");
+    assert_eq!(
+        value(&metrics(&lab, 1), "nodemesh_pods_registered", &[]),
+        1.0
+    );
+}
