@@ -15,6 +15,7 @@ use std::sync::{Arc, RwLock};
 use dashmap::DashMap;
 use ipnet::IpNet;
 
+use crate::balancer::Balancer;
 use crate::discovery::model::{ClusterModel, Node, Pod};
 use crate::identity::KnownNodes;
 use crate::pods::LocalPod;
@@ -141,6 +142,7 @@ pub struct Registry {
     snapshot: RwLock<Arc<Snapshot>>,
     local: DashMap<String, Arc<LocalPod>>,
     local_by_ip: DashMap<IpAddr, Arc<LocalPod>>,
+    services: Balancer,
 }
 
 impl Registry {
@@ -152,6 +154,7 @@ impl Registry {
             snapshot: RwLock::new(Arc::new(Snapshot::default())),
             local: DashMap::new(),
             local_by_ip: DashMap::new(),
+            services: Balancer::default(),
         }
     }
 
@@ -176,6 +179,12 @@ impl Registry {
             Ok(mut g) => *g = next,
             Err(poisoned) => *poisoned.into_inner() = next,
         }
+        self.services.apply(&model.services);
+    }
+
+    /// The services (`ClusterIP:port` → endpoints) and their balancer.
+    pub fn services(&self) -> &Balancer {
+        &self.services
     }
 
     /// Adds a local pod (replacing one with the same container id).
