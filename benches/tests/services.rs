@@ -212,7 +212,13 @@ fn unready_endpoints_get_no_connections() {
     let server = lab.pod(2, 1).expect("n2-p1");
     let _running = NameServer::start(&server);
     let vip = SocketAddr::new(IpAddr::from(CLUSTER_IP), PORT);
-    let mut service = lab::service("web", vip.ip(), PORT, TARGET_PORT, &[server.clone()]);
+    let mut service = lab::service(
+        "web",
+        vip.ip(),
+        PORT,
+        TARGET_PORT,
+        std::slice::from_ref(&server),
+    );
     service.endpoints[0].ready = false;
     lab.set_services(vec![service.clone()]).expect("publish");
     assert!(call(&client, vip).is_err(), "no ready endpoint: reset");
