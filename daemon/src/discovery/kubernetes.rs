@@ -870,3 +870,110 @@ pub async fn run(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(name: &str) -> Keyed<String> {
+        (name.to_owned(), Some(name.to_uppercase()))
+    }
+
+    #[test]
+    fn a_relist_is_swapped_in_whole_when_done() {
+        let mut s: Store<String> = Store::default();
+        assert!(!s.apply(Event::Init));
+        assert!(!s.apply(Event::InitApply(rec("a"))));
+        assert!(
+            s.items().is_empty() && !s.synced(),
+            "nothing visible mid-list"
+        );
+        assert!(s.apply(Event::InitDone));
+        assert!(s.synced());
+        assert!(s.apply(Event::Apply(rec("b"))));
+        assert_eq!(s.items().len(), 2);
+
+        // Relist (after 410 Gone): the old items stay visible until InitDone,
+        // then whatever the relist lacks is gone.
+        s.apply(Event::Init);
+        s.apply(Event::InitApply(rec("c")));
+        assert_eq!(s.items().len(), 2, "old items kept while relisting");
+        s.apply(Event::InitDone);
+        let mut keys: Vec<&String> = s.items().keys().collect();
+        keys.sort();
+        assert_eq!(keys, ["c"]);
+
+        // An object that became unusable is removed; a delete too.
+        s.apply(Event::Apply(("c".into(), None)));
+        assert!(s.items().is_empty());
+        s.apply(Event::Apply(rec("d")));
+        assert!(s.apply(Event::Delete(("d".into(), None))));
+        assert!(!s.apply(Event::Delete(("d".into(), None))));
+    }
+
+    #[test]
+    fn config_accepts_the_kubernetes_source() {
+        let c: crate::config::Config =
+            serde_yaml::from_str("node_name: n1\ndiscovery: {source: kubernetes}\n")
+                .expect("parse");
+        assert_eq!(
+            c.discovery.source,
+            crate::config::DiscoverySource::Kubernetes
+        );
+    }
+
+    #[test]
+    fn named_target_ports_resolve_through_slices_and_unknown_nodes_are_dropped() {
+        let mut st = KubeState::default();
+        st.nodes.apply(Event::Apply((
+            "n1".into(),
+            Some(NodeRecord {
+                name: "n1".into(),
+                address: "192.0.2.1".parse().expect("ip"),
+                pod_cidrs: vec![],
+            }),
+        )));
+        st.services.apply(Event::Apply((
+            "shop/web".into(),
+            Some(ServiceRecord {
+                namespace: "shop".into(),
+                name: "web".into(),
+                cluster_ips: vec!["10.96.0.10".parse().expect("ip")],
+                ports: vec![
+                    ServicePortRecord {
+                        name: Some("http".into()),
+                        port: 80,
+                        target: TargetPort::Name("http".into()),
+                        protocol: Protocol::Tcp,
+                    },
+                    ServicePortRecord {
+                        name: Some("admin".into()),
+                        port: 81,
+                        target: TargetPort::Name("admin".into()),
+                        protocol: Protocol::Tcp,
+                    },
+                ],
+            }),
+        )));
+        st.slices.apply(Event::Apply((
+            "shop/web-abc".into(),
+            Some(SliceRecord {
+                namespace: "shop".into(),
+                service: "web".into(),
+                ports: vec![(Some("http".into()), 8080, Protocol::Tcp)],
+                endpoints: vec![EndpointRecord {
+                    ips: vec!["10.244.1.5".parse().expect("ip")],
+                    node: Some("n9".into()),
+                    ready: true,
+                    pod: Some("web-1".into()),
+                }],
+            }),
+        )));
+        let m = st.model();
+        m.validate().expect("valid");
+        let s = &m.services[0];
+        assert_eq!(s.ports.len(), 1, "unresolvable named port left out");
+        assert_eq!(s.ports[0].target_port, 8080);
+        assert_eq!(s.endpoints[0].node, None, "unknown node dropped");
+    }
+}
