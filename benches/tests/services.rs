@@ -177,15 +177,24 @@ fn service_connections_are_balanced_and_a_killed_endpoint_is_avoided() {
     }
     drop(held);
 
-    // Phase 2: kill the server n2-p2 (its listener closes: L2 gets a refusal
-    // and answers CONNECT_FAILED), then 60 connections one after another.
+    // Phase 2: connections one after another; after 30 of them the server
+    // n2-p2 is killed (its listener closes: L2 gets a refusal and answers
+    // CONNECT_FAILED). Not one client connection may fail, before or after.
     let killed = servers[2].name.clone();
-    running[2].kill();
-    for i in 0..60 {
-        let (name, _s) = call(&client, vip)
-            .unwrap_or_else(|e| panic!("connection {i} after the kill failed: {e}"));
-        assert_ne!(name, killed, "connection {i} reached the killed server");
+    let mut before_kill = 0;
+    for i in 0..150 {
+        if i == 30 {
+            running[2].kill();
+        }
+        let (name, _s) =
+            call(&client, vip).unwrap_or_else(|e| panic!("connection {i} failed: {e}"));
+        if i < 30 {
+            before_kill += usize::from(name == killed);
+        } else {
+            assert_ne!(name, killed, "connection {i} reached the killed server");
+        }
     }
+    assert!(before_kill > 0, "{killed} was in rotation before the kill");
     let samples = lab.metrics(1).expect("metrics");
     let svc = [("service", "lab/web")];
     assert!(
