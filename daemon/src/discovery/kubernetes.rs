@@ -43,6 +43,10 @@ use crate::admin::Readiness;
 use crate::metrics as m;
 use crate::registry::Registry;
 
+/// Most watch events folded into one model rebuild, so that a flood of
+/// updates still reaches the registry regularly.
+pub const MAX_BATCH: usize = 1000;
+
 /// Label of an EndpointSlice naming its Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 
@@ -806,9 +810,12 @@ pub async fn run(
             warn!("kubernetes watch streams ended");
             return;
         };
-        // Coalesce whatever is already waiting into one model.
+        // Coalesce whatever is already waiting (up to MAX_BATCH events) into
+        // one model.
         let mut next = Some(first);
+        let mut batch = 0;
         while let Some((kind, res)) = next.take() {
+            batch += 1;
             match res {
                 Ok(update) => dirty |= state.apply(update),
                 Err(e) if kind == Kind::Policy && is_not_found(&e) => {
@@ -829,7 +836,9 @@ pub async fn run(
                     }
                 }
             }
-            next = streams.next().now_or_never().flatten();
+            if batch < MAX_BATCH {
+                next = streams.next().now_or_never().flatten();
+            }
         }
         if !dirty || !state.synced() {
             if !state.synced() {
