@@ -99,8 +99,17 @@ pub async fn handle(
         }
         let endpoint = lease.backend().addr;
         let (dst_namespace, dst_workload) = proxy.describe_ip(endpoint.ip());
-        edge.dst_namespace = dst_namespace;
-        edge.dst_workload = dst_workload;
+        match (&lease.backend().pod, dst_workload == m::UNKNOWN) {
+            // Not a pod discovery knows: name it by the endpoint's targetRef.
+            (Some(pod), true) => {
+                edge.dst_namespace = service.namespace.clone();
+                edge.dst_workload = pod.clone();
+            }
+            _ => {
+                edge.dst_namespace = dst_namespace;
+                edge.dst_workload = dst_workload;
+            }
+        }
         let attempt_span =
             info_span!("endpoint", service = %service.service, endpoint = %endpoint, attempt);
         match connect(proxy, pod, &src, client, endpoint, &mut edge)
