@@ -15,7 +15,7 @@ use std::process::ExitStatus;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use nodemesh::discovery::model::{ClusterModel, Node, Pod};
+use nodemesh::discovery::model::{ClusterModel, Endpoint, Node, Pod, Service, ServicePort};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -200,6 +200,9 @@ pub struct LabState {
     pub nodes: Vec<NodeState>,
     /// Pods.
     pub pods: Vec<PodState>,
+    /// Services published in discovery (see [`Lab::set_services`]).
+    #[serde(default)]
+    pub services: Vec<Service>,
 }
 
 impl LabState {
@@ -261,6 +264,7 @@ impl LabState {
                     })
                 })
                 .collect(),
+            services: self.services.clone(),
             ..ClusterModel::default()
         }
     }
@@ -307,6 +311,37 @@ impl PodHandle {
     /// Runs `program args` inside the pod's namespace.
     pub fn exec(&self, program: &str, args: &[&str]) -> Result<Output, LabError> {
         netns::exec_in(&self.netns, program, args.iter().copied())
+    }
+}
+
+/// A TCP service `lab/<name>` on `cluster_ip:port` whose ready endpoints are
+/// `pods` on `target_port`, as an EndpointSlice would list them.
+pub fn service(
+    name: &str,
+    cluster_ip: IpAddr,
+    port: u16,
+    target_port: u16,
+    pods: &[PodHandle],
+) -> Service {
+    Service {
+        namespace: POD_NAMESPACE.into(),
+        name: name.into(),
+        cluster_ips: vec![cluster_ip],
+        ports: vec![ServicePort {
+            name: None,
+            port,
+            target_port,
+            protocol: Default::default(),
+        }],
+        endpoints: pods
+            .iter()
+            .map(|p| Endpoint {
+                ip: IpAddr::V4(p.ip),
+                node: Some(topology::node_name(p.node)),
+                ready: true,
+                target_ref: Some(p.name.clone()),
+            })
+            .collect(),
     }
 }
 
@@ -382,6 +417,7 @@ impl Lab {
                 cni_path,
                 nodes: Vec::new(),
                 pods: Vec::new(),
+                services: Vec::new(),
             },
             daemons: BTreeMap::new(),
             nodemesh,
@@ -763,6 +799,16 @@ impl Lab {
         }
         topology::create_node(&self.state.prefix, index, self.state.nodes.len())?;
         Ok(topology::node_netns(&self.state.prefix, index))
+    }
+
+    /// Replaces the services in discovery and publishes them to the daemons.
+    pub fn set_services(&mut self, services: Vec<Service>) -> Result<(), LabError> {
+        self.state.services = services;
+        self.state.save()?;
+        if self.state.mesh {
+            self.publish_discovery()?;
+        }
+        Ok(())
     }
 
     /// The prefix.

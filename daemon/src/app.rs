@@ -77,17 +77,26 @@ impl Daemon {
         info!(node = %creds.node, not_after = ?creds.not_after, "node credentials loaded");
         let registry = Arc::new(Registry::new(&config.node_name, config.ports.tunnel));
 
-        // First discovery load before anything dials or accepts, so peers are known.
-        let mut last = None;
-        discovery::file::poll_once(&config.discovery.file, &mut last, &registry, &ready);
-        tokio::spawn(discovery::file::watch(
-            config.discovery.file.clone(),
-            Duration::from_millis(config.discovery.poll_interval_ms),
-            last,
-            registry.clone(),
-            ready.clone(),
-            shutdown.clone(),
-        ));
+        if config.discovery.source == crate::config::DiscoverySource::Kubernetes {
+            // Readiness waits for the first full list of every watched kind.
+            tokio::spawn(discovery::kubernetes::run_inferred(
+                registry.clone(),
+                ready.clone(),
+                shutdown.clone(),
+            ));
+        } else {
+            // First discovery load before anything dials or accepts, so peers are known.
+            let mut last = None;
+            discovery::file::poll_once(&config.discovery.file, &mut last, &registry, &ready);
+            tokio::spawn(discovery::file::watch(
+                config.discovery.file.clone(),
+                Duration::from_millis(config.discovery.poll_interval_ms),
+                last,
+                registry.clone(),
+                ready.clone(),
+                shutdown.clone(),
+            ));
+        }
 
         let known: Arc<dyn KnownNodes> = registry.clone();
         let server_tls = identity::server_config(&creds, &config.trust_domain, known)?;

@@ -91,7 +91,7 @@ pub struct PortsConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DiscoveryConfig {
-    /// Source kind. Only `file` so far.
+    /// Source kind: `file` (default) or `kubernetes`.
     pub source: DiscoverySource,
     /// The YAML file for the `file` source. Default `/etc/nodemesh/discovery.yaml`.
     pub file: PathBuf,
@@ -105,6 +105,9 @@ pub struct DiscoveryConfig {
 pub enum DiscoverySource {
     /// A YAML file (standalone, lab, tests).
     File,
+    /// Watches of the Kubernetes API server (in-cluster service account, or
+    /// the kubeconfig named by `KUBECONFIG`).
+    Kubernetes,
 }
 
 /// Log output format.

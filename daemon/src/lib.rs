@@ -9,6 +9,7 @@
 
 pub mod admin;
 pub mod app;
+pub mod balancer;
 pub mod cli;
 pub mod cni_server;
 pub mod config;
@@ -18,6 +19,7 @@ pub mod inbound;
 pub mod metrics;
 pub mod netns;
 pub mod outbound;
+pub mod outbound_service;
 pub mod pods;
 pub mod policy;
 pub mod proxy;

@@ -46,6 +46,12 @@ pub const CNI_REQUESTS: &str = "nodemesh_cni_requests_total";
 pub const DISCOVERY_RELOADS: &str = "nodemesh_discovery_reloads_total";
 /// Gauge: connections currently being relayed.
 pub const CONNECTIONS_ACTIVE: &str = "nodemesh_connections_active";
+/// Counter: service endpoints ejected after a connect failure; label `service`
+/// (`namespace/name`).
+pub const ENDPOINT_EJECTIONS: &str = "nodemesh_endpoint_ejections_total";
+/// Counter: service connections retried on another endpoint after a connect
+/// failure; label `service`.
+pub const SERVICE_RETRIES: &str = "nodemesh_service_retries_total";
 
 /// Placeholder for an unknown namespace or workload.
 pub const UNKNOWN: &str = "unknown";

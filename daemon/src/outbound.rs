@@ -78,6 +78,10 @@ async fn handle(proxy: &Proxy, pod: &LocalPod, tcp: TcpStream, client: SocketAdd
         reset_tcp(tcp);
         return;
     }
+    if let Some(service) = proxy.registry.services().lookup(dst) {
+        // A ClusterIP: balanced across the service's endpoints, with a retry.
+        return crate::outbound_service::handle(proxy, pod, tcp, client, dst, service).await;
+    }
     let src = proxy.workload_of(pod);
     let route = proxy.registry.resolve(dst.ip());
     let (dst_namespace, dst_workload) = proxy.describe_ip(dst.ip());
@@ -199,7 +203,7 @@ async fn tunnel(
     finish(edge, started, res);
 }
 
-async fn relay_tcp(edge: &Edge, client: TcpStream, server: TcpStream) {
+pub(crate) async fn relay_tcp(edge: &Edge, client: TcpStream, server: TcpStream) {
     let counters = edge.opened();
     let started = Instant::now();
     let res = relay::tcp_tcp(client, server, counters.src_to_dst, counters.dst_to_src).await;
@@ -224,7 +228,7 @@ pub fn finish(edge: &Edge, started: Instant, res: Result<RelayStats, RelayError>
     }
 }
 
-fn fail(edge: &Edge, tcp: TcpStream, reason: &'static str, err: &dyn std::fmt::Display) {
+pub(crate) fn fail(edge: &Edge, tcp: TcpStream, reason: &'static str, err: &dyn std::fmt::Display) {
     warn!(reason, error = %err, "connection failed before relaying; resetting client");
     edge.failed(reason);
     reset_tcp(tcp);

@@ -18,6 +18,7 @@ use dashmap::DashMap;
 use ipnet::IpNet;
 use tracing::warn;
 
+use crate::balancer::Balancer;
 use crate::discovery::model::{ClusterModel, Mode, Node, Pod};
 use crate::identity::KnownNodes;
 use crate::metrics as m;
@@ -211,6 +212,7 @@ pub struct Registry {
     local: DashMap<String, Arc<LocalPod>>,
     local_by_ip: DashMap<IpAddr, Arc<LocalPod>>,
     live: LiveConns,
+    services: Balancer,
 }
 
 impl Registry {
@@ -223,6 +225,7 @@ impl Registry {
             local: DashMap::new(),
             local_by_ip: DashMap::new(),
             live: LiveConns::default(),
+            services: Balancer::default(),
         }
     }
 
@@ -253,6 +256,7 @@ impl Registry {
             Ok(mut g) => *g = next.clone(),
             Err(poisoned) => *poisoned.into_inner() = next.clone(),
         }
+        self.services.apply(&model.services);
         self.revoke(&next)
     }
 
@@ -290,6 +294,11 @@ impl Registry {
                 .increment(1);
         }
         revoked.len()
+    }
+
+    /// The services (`ClusterIP:port` → endpoints) and their balancer.
+    pub fn services(&self) -> &Balancer {
+        &self.services
     }
 
     /// Adds a local pod (replacing one with the same container id).
