@@ -5,11 +5,15 @@
 //! and reused; concurrent first uses share one handshake (a per-peer async
 //! lock held across the dial); a closed connection is replaced on next use.
 //! The stream header codec lives in [`header`].
+//!
+//! TLS configurations are swappable (certificate rotation, see
+//! `identity::reload`): [`Tunnels::set_tls`] installs new ones for new
+//! handshakes on both sides; open connections keep theirs.
 
 pub mod header;
 
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use dashmap::DashMap;
@@ -82,7 +86,9 @@ type Slot = Arc<Mutex<Option<Connection>>>;
 #[derive(Debug)]
 pub struct Tunnels {
     endpoint: Endpoint,
-    client: quinn::ClientConfig,
+    transport: Arc<TransportConfig>,
+    /// Used by every new dial; replaced by [`Tunnels::set_tls`].
+    client: RwLock<quinn::ClientConfig>,
     peers: DashMap<String, Slot>,
     handshake_timeout: Duration,
 }
@@ -123,14 +129,7 @@ impl Tunnels {
         client_tls: rustls::ClientConfig,
     ) -> Result<Self, TunnelError> {
         let transport = Arc::new(transport_config(cfg)?);
-        let server_crypto =
-            QuicServerConfig::try_from(server_tls).map_err(|e| TunnelError::Tls(e.to_string()))?;
-        let mut server = quinn::ServerConfig::with_crypto(Arc::new(server_crypto));
-        server.transport_config(transport.clone());
-        let client_crypto =
-            QuicClientConfig::try_from(client_tls).map_err(|e| TunnelError::Tls(e.to_string()))?;
-        let mut client = quinn::ClientConfig::new(Arc::new(client_crypto));
-        client.transport_config(transport);
+        let (server, client) = quic_configs(&transport, server_tls, client_tls)?;
 
         let socket = udp_socket(addr, cfg.udp_buffer)
             .map_err(|source| TunnelError::Bind { addr, source })?;
@@ -142,10 +141,35 @@ impl Tunnels {
             .map_err(|source| TunnelError::Bind { addr, source })?;
         Ok(Self {
             endpoint,
-            client,
+            transport,
+            client: RwLock::new(client),
             peers: DashMap::new(),
             handshake_timeout: Duration::from_millis(cfg.handshake_timeout_ms),
         })
+    }
+
+    /// Installs new TLS configurations: `server_tls` for handshakes the
+    /// endpoint accepts from now on, `client_tls` for tunnels dialled from
+    /// now on. Open connections are untouched.
+    pub fn set_tls(
+        &self,
+        server_tls: rustls::ServerConfig,
+        client_tls: rustls::ClientConfig,
+    ) -> Result<(), TunnelError> {
+        let (server, client) = quic_configs(&self.transport, server_tls, client_tls)?;
+        self.endpoint.set_server_config(Some(server));
+        match self.client.write() {
+            Ok(mut guard) => *guard = client,
+            Err(poisoned) => *poisoned.into_inner() = client,
+        }
+        Ok(())
+    }
+
+    fn client_config(&self) -> quinn::ClientConfig {
+        match self.client.read() {
+            Ok(guard) => guard.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
     }
 
     /// The endpoint (for the accept loop and shutdown).
@@ -175,7 +199,7 @@ impl Tunnels {
         debug!(peer, %addr, "dialling tunnel");
         let connecting = self
             .endpoint
-            .connect_with(self.client.clone(), addr, peer)
+            .connect_with(self.client_config(), addr, peer)
             .map_err(|source| TunnelError::Connect {
                 peer: peer.to_owned(),
                 addr,
@@ -225,6 +249,33 @@ impl Tunnels {
             })
             .count()
     }
+}
+
+impl crate::identity::reload::TlsInstaller for Tunnels {
+    fn install_tls(
+        &self,
+        server: rustls::ServerConfig,
+        client: rustls::ClientConfig,
+    ) -> Result<(), String> {
+        self.set_tls(server, client).map_err(|e| e.to_string())
+    }
+}
+
+/// The quinn server and client configs over `transport` for the given TLS configs.
+fn quic_configs(
+    transport: &Arc<TransportConfig>,
+    server_tls: rustls::ServerConfig,
+    client_tls: rustls::ClientConfig,
+) -> Result<(quinn::ServerConfig, quinn::ClientConfig), TunnelError> {
+    let server_crypto =
+        QuicServerConfig::try_from(server_tls).map_err(|e| TunnelError::Tls(e.to_string()))?;
+    let mut server = quinn::ServerConfig::with_crypto(Arc::new(server_crypto));
+    server.transport_config(transport.clone());
+    let client_crypto =
+        QuicClientConfig::try_from(client_tls).map_err(|e| TunnelError::Tls(e.to_string()))?;
+    let mut client = quinn::ClientConfig::new(Arc::new(client_crypto));
+    client.transport_config(transport.clone());
+    Ok((server, client))
 }
 
 /// Status codes double as QUIC stream reset and stop codes.
