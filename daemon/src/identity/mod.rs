@@ -532,6 +532,11 @@ pub fn client_config(
     Ok(config)
 }
 
+/// The expiry of a DER certificate, if it parses.
+pub fn leaf_not_after(der: &CertificateDer<'_>) -> Option<SystemTime> {
+    parse_leaf(der).ok().map(|leaf| leaf.not_after)
+}
+
 /// The authenticated peer node of an established tunnel connection.
 pub fn peer_node(conn: &quinn::Connection, trust_domain: &str) -> Option<String> {
     let identity = conn.peer_identity()?;

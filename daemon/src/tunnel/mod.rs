@@ -314,7 +314,129 @@ fn udp_socket(addr: SocketAddr, buffer: usize) -> std::io::Result<std::net::UdpS
 
 #[cfg(test)]
 mod tests {
+    use std::time::SystemTime;
+
     use super::*;
+    use crate::config::TlsConfig;
+    use crate::identity::certs::{generate_ca, issue_node, GeneratedCa};
+    use crate::identity::{client_config, server_config, Credentials, KnownNodes, TlsFiles};
+
+    const TD: &str = "cluster.local";
+
+    #[derive(Debug)]
+    struct AllNodes;
+    impl KnownNodes for AllNodes {
+        fn is_known(&self, _: &str) -> bool {
+            true
+        }
+    }
+
+    fn creds(ca: &GeneratedCa, node: &str, days: u32) -> Credentials {
+        let (cert, key) = issue_node(ca, TD, node, days, 0).expect("issue");
+        let files = TlsFiles {
+            cert: cert.into_bytes(),
+            key: key.into_bytes(),
+            bundle: ca.cert_pem.clone().into_bytes(),
+        };
+        Credentials::from_files(&TlsConfig::default(), &files, TD, node).expect("credentials")
+    }
+
+    fn tls(c: &Credentials) -> (rustls::ServerConfig, rustls::ClientConfig) {
+        (
+            server_config(c, TD, Arc::new(AllNodes)).expect("server config"),
+            client_config(c, TD).expect("client config"),
+        )
+    }
+
+    fn bind(c: &Credentials) -> Tunnels {
+        let (server, client) = tls(c);
+        let cfg = TunnelConfig {
+            udp_buffer: 1 << 20,
+            ..TunnelConfig::default()
+        };
+        Tunnels::bind(SocketAddr::from(([127, 0, 0, 1], 0)), &cfg, server, client).expect("bind")
+    }
+
+    /// The expiry of the certificate the peer of `conn` presented, in Unix seconds.
+    fn peer_not_after(conn: &Connection) -> u64 {
+        let chain = conn
+            .peer_identity()
+            .expect("peer identity")
+            .downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
+            .expect("certificate chain");
+        let leaf = crate::identity::leaf_not_after(chain.first().expect("leaf")).expect("parse");
+        unix(leaf)
+    }
+
+    fn unix(t: SystemTime) -> u64 {
+        t.duration_since(SystemTime::UNIX_EPOCH)
+            .expect("after epoch")
+            .as_secs()
+    }
+
+    /// Accepts tunnels on `endpoint`: reports each one's client certificate
+    /// expiry on `seen`, and echoes every stream.
+    async fn echo_server(endpoint: Endpoint, seen: tokio::sync::mpsc::UnboundedSender<u64>) {
+        while let Some(incoming) = endpoint.accept().await {
+            let Ok(conn) = incoming.await else { continue };
+            let _ = seen.send(peer_not_after(&conn));
+            tokio::spawn(async move {
+                while let Ok((mut send, mut recv)) = conn.accept_bi().await {
+                    let data = recv.read_to_end(1 << 16).await.expect("read");
+                    send.write_all(&data).await.expect("write");
+                    send.finish().expect("finish");
+                }
+            });
+        }
+    }
+
+    async fn echo(conn: &Connection, msg: &[u8]) {
+        let (mut send, mut recv) = conn.open_bi().await.expect("open stream");
+        send.write_all(msg).await.expect("write");
+        send.finish().expect("finish");
+        assert_eq!(recv.read_to_end(1 << 16).await.expect("read"), msg);
+    }
+
+    #[tokio::test]
+    async fn set_tls_keeps_open_tunnels_and_new_tunnels_present_the_new_certificates() {
+        let deadline = Duration::from_secs(20);
+        let ca = generate_ca(TD, 30).expect("ca");
+        let (old1, old2) = (creds(&ca, "n1", 30), creds(&ca, "n2", 30));
+        let (new1, new2) = (creds(&ca, "n1", 10), creds(&ca, "n2", 10));
+        let (n1, n2) = (bind(&old1), bind(&old2));
+        let addr2 = n2.endpoint().local_addr().expect("addr");
+        let (seen_tx, mut seen) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(echo_server(n2.endpoint().clone(), seen_tx));
+
+        let run = async {
+            let old = n1.connection("n2", addr2).await.expect("dial");
+            echo(&old, b"before").await;
+            assert_eq!(peer_not_after(&old), unix(old2.not_after));
+            assert_eq!(seen.recv().await, Some(unix(old1.not_after)));
+
+            let (server, client) = tls(&new2);
+            n2.set_tls(server, client).expect("install on n2");
+            let (server, client) = tls(&new1);
+            n1.set_tls(server, client).expect("install on n1");
+
+            // The open tunnel carries on, and is still the pooled one.
+            echo(&old, b"after").await;
+            let pooled = n1.connection("n2", addr2).await.expect("pooled");
+            assert_eq!(pooled.stable_id(), old.stable_id());
+            assert_eq!(n1.open_count(), 1);
+
+            // A new tunnel: each side presents its new certificate.
+            let fresh = n1.dial("n2", addr2).await.expect("new dial");
+            echo(&fresh, b"fresh").await;
+            assert_eq!(peer_not_after(&fresh), unix(new2.not_after));
+            assert_eq!(seen.recv().await, Some(unix(new1.not_after)));
+            assert_ne!(unix(new1.not_after), unix(old1.not_after));
+            echo(&old, b"still").await;
+        };
+        tokio::time::timeout(deadline, run)
+            .await
+            .expect("bounded test");
+    }
 
     #[test]
     fn default_transport_config_is_valid() {
