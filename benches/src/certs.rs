@@ -38,7 +38,9 @@ pub fn reissue_node_cert(
 /// [`reissue_node_cert`] for lab node `node` (from 1).
 pub fn reissue(lab: &Lab, node: usize, days: u32, backdate_days: u32) -> Result<(), LabError> {
     let name = lab.node(node)?.name.clone();
-    let bin = lab.nodemesh_bin().ok_or(LabError::NoDaemon { node: name.clone() })?;
+    let bin = lab
+        .nodemesh_bin()
+        .ok_or(LabError::NoDaemon { node: name.clone() })?;
     reissue_node_cert(bin, &lab.cert_dir(), &name, days, backdate_days)
 }
 

@@ -82,9 +82,7 @@ fn slow_stream(
                 match go.recv_timeout(Duration::from_millis(50)) {
                     Ok(()) => Ok(()),
                     Err(mpsc::RecvTimeoutError::Timeout) => Err(ErrorKind::WouldBlock.into()),
-                    Err(mpsc::RecvTimeoutError::Disconnected) => {
-                        Err(ErrorKind::BrokenPipe.into())
-                    }
+                    Err(mpsc::RecvTimeoutError::Disconnected) => Err(ErrorKind::BrokenPipe.into()),
                 }
             };
             match wait {
@@ -116,8 +114,7 @@ fn slow_stream(
 }
 
 #[test]
-fn rotating_node_certificates_keeps_a_streaming_connection_and_new_tunnels_present_the_new_ones()
-{
+fn rotating_node_certificates_keeps_a_streaming_connection_and_new_tunnels_present_the_new_ones() {
     let mut lab = Lab::up(LabOptions::for_test(2, 1)).expect("lab up");
     let prefix = lab.prefix().to_owned();
     let (client, server) = (lab.pod(1, 1).expect("n1-p1"), lab.pod(2, 1).expect("n2-p1"));
@@ -158,14 +155,15 @@ fn rotating_node_certificates_keeps_a_streaming_connection_and_new_tunnels_prese
     }
     let mut after = Vec::new();
     for n in [1usize, 2] {
-        let samples = certs::wait_metrics(&lab, n, "the rotated certificate", RELOAD_TIMEOUT, |s| {
-            certs::value(s, RELOADS, &[("result", "ok")]) >= 1.0
-                && node_expiry(s, n) < before[n - 1] - 300.0 * 86_400.0
-        })
-        .unwrap_or_else(|e| {
-            let log = lab.daemon_log(n).expect("log");
-            panic!("{e}\n{}", nodemesh_lab::daemon::log_tail(&log, 30))
-        });
+        let samples =
+            certs::wait_metrics(&lab, n, "the rotated certificate", RELOAD_TIMEOUT, |s| {
+                certs::value(s, RELOADS, &[("result", "ok")]) >= 1.0
+                    && node_expiry(s, n) < before[n - 1] - 300.0 * 86_400.0
+            })
+            .unwrap_or_else(|e| {
+                let log = lab.daemon_log(n).expect("log");
+                panic!("{e}\n{}", nodemesh_lab::daemon::log_tail(&log, 30))
+            });
         assert_eq!(certs::value(&samples, RELOADS, &[("result", "error")]), 0.0);
         let expiry = node_expiry(&samples, n);
         assert!(
@@ -258,7 +256,11 @@ fn an_expired_node_certificate_makes_the_daemon_not_ready_and_its_peer_refuses_i
     let ready = lab.admin_get(1, "/ready").expect("ready");
     assert_eq!(ready.status, 503, "{}", ready.body);
     assert!(ready.body.contains("credentials:"), "{}", ready.body);
-    assert!(ready.body.contains("n1.pem expired at unix time"), "{}", ready.body);
+    assert!(
+        ready.body.contains("n1.pem expired at unix time"),
+        "{}",
+        ready.body
+    );
     assert!(ready.body.contains("nodemesh certs node"), "{}", ready.body);
     let log = std::fs::read_to_string(lab.daemon_log(1).expect("log")).expect("read log");
     assert!(log.contains("node certificate expired"), "{log}");
@@ -279,9 +281,13 @@ fn an_expired_node_certificate_makes_the_daemon_not_ready_and_its_peer_refuses_i
         Err(e) if e.kind() == ErrorKind::ConnectionReset => {}
         other => panic!("expected a reset connection, got {other:?}"),
     }
-    certs::wait_metrics(&lab, 2, "an expired-certificate refusal", RELOAD_TIMEOUT, |s| {
-        certs::value(s, REFUSED, &[("side", "server"), ("reason", "expired")]) > refused_before
-    })
+    certs::wait_metrics(
+        &lab,
+        2,
+        "an expired-certificate refusal",
+        RELOAD_TIMEOUT,
+        |s| certs::value(s, REFUSED, &[("side", "server"), ("reason", "expired")]) > refused_before,
+    )
     .expect("n2 refuses n1");
     assert!(
         matches!(listener.accept(), Err(e) if e.kind() == ErrorKind::WouldBlock),
@@ -290,8 +296,7 @@ fn an_expired_node_certificate_makes_the_daemon_not_ready_and_its_peer_refuses_i
 
     // Valid files appear: n1 becomes ready without a restart, and serves.
     certs::reissue(&lab, 1, 30, 0).expect("valid certificate");
-    certs::wait_admin(&lab, 1, "/ready", RELOAD_TIMEOUT, |r| r.status == 200)
-        .expect("ready again");
+    certs::wait_admin(&lab, 1, "/ready", RELOAD_TIMEOUT, |r| r.status == 200).expect("ready again");
     let samples = lab.metrics(1).expect("metrics");
     assert!(certs::value(&samples, RELOADS, &[("result", "ok")]) >= 1.0);
     drop(listener);

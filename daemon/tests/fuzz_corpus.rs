@@ -36,10 +36,9 @@ fn every_target_has_a_corpus_and_every_kept_input_passes() {
 
 #[test]
 fn the_fuzz_crate_declares_every_target() {
-    let manifest = std::fs::read_to_string(
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/Cargo.toml"),
-    )
-    .expect("fuzz/Cargo.toml");
+    let manifest =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/Cargo.toml"))
+            .expect("fuzz/Cargo.toml");
     for (target, _) in checks::TARGETS {
         assert!(
             manifest.contains(&format!("path = \"fuzz_targets/{target}.rs\"")),

@@ -11,8 +11,11 @@ use std::path::Path;
 use nodemesh::tunnel::header::{Decoded, Status, StreamHeader};
 use nodemesh_cni::proto::{self, FrameError, Request, Response};
 
+/// A target's check: panics when a property is broken.
+pub type Check = fn(&[u8]);
+
 /// Every target: its name (= `fuzz_targets/<name>.rs`, `corpus/<name>/`) and check.
-pub const TARGETS: &[(&str, fn(&[u8]))] = &[
+pub const TARGETS: &[(&str, Check)] = &[
     ("stream_header", stream_header),
     ("cni_request", cni_request),
     ("cni_netconf", cni_netconf),
