@@ -21,6 +21,7 @@ pub const TARGETS: &[(&str, Check)] = &[
     ("cni_netconf", cni_netconf),
     ("discovery_file", discovery_file),
     ("config_file", config_file),
+    ("tls_files", tls_files),
 ];
 
 /// The stream header and status decoders (docs/protocol.md): whatever
@@ -119,4 +120,24 @@ pub fn config_file(data: &[u8]) {
         assert_eq!(again, config);
         assert_eq!(again.validate().is_ok(), valid);
     }
+}
+
+/// The node credential files as the start-up load and the reloader check
+/// them (PEM, X.509, keys, bundle, identity): the input is the certificate,
+/// key and bundle files separated by NUL bytes. Errors are fine; panics are not.
+pub fn tls_files(data: &[u8]) {
+    let mut parts = data.splitn(3, |b| *b == 0);
+    let files = nodemesh::identity::TlsFiles {
+        cert: parts.next().unwrap_or_default().to_vec(),
+        key: parts.next().unwrap_or_default().to_vec(),
+        bundle: parts.next().unwrap_or_default().to_vec(),
+    };
+    let tls = nodemesh::config::TlsConfig::default();
+    if let Ok(creds) =
+        nodemesh::identity::Credentials::from_files(&tls, &files, "cluster.local", "n1")
+    {
+        assert_eq!(creds.node, "n1");
+        assert!(!creds.chain.is_empty());
+    }
+    let _ = nodemesh::identity::bundle_cas(&files.bundle);
 }
