@@ -8,10 +8,12 @@
 //! (ring provider, ALPN `nodemesh/1`) whose verifiers refuse peers with a log
 //! line and a count of `nodemesh_tunnel_peer_refused_total{side,reason}`.
 //!
-//! Reload (issue 5): configs hold their credentials and bundle by `Arc` and
-//! never re-read files; to rotate, load new [`Credentials`], build new configs
-//! and hand them to quinn (`Endpoint::set_server_config`, `connect_with`):
-//! open connections keep the config they were made with.
+//! Reload: configs hold their credentials and bundle by `Arc` and never
+//! re-read files; [`reload::Reloader`] polls the files' content, builds new
+//! [`Credentials`] ([`Credentials::from_files`]) and configs, and installs
+//! them in the tunnel endpoint for new handshakes: open connections keep the
+//! config they were made with. It also owns expiry readiness and the
+//! certificate metrics.
 
 pub mod certs;
 mod leaf;
