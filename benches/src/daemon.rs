@@ -133,6 +133,7 @@ pub fn node_config(
             cert: cert_dir.join(format!("{name}.pem")),
             key: cert_dir.join(format!("{name}-key.pem")),
             bundle: cert_dir.join("ca.pem"),
+            ..TlsConfig::default()
         },
         admin_addr: paths.admin,
         cni_socket: paths.cni_socket.clone(),

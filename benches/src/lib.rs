@@ -8,6 +8,7 @@
 //! - [`lab`]: [`Lab`] (up, down, daemons, pods) and cleanup by prefix.
 //! - [`topology`]: naming and addressing of namespaces, links and CIDRs.
 //! - [`cni`]: the mini container runtime executing a CNI conflist.
+//! - [`certs`]: certificate rotation and expiry helpers for tests.
 //! - [`daemon`]: locating binaries, certificates, config, spawning daemons.
 //! - [`netns`]: sockets and commands inside a network namespace.
 //! - [`traffic`]: deterministic hashed transfers for end-to-end checks.
@@ -16,6 +17,7 @@
 //! - [`demo`]: the per-edge table shown by `nodemesh-lab demo`.
 //! - [`exec`]: running external commands with a deadline.
 
+pub mod certs;
 pub mod cni;
 pub mod daemon;
 pub mod demo;

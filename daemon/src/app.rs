@@ -6,10 +6,15 @@
 //! listeners, CNI socket, new tunnel streams get `UNAVAILABLE`), waits for open
 //! connections up to `drain_timeout_ms`, closes its tunnels and returns.
 //! Registrations stay on disk, so a restarted daemon serves the same pods.
+//!
+//! An expired node certificate does not stop the start: the daemon serves,
+//! reports itself not ready with the reason, and its peers refuse it until
+//! valid files appear (the certificate reloader, `identity::reload`, installs
+//! them). Unreadable or otherwise invalid files at start are fatal.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio_util::sync::CancellationToken;
@@ -19,7 +24,8 @@ use crate::admin::{self, AdminState, Readiness};
 use crate::cni_server;
 use crate::config::Config;
 use crate::discovery;
-use crate::identity::{self, Credentials, KnownNodes};
+use crate::identity::reload::{self, Reloader};
+use crate::identity::{self, KnownNodes};
 use crate::inbound;
 use crate::netns::{NetnsWorker, SocketFactory};
 use crate::pods::PodManager;
@@ -73,7 +79,8 @@ impl Daemon {
         let shutdown = CancellationToken::new();
         let stopped = CancellationToken::new();
 
-        let creds = Credentials::load(&config.tls, &config.trust_domain, &config.node_name)?;
+        let (tls_files, creds) =
+            reload::load_initial(&config.tls, &config.trust_domain, &config.node_name)?;
         info!(node = %creds.node, not_after = ?creds.not_after, "node credentials loaded");
         let registry = Arc::new(Registry::new(&config.node_name, config.ports.tunnel));
 
@@ -99,7 +106,7 @@ impl Daemon {
         }
 
         let known: Arc<dyn KnownNodes> = registry.clone();
-        let server_tls = identity::server_config(&creds, &config.trust_domain, known)?;
+        let server_tls = identity::server_config(&creds, &config.trust_domain, known.clone())?;
         let client_tls = identity::client_config(&creds, &config.trust_domain)?;
         let tunnel_addr = SocketAddr::new(config.node_ip(), config.ports.tunnel);
         let tunnels = Arc::new(Tunnels::bind(
@@ -112,6 +119,22 @@ impl Daemon {
             .endpoint()
             .local_addr()
             .map_err(io_err("tunnel address"))?;
+        let mut reloader = Reloader::new(
+            config.tls.clone(),
+            &config.trust_domain,
+            &config.node_name,
+            known,
+            tunnels.clone(),
+            ready.clone(),
+            tls_files,
+            creds,
+        );
+        reloader.report(SystemTime::now());
+        tokio::spawn(reload::watch(
+            reloader,
+            Duration::from_millis(config.tls.reload_interval_ms),
+            shutdown.clone(),
+        ));
         ready.mark_tunnel();
 
         let sockets: Arc<dyn SocketFactory> =

@@ -18,6 +18,8 @@ pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
 pub const DEFAULT_TUNNEL_PORT: u16 = 15008;
 /// Default admin (metrics, health) port, on all addresses.
 pub const DEFAULT_ADMIN_PORT: u16 = 15020;
+/// Default interval of the TLS files' reload check, in ms.
+pub const DEFAULT_TLS_RELOAD_INTERVAL_MS: u64 = 5_000;
 /// Default directory where pod registrations are persisted across restarts.
 /// Under `/run`: pods' network namespaces do not survive a reboot either.
 pub const DEFAULT_STATE_DIR: &str = "/run/nodemesh/pods";
@@ -73,6 +75,11 @@ pub struct TlsConfig {
     pub key: PathBuf,
     /// Trust bundle: CA certificates peers must chain to. Default `/etc/nodemesh/tls/ca.pem`.
     pub bundle: PathBuf,
+    /// How often the three files are re-read and compared by content (not
+    /// inode: Kubernetes Secret volumes swap symlinks), in ms; changed valid
+    /// files are installed for new tunnels. Also how often the certificate's
+    /// expiry is re-checked. Default 5000.
+    pub reload_interval_ms: u64,
 }
 
 /// Listener ports.
@@ -201,6 +208,7 @@ impl Default for TlsConfig {
             cert: PathBuf::from("/etc/nodemesh/tls/node.pem"),
             key: PathBuf::from("/etc/nodemesh/tls/node-key.pem"),
             bundle: PathBuf::from("/etc/nodemesh/tls/ca.pem"),
+            reload_interval_ms: DEFAULT_TLS_RELOAD_INTERVAL_MS,
         }
     }
 }
@@ -374,6 +382,13 @@ impl Config {
                 "check the file at most every few hundred ms (default 1000)",
             ));
         }
+        if self.tls.reload_interval_ms == 0 {
+            return Err(invalid(
+                "tls.reload_interval_ms",
+                "is 0",
+                "check the certificate files every few seconds (default 5000)",
+            ));
+        }
         if tracing_subscriber::EnvFilter::try_new(&self.log_level).is_err() {
             return Err(invalid(
                 "log_level",
@@ -484,6 +499,10 @@ mod tests {
                 "tunnel.connection_window",
             ),
             (Box::new(|c| c.drain_timeout_ms = 0), "drain_timeout_ms"),
+            (
+                Box::new(|c| c.tls.reload_interval_ms = 0),
+                "tls.reload_interval_ms",
+            ),
             (Box::new(|c| c.log_level = "info,=x=".into()), "log_level"),
         ];
         for (mutate, field) in cases {

@@ -500,6 +500,7 @@ mod tests {
             cert: dir.path().join("node-1.pem"),
             key: dir.path().join("node-1-key.pem"),
             bundle: dir.path().join("ca.pem"),
+            ..crate::config::TlsConfig::default()
         };
         let creds =
             crate::identity::Credentials::load(&tls, "cluster.local", "node-1").expect("load");
@@ -558,6 +559,7 @@ mod tests {
             cert: out.path().join("n2.pem"),
             key: out.path().join("n2-key.pem"),
             bundle: ca_dir.path().join("ca.pem"),
+            ..crate::config::TlsConfig::default()
         };
         crate::identity::Credentials::load(&tls, "example.org", "n2").expect("load");
         assert!(!out.path().join("ca.pem").exists());

@@ -12,6 +12,10 @@ use x509_parser::prelude::FromDer;
 pub(crate) struct LeafInfo {
     /// Every URI subject alternative name, in certificate order.
     pub uris: Vec<String>,
+    /// The subject distinguished name, e.g. `CN=n1`.
+    pub subject: String,
+    /// The serial number, lowercase hex.
+    pub serial: String,
     /// Start of validity.
     pub not_before: SystemTime,
     /// End of validity.
@@ -61,6 +65,8 @@ pub(crate) fn parse_leaf(der: &[u8]) -> Result<LeafInfo, String> {
     let validity = cert.validity();
     Ok(LeafInfo {
         uris,
+        subject: cert.subject().to_string(),
+        serial: cert.raw_serial_as_string().replace(':', ""),
         not_before: from_unix(validity.not_before.timestamp()),
         not_after: from_unix(validity.not_after.timestamp()),
     })

@@ -8,13 +8,16 @@
 //! (ring provider, ALPN `nodemesh/1`) whose verifiers refuse peers with a log
 //! line and a count of `nodemesh_tunnel_peer_refused_total{side,reason}`.
 //!
-//! Reload (issue 5): configs hold their credentials and bundle by `Arc` and
-//! never re-read files; to rotate, load new [`Credentials`], build new configs
-//! and hand them to quinn (`Endpoint::set_server_config`, `connect_with`):
-//! open connections keep the config they were made with.
+//! Reload: configs hold their credentials and bundle by `Arc` and never
+//! re-read files; [`reload::Reloader`] polls the files' content, builds new
+//! [`Credentials`] ([`Credentials::from_files`]) and configs, and installs
+//! them in the tunnel endpoint for new handshakes: open connections keep the
+//! config they were made with. It also owns expiry readiness and the
+//! certificate metrics.
 
 pub mod certs;
 mod leaf;
+pub mod reload;
 pub mod verify;
 
 use std::path::{Path, PathBuf};
@@ -28,7 +31,7 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
 
 use crate::config::TlsConfig;
 use leaf::parse_leaf;
-pub use verify::{PeerRefused, RefusalReason, Side, PEER_REFUSED_METRIC};
+pub use verify::{PeerRefused, RefusalReason, Side, PEER_CERT_EXPIRY_METRIC, PEER_REFUSED_METRIC};
 
 /// ALPN protocol of the tunnel.
 pub const ALPN: &[u8] = b"nodemesh/1";
@@ -253,9 +256,8 @@ fn read(path: &Path) -> Result<Vec<u8>, IdentityError> {
     })
 }
 
-fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, IdentityError> {
-    let bytes = read(path)?;
-    CertificateDer::pem_slice_iter(&bytes)
+fn parse_certs(path: &Path, bytes: &[u8]) -> Result<Vec<CertificateDer<'static>>, IdentityError> {
+    CertificateDer::pem_slice_iter(bytes)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| IdentityError::BadPem {
             path: path.to_owned(),
@@ -263,16 +265,67 @@ fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, IdentityError
         })
 }
 
+/// The raw contents of the three TLS files, read once: what a reload
+/// compares (content, not inode or mtime) and what credentials are built from.
+#[derive(Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    /// `tls.cert`.
+    pub cert: Vec<u8>,
+    /// `tls.key`.
+    pub key: Vec<u8>,
+    /// `tls.bundle`.
+    pub bundle: Vec<u8>,
+}
+
+impl std::fmt::Debug for TlsFiles {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print the key.
+        f.debug_struct("TlsFiles")
+            .field("cert", &self.cert.len())
+            .field("key", &"<redacted>")
+            .field("bundle", &self.bundle.len())
+            .finish()
+    }
+}
+
+impl TlsFiles {
+    /// Reads the three files named by `tls`.
+    pub fn read(tls: &TlsConfig) -> Result<Self, IdentityError> {
+        Ok(Self {
+            cert: read(&tls.cert)?,
+            key: read(&tls.key)?,
+            bundle: read(&tls.bundle)?,
+        })
+    }
+}
+
+/// A CA certificate of the trust bundle, for the expiry metric.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BundleCa {
+    /// Its subject distinguished name, e.g. `O=nodemesh, CN=...`.
+    pub subject: String,
+    /// Its expiry.
+    pub not_after: SystemTime,
+}
+
+/// The CA certificates of a bundle file's contents that parse, in file order
+/// (the bundle was already checked by [`Credentials::from_files`]).
+pub fn bundle_cas(bundle_pem: &[u8]) -> Vec<BundleCa> {
+    CertificateDer::pem_slice_iter(bundle_pem)
+        .filter_map(Result::ok)
+        .filter_map(|der| parse_leaf(&der).ok())
+        .map(|info| BundleCa {
+            subject: info.subject,
+            not_after: info.not_after,
+        })
+        .collect()
+}
+
 impl Credentials {
     /// Loads and checks the files: the leaf must name `node` in `trust_domain`.
     pub fn load(tls: &TlsConfig, trust_domain: &str, node: &str) -> Result<Self, IdentityError> {
         let creds = Self::load_allow_expired(tls, trust_domain, node)?;
-        if creds.is_expired(SystemTime::now()) {
-            return Err(IdentityError::Expired {
-                path: tls.cert.clone(),
-                not_after: creds.not_after,
-            });
-        }
+        creds.check_not_expired(&tls.cert, SystemTime::now())?;
         Ok(creds)
     }
 
@@ -284,7 +337,19 @@ impl Credentials {
         trust_domain: &str,
         node: &str,
     ) -> Result<Self, IdentityError> {
-        let chain = read_certs(&tls.cert)?;
+        Self::from_files(tls, &TlsFiles::read(tls)?, trust_domain, node)
+    }
+
+    /// Builds credentials from file contents already read (paths in `tls`
+    /// are only named in errors). Accepts an expired leaf, as
+    /// [`Credentials::load_allow_expired`]; every other check applies.
+    pub fn from_files(
+        tls: &TlsConfig,
+        files: &TlsFiles,
+        trust_domain: &str,
+        node: &str,
+    ) -> Result<Self, IdentityError> {
+        let chain = parse_certs(&tls.cert, &files.cert)?;
         let Some(leaf_der) = chain.first() else {
             return Err(IdentityError::NoCertificate {
                 path: tls.cert.clone(),
@@ -301,8 +366,7 @@ impl Credentials {
             })?;
         }
 
-        let key_bytes = read(&tls.key)?;
-        let key = match PrivateKeyDer::from_pem_slice(&key_bytes) {
+        let key = match PrivateKeyDer::from_pem_slice(&files.key) {
             Ok(key) => key,
             Err(rustls::pki_types::pem::Error::NoItemsFound) => {
                 return Err(IdentityError::NoPrivateKey {
@@ -333,7 +397,7 @@ impl Credentials {
             }
         }
 
-        let bundle = read_certs(&tls.bundle)?;
+        let bundle = parse_certs(&tls.bundle, &files.bundle)?;
         if bundle.is_empty() {
             return Err(IdentityError::EmptyBundle {
                 path: tls.bundle.clone(),
@@ -398,6 +462,18 @@ impl Credentials {
         now > self.not_after
     }
 
+    /// [`IdentityError::Expired`] naming `cert` if the leaf is expired at `now`.
+    pub fn check_not_expired(&self, cert: &Path, now: SystemTime) -> Result<(), IdentityError> {
+        if self.is_expired(now) {
+            Err(IdentityError::Expired {
+                path: cert.to_owned(),
+                not_after: self.not_after,
+            })
+        } else {
+            Ok(())
+        }
+    }
+
     fn certified_key(
         &self,
         provider: &CryptoProvider,
@@ -458,6 +534,11 @@ pub fn client_config(
     Ok(config)
 }
 
+/// The expiry of a DER certificate, if it parses.
+pub fn leaf_not_after(der: &CertificateDer<'_>) -> Option<SystemTime> {
+    parse_leaf(der).ok().map(|leaf| leaf.not_after)
+}
+
 /// The authenticated peer node of an established tunnel connection.
 pub fn peer_node(conn: &quinn::Connection, trust_domain: &str) -> Option<String> {
     let identity = conn.peer_identity()?;
@@ -504,6 +585,7 @@ mod tests {
                 cert: self.path("n1.pem"),
                 key: self.path("n1-key.pem"),
                 bundle: self.path("ca.pem"),
+                ..TlsConfig::default()
             }
         }
 

@@ -6,6 +6,11 @@
 //! requires the leaf's single URI SAN to be a node SPIFFE id: on the server
 //! side a node of this trust domain that discovery knows, on the client side
 //! exactly the node that was dialled (the `server_name` given to quinn).
+//!
+//! An accepted peer certificate sets
+//! `nodemesh_tunnel_peer_cert_expiry_timestamp_seconds{side,peer}` to its
+//! expiry and is logged at debug with its serial: after a rotation, this shows
+//! which certificate a peer presented on a new tunnel.
 
 use std::fmt;
 use std::sync::Arc;
@@ -25,6 +30,9 @@ use super::{node_from_spiffe_id, node_spiffe_id, KnownNodes};
 
 /// Name of the refusal counter.
 pub const PEER_REFUSED_METRIC: &str = "nodemesh_tunnel_peer_refused_total";
+
+/// Name of the gauge of the last accepted certificate's expiry, per peer.
+pub const PEER_CERT_EXPIRY_METRIC: &str = "nodemesh_tunnel_peer_cert_expiry_timestamp_seconds";
 
 /// Which end of the tunnel refused the peer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -104,6 +112,21 @@ fn record(side: Side, reason: RefusalReason, peer: &str, detail: &str) {
         .increment(1);
 }
 
+/// Records the certificate of an accepted peer `node`.
+fn accepted(side: Side, node: &str, leaf: &LeafInfo) {
+    let not_after = super::leaf::unix_secs(leaf.not_after);
+    tracing::debug!(
+        side = side.as_str(),
+        peer = node,
+        serial = %leaf.serial,
+        not_after,
+        "tunnel peer certificate accepted"
+    );
+    #[allow(clippy::cast_precision_loss)]
+    metrics::gauge!(PEER_CERT_EXPIRY_METRIC, "side" => side.as_str(), "peer" => node.to_owned())
+        .set(not_after as f64);
+}
+
 /// Records an identity refusal and builds the rustls error for it.
 fn refuse(side: Side, reason: RefusalReason, peer: String, detail: String) -> Error {
     record(side, reason, &peer, &detail);
@@ -181,6 +204,7 @@ impl NodeClientVerifier {
         };
         if let Some(node) = node_from_spiffe_id(td, uri) {
             return if self.known.is_known(node) {
+                accepted(Side::Server, node, leaf);
                 Ok(())
             } else {
                 Err((
@@ -348,7 +372,12 @@ impl ServerCertVerifier for NodeServerVerifier {
             }
         };
         match leaf.single_uri() {
-            Some(uri) if uri == expected => Ok(ServerCertVerified::assertion()),
+            Some(uri) if uri == expected => {
+                if let Some(node) = node_from_spiffe_id(&self.trust_domain, uri) {
+                    accepted(Side::Client, node, &leaf);
+                }
+                Ok(ServerCertVerified::assertion())
+            }
             Some(uri) if is_any_node_id(uri) => Err(refuse(
                 Side::Client,
                 RefusalReason::WrongNode,

@@ -5,11 +5,15 @@
 //! and reused; concurrent first uses share one handshake (a per-peer async
 //! lock held across the dial); a closed connection is replaced on next use.
 //! The stream header codec lives in [`header`].
+//!
+//! TLS configurations are swappable (certificate rotation, see
+//! `identity::reload`): [`Tunnels::set_tls`] installs new ones for new
+//! handshakes on both sides; open connections keep theirs.
 
 pub mod header;
 
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use dashmap::DashMap;
@@ -82,7 +86,9 @@ type Slot = Arc<Mutex<Option<Connection>>>;
 #[derive(Debug)]
 pub struct Tunnels {
     endpoint: Endpoint,
-    client: quinn::ClientConfig,
+    transport: Arc<TransportConfig>,
+    /// Used by every new dial; replaced by [`Tunnels::set_tls`].
+    client: RwLock<quinn::ClientConfig>,
     peers: DashMap<String, Slot>,
     handshake_timeout: Duration,
 }
@@ -123,14 +129,7 @@ impl Tunnels {
         client_tls: rustls::ClientConfig,
     ) -> Result<Self, TunnelError> {
         let transport = Arc::new(transport_config(cfg)?);
-        let server_crypto =
-            QuicServerConfig::try_from(server_tls).map_err(|e| TunnelError::Tls(e.to_string()))?;
-        let mut server = quinn::ServerConfig::with_crypto(Arc::new(server_crypto));
-        server.transport_config(transport.clone());
-        let client_crypto =
-            QuicClientConfig::try_from(client_tls).map_err(|e| TunnelError::Tls(e.to_string()))?;
-        let mut client = quinn::ClientConfig::new(Arc::new(client_crypto));
-        client.transport_config(transport);
+        let (server, client) = quic_configs(&transport, server_tls, client_tls)?;
 
         let socket = udp_socket(addr, cfg.udp_buffer)
             .map_err(|source| TunnelError::Bind { addr, source })?;
@@ -142,10 +141,35 @@ impl Tunnels {
             .map_err(|source| TunnelError::Bind { addr, source })?;
         Ok(Self {
             endpoint,
-            client,
+            transport,
+            client: RwLock::new(client),
             peers: DashMap::new(),
             handshake_timeout: Duration::from_millis(cfg.handshake_timeout_ms),
         })
+    }
+
+    /// Installs new TLS configurations: `server_tls` for handshakes the
+    /// endpoint accepts from now on, `client_tls` for tunnels dialled from
+    /// now on. Open connections are untouched.
+    pub fn set_tls(
+        &self,
+        server_tls: rustls::ServerConfig,
+        client_tls: rustls::ClientConfig,
+    ) -> Result<(), TunnelError> {
+        let (server, client) = quic_configs(&self.transport, server_tls, client_tls)?;
+        self.endpoint.set_server_config(Some(server));
+        match self.client.write() {
+            Ok(mut guard) => *guard = client,
+            Err(poisoned) => *poisoned.into_inner() = client,
+        }
+        Ok(())
+    }
+
+    fn client_config(&self) -> quinn::ClientConfig {
+        match self.client.read() {
+            Ok(guard) => guard.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
     }
 
     /// The endpoint (for the accept loop and shutdown).
@@ -175,7 +199,7 @@ impl Tunnels {
         debug!(peer, %addr, "dialling tunnel");
         let connecting = self
             .endpoint
-            .connect_with(self.client.clone(), addr, peer)
+            .connect_with(self.client_config(), addr, peer)
             .map_err(|source| TunnelError::Connect {
                 peer: peer.to_owned(),
                 addr,
@@ -227,6 +251,33 @@ impl Tunnels {
     }
 }
 
+impl crate::identity::reload::TlsInstaller for Tunnels {
+    fn install_tls(
+        &self,
+        server: rustls::ServerConfig,
+        client: rustls::ClientConfig,
+    ) -> Result<(), String> {
+        self.set_tls(server, client).map_err(|e| e.to_string())
+    }
+}
+
+/// The quinn server and client configs over `transport` for the given TLS configs.
+fn quic_configs(
+    transport: &Arc<TransportConfig>,
+    server_tls: rustls::ServerConfig,
+    client_tls: rustls::ClientConfig,
+) -> Result<(quinn::ServerConfig, quinn::ClientConfig), TunnelError> {
+    let server_crypto =
+        QuicServerConfig::try_from(server_tls).map_err(|e| TunnelError::Tls(e.to_string()))?;
+    let mut server = quinn::ServerConfig::with_crypto(Arc::new(server_crypto));
+    server.transport_config(transport.clone());
+    let client_crypto =
+        QuicClientConfig::try_from(client_tls).map_err(|e| TunnelError::Tls(e.to_string()))?;
+    let mut client = quinn::ClientConfig::new(Arc::new(client_crypto));
+    client.transport_config(transport.clone());
+    Ok((server, client))
+}
+
 /// Status codes double as QUIC stream reset and stop codes.
 pub fn reset_code(code: header::StatusCode) -> VarInt {
     VarInt::from_u32(code as u32)
@@ -263,7 +314,129 @@ fn udp_socket(addr: SocketAddr, buffer: usize) -> std::io::Result<std::net::UdpS
 
 #[cfg(test)]
 mod tests {
+    use std::time::SystemTime;
+
     use super::*;
+    use crate::config::TlsConfig;
+    use crate::identity::certs::{generate_ca, issue_node, GeneratedCa};
+    use crate::identity::{client_config, server_config, Credentials, KnownNodes, TlsFiles};
+
+    const TD: &str = "cluster.local";
+
+    #[derive(Debug)]
+    struct AllNodes;
+    impl KnownNodes for AllNodes {
+        fn is_known(&self, _: &str) -> bool {
+            true
+        }
+    }
+
+    fn creds(ca: &GeneratedCa, node: &str, days: u32) -> Credentials {
+        let (cert, key) = issue_node(ca, TD, node, days, 0).expect("issue");
+        let files = TlsFiles {
+            cert: cert.into_bytes(),
+            key: key.into_bytes(),
+            bundle: ca.cert_pem.clone().into_bytes(),
+        };
+        Credentials::from_files(&TlsConfig::default(), &files, TD, node).expect("credentials")
+    }
+
+    fn tls(c: &Credentials) -> (rustls::ServerConfig, rustls::ClientConfig) {
+        (
+            server_config(c, TD, Arc::new(AllNodes)).expect("server config"),
+            client_config(c, TD).expect("client config"),
+        )
+    }
+
+    fn bind(c: &Credentials) -> Tunnels {
+        let (server, client) = tls(c);
+        let cfg = TunnelConfig {
+            udp_buffer: 1 << 20,
+            ..TunnelConfig::default()
+        };
+        Tunnels::bind(SocketAddr::from(([127, 0, 0, 1], 0)), &cfg, server, client).expect("bind")
+    }
+
+    /// The expiry of the certificate the peer of `conn` presented, in Unix seconds.
+    fn peer_not_after(conn: &Connection) -> u64 {
+        let chain = conn
+            .peer_identity()
+            .expect("peer identity")
+            .downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
+            .expect("certificate chain");
+        let leaf = crate::identity::leaf_not_after(chain.first().expect("leaf")).expect("parse");
+        unix(leaf)
+    }
+
+    fn unix(t: SystemTime) -> u64 {
+        t.duration_since(SystemTime::UNIX_EPOCH)
+            .expect("after epoch")
+            .as_secs()
+    }
+
+    /// Accepts tunnels on `endpoint`: reports each one's client certificate
+    /// expiry on `seen`, and echoes every stream.
+    async fn echo_server(endpoint: Endpoint, seen: tokio::sync::mpsc::UnboundedSender<u64>) {
+        while let Some(incoming) = endpoint.accept().await {
+            let Ok(conn) = incoming.await else { continue };
+            let _ = seen.send(peer_not_after(&conn));
+            tokio::spawn(async move {
+                while let Ok((mut send, mut recv)) = conn.accept_bi().await {
+                    let data = recv.read_to_end(1 << 16).await.expect("read");
+                    send.write_all(&data).await.expect("write");
+                    send.finish().expect("finish");
+                }
+            });
+        }
+    }
+
+    async fn echo(conn: &Connection, msg: &[u8]) {
+        let (mut send, mut recv) = conn.open_bi().await.expect("open stream");
+        send.write_all(msg).await.expect("write");
+        send.finish().expect("finish");
+        assert_eq!(recv.read_to_end(1 << 16).await.expect("read"), msg);
+    }
+
+    #[tokio::test]
+    async fn set_tls_keeps_open_tunnels_and_new_tunnels_present_the_new_certificates() {
+        let deadline = Duration::from_secs(20);
+        let ca = generate_ca(TD, 30).expect("ca");
+        let (old1, old2) = (creds(&ca, "n1", 30), creds(&ca, "n2", 30));
+        let (new1, new2) = (creds(&ca, "n1", 10), creds(&ca, "n2", 10));
+        let (n1, n2) = (bind(&old1), bind(&old2));
+        let addr2 = n2.endpoint().local_addr().expect("addr");
+        let (seen_tx, mut seen) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(echo_server(n2.endpoint().clone(), seen_tx));
+
+        let run = async {
+            let old = n1.connection("n2", addr2).await.expect("dial");
+            echo(&old, b"before").await;
+            assert_eq!(peer_not_after(&old), unix(old2.not_after));
+            assert_eq!(seen.recv().await, Some(unix(old1.not_after)));
+
+            let (server, client) = tls(&new2);
+            n2.set_tls(server, client).expect("install on n2");
+            let (server, client) = tls(&new1);
+            n1.set_tls(server, client).expect("install on n1");
+
+            // The open tunnel carries on, and is still the pooled one.
+            echo(&old, b"after").await;
+            let pooled = n1.connection("n2", addr2).await.expect("pooled");
+            assert_eq!(pooled.stable_id(), old.stable_id());
+            assert_eq!(n1.open_count(), 1);
+
+            // A new tunnel: each side presents its new certificate.
+            let fresh = n1.dial("n2", addr2).await.expect("new dial");
+            echo(&fresh, b"fresh").await;
+            assert_eq!(peer_not_after(&fresh), unix(new2.not_after));
+            assert_eq!(seen.recv().await, Some(unix(new1.not_after)));
+            assert_ne!(unix(new1.not_after), unix(old1.not_after));
+            echo(&old, b"still").await;
+        };
+        tokio::time::timeout(deadline, run)
+            .await
+            .expect("bounded test");
+    }
 
     #[test]
     fn default_transport_config_is_valid() {
