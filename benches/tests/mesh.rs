@@ -314,6 +314,7 @@ impl Rogue {
             cert: p("cert.pem"),
             key: p("key.pem"),
             bundle: p("bundle.pem"),
+            ..TlsConfig::default()
         };
         Credentials::load(&tls, TD, node).expect("rogue credentials")
     }

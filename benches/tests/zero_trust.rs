@@ -238,6 +238,7 @@ impl Rogue {
             cert: dir.join(format!("{node}.pem")),
             key: dir.join(format!("{node}-key.pem")),
             bundle: dir.join("ca.pem"),
+            ..TlsConfig::default()
         };
         let creds = Credentials::load(&tls, TD, node).expect("rogue credentials");
         let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(
