@@ -590,6 +590,13 @@ fn sigterm_drains_open_connections_then_exits_zero() {
     stream
         .write_all(&payload[..MIB as usize / 2])
         .expect("first half");
+    // The connection must be in the daemon's hands (accepted and relaying),
+    // not still in its listen backlog, before SIGTERM: wait (bounded) for it.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while value(&metrics(&lab, 1), "nodemesh_connections_active", &[]) < 1.0 {
+        assert!(Instant::now() < deadline, "n1 never took the connection");
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let node = lab.node(1).expect("n1").clone();
     let admin = node.daemon.as_ref().expect("meshed").admin;
     std::thread::scope(|s| {
