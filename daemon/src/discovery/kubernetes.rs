@@ -1171,6 +1171,43 @@ mod conversion_tests {
         }
     }
 
+    /// Collects formatted log lines.
+    #[derive(Clone, Default)]
+    struct Logs(Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Logs {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().expect("lock").extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_bad_mode_value_is_logged_with_the_namespace_and_the_value() {
+        let logs = Logs::default();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer({
+                let logs = logs.clone();
+                move || logs.clone()
+            })
+            .with_ansi(false)
+            .finish();
+        tracing::subscriber::with_default(subscriber, || {
+            NamespaceRecord::from_object(&namespace("batch", Some("enforce")));
+            NamespaceRecord::from_object(&namespace("shop", Some("strict")));
+            NamespaceRecord::from_object(&namespace("web", None));
+        });
+        let out = String::from_utf8(logs.0.lock().expect("lock").clone()).expect("utf8");
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(lines.len(), 1, "only the bad value is logged: {out}");
+        assert!(lines[0].contains("WARN"), "{out}");
+        assert!(lines[0].contains("namespace=batch"), "{out}");
+        assert!(lines[0].contains("value=enforce"), "{out}");
+    }
+
     #[test]
     fn the_model_lists_only_strict_namespaces_sorted() {
         let mut st = KubeState::default();
