@@ -7,7 +7,8 @@
 //! 410 when a watch asks for a version older than the server keeps. It replays
 //! real API objects (`tests/fixtures/k8s/*.json`). The registry is asserted
 //! after each step: initial list, add, modify, delete, a dropped watch, a
-//! 410 Gone with changes missed in between.
+//! 410 Gone with changes missed in between; and namespaces' mesh mode (label
+//! `nodemesh.io/mode`) as listed and as relabelled.
 
 use std::collections::{BTreeMap, HashMap};
 use std::convert::Infallible;
@@ -26,6 +27,7 @@ use tokio_util::sync::CancellationToken;
 
 use nodemesh::admin::Readiness;
 use nodemesh::discovery::kubernetes;
+use nodemesh::discovery::model::Mode;
 use nodemesh::registry::Registry;
 
 // ---------------------------------------------------------------------------
@@ -36,6 +38,7 @@ const PODS: &str = "/api/v1/pods";
 const NODES: &str = "/api/v1/nodes";
 const SERVICES: &str = "/api/v1/services";
 const SLICES: &str = "/apis/discovery.k8s.io/v1/endpointslices";
+const NAMESPACES: &str = "/api/v1/namespaces";
 const POLICIES: &str = "/apis/nodemesh.io/v1alpha1/authorizationpolicies";
 
 #[derive(Default)]
@@ -91,6 +94,7 @@ impl FakeApi {
                 "EndpointSliceList",
                 "endpointslices.json",
             ),
+            (NAMESPACES, "v1", "NamespaceList", "namespaces.json"),
             (
                 POLICIES,
                 "nodemesh.io/v1alpha1",
@@ -456,7 +460,7 @@ async fn list_add_modify_delete_dropped_watch_and_410_gone() {
     let src = start_source(&api);
     let reg = &src.registry;
     eventually("every kind listed but pods", || {
-        [NODES, SERVICES, SLICES, POLICIES]
+        [NODES, SERVICES, SLICES, NAMESPACES, POLICIES]
             .iter()
             .all(|p| api.counts(p).0 >= 1)
             && api.counts(PODS).0 >= 1
@@ -645,4 +649,66 @@ async fn readiness_reports_discovery_until_the_first_sync() {
         .any(|r| r.contains("discovery")));
     api.hold_lists(NODES, false);
     eventually("synced", || src.ready.discovery_synced()).await;
+}
+
+#[tokio::test]
+async fn namespace_modes_follow_the_label() {
+    let api = FakeApi::start().await;
+    // Readiness waits for namespaces too.
+    api.hold_lists(NAMESPACES, true);
+    let src = start_source(&api);
+    let reg = &src.registry;
+    eventually("namespaces list requested", || {
+        api.counts(NAMESPACES).0 >= 1
+    })
+    .await;
+    assert!(!src.ready.discovery_synced(), "namespaces not listed yet");
+    api.hold_lists(NAMESPACES, false);
+
+    // Initial list: strict by label, permissive by absence, permissive for
+    // a bad value (the model is not refused: nodes and pods are there).
+    eventually("first sync", || src.ready.discovery_synced()).await;
+    let snap = reg.snapshot();
+    assert_eq!(snap.mode("shop"), Mode::Strict);
+    assert_eq!(snap.mode("default"), Mode::Permissive, "no label");
+    assert_eq!(snap.mode("batch"), Mode::Permissive, "bad value STRICT");
+    assert_eq!(snap.mode("unknown"), Mode::Permissive, "not a namespace");
+    assert_eq!(snap.counts(), (2, 4), "the rest of the model applied");
+
+    // Modify: batch turned strict, shop back to permissive.
+    let namespaces = fixture("namespaces.json");
+    let mut shop = namespaces[0].clone();
+    shop["metadata"]["labels"]["nodemesh.io/mode"] = json!("permissive");
+    let mut batch = namespaces[2].clone();
+    batch["metadata"]["labels"]["nodemesh.io/mode"] = json!("strict");
+    api.put(NAMESPACES, shop);
+    api.put(NAMESPACES, batch);
+    eventually("batch strict, shop permissive", || {
+        let s = reg.snapshot();
+        s.mode("batch") == Mode::Strict && s.mode("shop") == Mode::Permissive
+    })
+    .await;
+    assert_eq!(reg.snapshot().mode("default"), Mode::Permissive);
+
+    // Label removed: permissive again. A new strict namespace: strict.
+    let mut batch = namespaces[2].clone();
+    batch["metadata"]["labels"] = json!({"kubernetes.io/metadata.name": "batch"});
+    api.put(NAMESPACES, batch);
+    let mut ops = namespaces[1].clone();
+    ops["metadata"]["name"] = json!("ops");
+    ops["metadata"]["labels"] = json!({"nodemesh.io/mode": "strict"});
+    api.put(NAMESPACES, ops);
+    eventually("batch permissive, ops strict", || {
+        let s = reg.snapshot();
+        s.mode("batch") == Mode::Permissive && s.mode("ops") == Mode::Strict
+    })
+    .await;
+
+    // Deleted: the mode goes with it.
+    api.delete(NAMESPACES, "ops");
+    eventually("ops gone", || {
+        reg.snapshot().mode("ops") == Mode::Permissive
+    })
+    .await;
+    assert!(src.ready.discovery_synced());
 }

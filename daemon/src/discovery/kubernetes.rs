@@ -2,7 +2,8 @@
 //!
 //! Owns the watches (kube-rs `watcher`, with its default exponential backoff
 //! on errors) of Nodes, Pods, Services, EndpointSlices
-//! (`discovery.k8s.io/v1`) and `authorizationpolicies.nodemesh.io`, the small
+//! (`discovery.k8s.io/v1`), Namespaces (their mesh mode, label
+//! [`MODE_LABEL`]) and `authorizationpolicies.nodemesh.io`, the small
 //! records each object is converted into **as soon as it arrives** (only the
 //! fields discovery uses are kept, so memory stays bounded on large
 //! clusters), and building a [`ClusterModel`] from them for the registry.
@@ -42,8 +43,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::model::{
-    AuthorizationPolicy, ClusterModel, Endpoint, Node, Pod, Protocol, Service, ServicePort,
-    INJECT_ANNOTATION,
+    is_dns_label, AuthorizationPolicy, ClusterModel, Endpoint, Mode, Namespace, Node, Pod,
+    Protocol, Service, ServicePort, INJECT_ANNOTATION,
 };
 use crate::admin::Readiness;
 use crate::metrics as m;
@@ -55,6 +56,10 @@ pub const MAX_BATCH: usize = 1000;
 
 /// Label of an EndpointSlice naming its Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+
+/// Label of a Namespace setting its mesh mode: `strict` or `permissive`
+/// (absent: permissive; any other value: permissive, with a warning).
+pub const MODE_LABEL: &str = "nodemesh.io/mode";
 
 /// The policy custom resource.
 pub fn policy_resource() -> ApiResource {
@@ -78,17 +83,20 @@ pub enum Kind {
     Service,
     /// `discovery.k8s.io/v1/EndpointSlice`.
     EndpointSlice,
+    /// `v1/Namespace`.
+    Namespace,
     /// `nodemesh.io/v1alpha1/AuthorizationPolicy`.
     Policy,
 }
 
 impl Kind {
     /// Every watched kind.
-    pub const ALL: [Kind; 5] = [
+    pub const ALL: [Kind; 6] = [
         Kind::Node,
         Kind::Pod,
         Kind::Service,
         Kind::EndpointSlice,
+        Kind::Namespace,
         Kind::Policy,
     ];
 
@@ -99,6 +107,7 @@ impl Kind {
             Kind::Pod => "pods",
             Kind::Service => "services",
             Kind::EndpointSlice => "endpointslices",
+            Kind::Namespace => "namespaces",
             Kind::Policy => "authorizationpolicies",
         }
     }
@@ -369,6 +378,34 @@ impl SliceRecord {
     }
 }
 
+/// What is kept of a Namespace: its name and mesh mode.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NamespaceRecord {
+    /// Name.
+    pub name: String,
+    /// From the label [`MODE_LABEL`].
+    pub mode: Mode,
+}
+
+impl NamespaceRecord {
+    /// Always `Some`: a namespace without the label, or with a value other
+    /// than `strict` / `permissive` (logged at warn), is permissive. A bad
+    /// label never refuses the model.
+    pub fn from_object(n: &core::Namespace) -> Option<Self> {
+        let name = n.name_any();
+        let mode = match n.labels().get(MODE_LABEL).map(String::as_str) {
+            None | Some("permissive") => Mode::Permissive,
+            Some("strict") => Mode::Strict,
+            Some(other) => {
+                warn!(namespace = %name, label = MODE_LABEL, value = %other,
+                    "namespace mode label is neither strict nor permissive; the namespace is permissive");
+                Mode::Permissive
+            }
+        };
+        Some(Self { name, mode })
+    }
+}
+
 /// What is kept of an AuthorizationPolicy: its `spec`, unconverted.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PolicyRecord {
@@ -509,6 +546,8 @@ pub enum Update {
     Service(Event<Keyed<ServiceRecord>>),
     /// EndpointSlices.
     EndpointSlice(Event<Keyed<SliceRecord>>),
+    /// Namespaces.
+    Namespace(Event<Keyed<NamespaceRecord>>),
     /// Policies.
     Policy(Event<Keyed<PolicyRecord>>),
 }
@@ -524,6 +563,8 @@ pub struct KubeState {
     pub services: Store<ServiceRecord>,
     /// EndpointSlices by `namespace/name`.
     pub slices: Store<SliceRecord>,
+    /// Namespaces by name.
+    pub namespaces: Store<NamespaceRecord>,
     /// Policies by `namespace/name`.
     pub policies: Store<PolicyRecord>,
 }
@@ -536,6 +577,7 @@ impl KubeState {
             Update::Pod(e) => self.pods.apply(e),
             Update::Service(e) => self.services.apply(e),
             Update::EndpointSlice(e) => self.slices.apply(e),
+            Update::Namespace(e) => self.namespaces.apply(e),
             Update::Policy(e) => self.policies.apply(e),
         }
     }
@@ -546,6 +588,7 @@ impl KubeState {
             && self.pods.synced()
             && self.services.synced()
             && self.slices.synced()
+            && self.namespaces.synced()
             && self.policies.synced()
     }
 
@@ -556,6 +599,7 @@ impl KubeState {
             (Kind::Pod, self.pods.synced()),
             (Kind::Service, self.services.synced()),
             (Kind::EndpointSlice, self.slices.synced()),
+            (Kind::Namespace, self.namespaces.synced()),
             (Kind::Policy, self.policies.synced()),
         ];
         s.iter()
@@ -701,12 +745,33 @@ impl KubeState {
             .filter_map(PolicyRecord::to_model)
             .collect();
         policies.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+        // Only strict namespaces are listed: permissive is the default. The
+        // API server only admits DNS-label names; anything else is left out
+        // rather than refusing the model.
+        let mut namespaces: Vec<Namespace> = self
+            .namespaces
+            .items()
+            .values()
+            .filter(|n| n.mode == Mode::Strict)
+            .filter(|n| {
+                let ok = is_dns_label(&n.name);
+                if !ok {
+                    debug!(namespace = %n.name, "namespace with an invalid name left out");
+                }
+                ok
+            })
+            .map(|n| Namespace {
+                name: n.name.clone(),
+                mode: n.mode,
+            })
+            .collect();
+        namespaces.sort_by(|a, b| a.name.cmp(&b.name));
         ClusterModel {
             nodes,
             pods,
+            namespaces,
             services,
             policies,
-            ..ClusterModel::default()
         }
     }
 }
@@ -786,6 +851,12 @@ pub fn streams(client: &Client) -> SelectAll<KindStream> {
             SliceRecord::from_object,
             Update::EndpointSlice,
         ),
+        watch_kind(
+            Kind::Namespace,
+            Api::<core::Namespace>::all(client.clone()),
+            NamespaceRecord::from_object,
+            Update::Namespace,
+        ),
         policy_stream,
     ])
 }
@@ -853,7 +924,7 @@ pub async fn run(
     let mut state = KubeState::default();
     let mut dirty = false;
     let mut applied_once = false;
-    info!("kubernetes discovery: listing nodes, pods, services, endpointslices, authorizationpolicies");
+    info!("kubernetes discovery: listing nodes, pods, services, endpointslices, namespaces, authorizationpolicies");
     loop {
         let item = tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -917,6 +988,7 @@ pub async fn run(
                 nodes = model.nodes.len(),
                 pods = model.pods.len(),
                 services = model.services.len(),
+                strict_namespaces = model.namespaces.len(),
                 policies = state.policies.items().len(),
                 "kubernetes discovery synced"
             );
@@ -1071,6 +1143,93 @@ mod conversion_tests {
         ] {
             assert!(record(bad.clone()).to_model().is_none(), "{bad}");
         }
+    }
+
+    fn namespace(name: &str, mode: Option<&str>) -> core::Namespace {
+        let labels = match mode {
+            Some(v) => serde_json::json!({ MODE_LABEL: v, "team": "x" }),
+            None => serde_json::json!({"team": "x"}),
+        };
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name, "labels": labels}
+        }))
+        .expect("namespace")
+    }
+
+    #[test]
+    fn namespace_mode_comes_from_the_label_and_bad_values_are_permissive() {
+        for (value, mode) in [
+            (None, Mode::Permissive),
+            (Some("permissive"), Mode::Permissive),
+            (Some("strict"), Mode::Strict),
+            (Some("Strict"), Mode::Permissive),
+            (Some(""), Mode::Permissive),
+            (Some("enforce"), Mode::Permissive),
+        ] {
+            let rec = NamespaceRecord::from_object(&namespace("shop", value)).expect("kept");
+            assert_eq!((rec.name.as_str(), rec.mode), ("shop", mode), "{value:?}");
+        }
+    }
+
+    /// Collects formatted log lines.
+    #[derive(Clone, Default)]
+    struct Logs(Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Logs {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().expect("lock").extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_bad_mode_value_is_logged_with_the_namespace_and_the_value() {
+        let logs = Logs::default();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer({
+                let logs = logs.clone();
+                move || logs.clone()
+            })
+            .with_ansi(false)
+            .finish();
+        tracing::subscriber::with_default(subscriber, || {
+            NamespaceRecord::from_object(&namespace("batch", Some("enforce")));
+            NamespaceRecord::from_object(&namespace("shop", Some("strict")));
+            NamespaceRecord::from_object(&namespace("web", None));
+        });
+        let out = String::from_utf8(logs.0.lock().expect("lock").clone()).expect("utf8");
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(lines.len(), 1, "only the bad value is logged: {out}");
+        assert!(lines[0].contains("WARN"), "{out}");
+        assert!(lines[0].contains("namespace=batch"), "{out}");
+        assert!(lines[0].contains("value=enforce"), "{out}");
+    }
+
+    #[test]
+    fn the_model_lists_only_strict_namespaces_sorted() {
+        let mut st = KubeState::default();
+        for (name, mode) in [
+            ("zeta", Some("strict")),
+            ("alpha", Some("strict")),
+            ("mid", None),
+            ("odd", Some("yes")),
+        ] {
+            st.namespaces.apply(Event::Apply((
+                name.to_owned(),
+                NamespaceRecord::from_object(&namespace(name, mode)),
+            )));
+        }
+        let m = st.model();
+        m.validate().expect("valid");
+        let names: Vec<(&str, Mode)> = m
+            .namespaces
+            .iter()
+            .map(|n| (n.name.as_str(), n.mode))
+            .collect();
+        assert_eq!(names, [("alpha", Mode::Strict), ("zeta", Mode::Strict)]);
     }
 
     #[test]
