@@ -7,10 +7,12 @@
 //! from the listener that accepted, never from an address. A failure before
 //! relaying resets the client's connection, so the app sees an error.
 
+use std::fmt::Display;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
+use quinn::{RecvStream, SendStream};
 use tokio::net::{TcpListener, TcpStream};
 use tracing::{debug, info_span, warn, Instrument};
 
@@ -151,14 +153,61 @@ async fn tunnel(
     node: &str,
     addr: SocketAddr,
 ) {
-    let conn = match proxy.tunnels.connection(node, addr).await {
-        Ok(c) => c,
-        Err(e) => return fail(edge, tcp, "tunnel_unavailable", &e),
-    };
-    let (mut send, mut recv) = match conn.open_bi().await {
+    let (send, recv) = match open_stream(proxy, src, client, dst, node, addr).await {
         Ok(s) => s,
-        Err(e) => return fail(edge, tcp, "tunnel_unavailable", &e),
+        Err(f) => return fail(edge, tcp, f.reason, &f.error),
     };
+    let counters = edge.opened();
+    let started = Instant::now();
+    let res = relay::tcp_quic(tcp, send, recv, counters.src_to_dst, counters.dst_to_src).await;
+    finish(edge, started, res);
+}
+
+/// Why connecting to an endpoint failed.
+pub(crate) struct Failure {
+    /// `reason` label of `nodemesh_connections_failed_total`.
+    pub(crate) reason: &'static str,
+    /// Whether another endpoint may do better.
+    pub(crate) retryable: bool,
+    pub(crate) error: String,
+}
+
+impl Failure {
+    pub(crate) fn retryable(reason: &'static str, error: impl Display) -> Self {
+        Self {
+            reason,
+            retryable: true,
+            error: error.to_string(),
+        }
+    }
+
+    pub(crate) fn fatal(reason: &'static str, error: impl Display) -> Self {
+        Self {
+            reason,
+            retryable: false,
+            error: error.to_string(),
+        }
+    }
+}
+
+/// Opens a tunnel stream to `dst` on peer `node` and waits for L2's status.
+pub(crate) async fn open_stream(
+    proxy: &Proxy,
+    src: &Workload,
+    client: SocketAddr,
+    dst: SocketAddr,
+    node: &str,
+    addr: SocketAddr,
+) -> Result<(SendStream, RecvStream), Failure> {
+    let conn = proxy
+        .tunnels
+        .connection(node, addr)
+        .await
+        .map_err(|e| Failure::retryable("tunnel_unavailable", e))?;
+    let (mut send, mut recv) = conn
+        .open_bi()
+        .await
+        .map_err(|e| Failure::retryable("tunnel_unavailable", e))?;
     let header = StreamHeader {
         dst,
         src: client,
@@ -167,40 +216,41 @@ async fn tunnel(
         trace_id: None,
     };
     let mut buf = Vec::with_capacity(128);
-    if let Err(e) = header.encode(&mut buf) {
-        return fail(edge, tcp, "bad_header", &e);
-    }
-    if let Err(e) = send.write_all(&buf).await {
-        return fail(edge, tcp, "tunnel_unavailable", &e);
-    }
+    header
+        .encode(&mut buf)
+        .map_err(|e| Failure::fatal("bad_header", e))?;
+    send.write_all(&buf)
+        .await
+        .map_err(|e| Failure::retryable("tunnel_unavailable", e))?;
     let status = match tokio::time::timeout(proxy.connect_timeout * 2, read_status(&mut recv)).await
     {
         Ok(Ok(s)) => s,
-        Ok(Err(e)) => return fail(edge, tcp, "bad_status", &e),
+        Ok(Err(e)) => return Err(Failure::fatal("bad_status", e)),
         Err(_) => {
             let _ = send.reset(reset_code(StatusCode::Internal));
-            return fail(
-                edge,
-                tcp,
+            return Err(Failure::retryable(
                 "status_timeout",
-                &"no status from the peer in time",
-            );
+                "no status from the peer in time",
+            ));
         }
     };
-    if status.code != StatusCode::Ok {
-        debug!(status = status.code.as_str(), reason = %status.reason, "peer refused the stream");
-        edge.failed(status.code.as_str());
-        if status.code == StatusCode::Denied {
-            metrics::counter!(m::DENIED, "reporter" => "source", "reason" => policy::reason_label(&status.reason))
-                .increment(1);
-        }
-        reset_tcp(tcp);
-        return;
+    if status.code == StatusCode::Denied {
+        metrics::counter!(m::DENIED, "reporter" => "source", "reason" => policy::reason_label(&status.reason))
+            .increment(1);
     }
-    let counters = edge.opened();
-    let started = Instant::now();
-    let res = relay::tcp_quic(tcp, send, recv, counters.src_to_dst, counters.dst_to_src).await;
-    finish(edge, started, res);
+    match status.code {
+        StatusCode::Ok => Ok((send, recv)),
+        code @ (StatusCode::ConnectFailed | StatusCode::NoRoute | StatusCode::Unavailable) => {
+            Err(Failure::retryable(
+                code.as_str(),
+                format_args!("peer: {} {}", code.as_str(), status.reason),
+            ))
+        }
+        code => Err(Failure::fatal(
+            code.as_str(),
+            format_args!("peer: {} {}", code.as_str(), status.reason),
+        )),
+    }
 }
 
 pub(crate) async fn relay_tcp(edge: &Edge, client: TcpStream, server: TcpStream) {

@@ -8,7 +8,6 @@
 //! client's connection is reset. Metrics label the destination workload by the
 //! endpoint's pod; retries are counted in `nodemesh_service_retries_total`.
 
-use std::fmt::Display;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
@@ -21,12 +20,11 @@ use crate::balancer::ServiceTarget;
 use crate::metrics::{self as m, Edge, Reporter, Route as RouteLabel};
 use crate::netns::connect_in;
 use crate::outbound::{fail, finish, relay_tcp};
+use crate::outbound::{open_stream, Failure};
 use crate::pods::LocalPod;
 use crate::proxy::{Proxy, Workload};
 use crate::registry::Route;
 use crate::relay::{self, reset_tcp};
-use crate::tunnel::header::{read_status, StatusCode, StreamHeader};
-use crate::tunnel::reset_code;
 
 /// Endpoints tried per client connection: the first pick and one retry.
 pub const MAX_ATTEMPTS: usize = 2;
@@ -35,33 +33,6 @@ pub const MAX_ATTEMPTS: usize = 2;
 enum Connected {
     Tcp(TcpStream),
     Stream(SendStream, RecvStream),
-}
-
-/// Why connecting to an endpoint failed.
-struct Failure {
-    /// `reason` label of `nodemesh_connections_failed_total`.
-    reason: &'static str,
-    /// Whether another endpoint may do better.
-    retryable: bool,
-    error: String,
-}
-
-impl Failure {
-    fn retryable(reason: &'static str, error: impl Display) -> Self {
-        Self {
-            reason,
-            retryable: true,
-            error: error.to_string(),
-        }
-    }
-
-    fn fatal(reason: &'static str, error: impl Display) -> Self {
-        Self {
-            reason,
-            retryable: false,
-            error: error.to_string(),
-        }
-    }
 }
 
 /// Serves one client connection whose original destination `dst` is the
@@ -190,63 +161,4 @@ async fn connect(
     .await
     .map(Connected::Tcp)
     .map_err(|e| Failure::retryable("connect_failed", e))
-}
-
-/// Opens a tunnel stream to `dst` on peer `node` and waits for L2's status.
-async fn open_stream(
-    proxy: &Proxy,
-    src: &Workload,
-    client: SocketAddr,
-    dst: SocketAddr,
-    node: &str,
-    addr: SocketAddr,
-) -> Result<(SendStream, RecvStream), Failure> {
-    let conn = proxy
-        .tunnels
-        .connection(node, addr)
-        .await
-        .map_err(|e| Failure::retryable("tunnel_unavailable", e))?;
-    let (mut send, mut recv) = conn
-        .open_bi()
-        .await
-        .map_err(|e| Failure::retryable("tunnel_unavailable", e))?;
-    let header = StreamHeader {
-        dst,
-        src: client,
-        src_identity: src.identity.clone(),
-        flags: 0,
-        trace_id: None,
-    };
-    let mut buf = Vec::with_capacity(128);
-    header
-        .encode(&mut buf)
-        .map_err(|e| Failure::fatal("bad_header", e))?;
-    send.write_all(&buf)
-        .await
-        .map_err(|e| Failure::retryable("tunnel_unavailable", e))?;
-    let status = match tokio::time::timeout(proxy.connect_timeout * 2, read_status(&mut recv)).await
-    {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => return Err(Failure::fatal("bad_status", e)),
-        Err(_) => {
-            let _ = send.reset(reset_code(StatusCode::Internal));
-            return Err(Failure::retryable(
-                "status_timeout",
-                "no status from the peer in time",
-            ));
-        }
-    };
-    match status.code {
-        StatusCode::Ok => Ok((send, recv)),
-        code @ (StatusCode::ConnectFailed | StatusCode::NoRoute | StatusCode::Unavailable) => {
-            Err(Failure::retryable(
-                code.as_str(),
-                format_args!("peer: {} {}", code.as_str(), status.reason),
-            ))
-        }
-        code => Err(Failure::fatal(
-            code.as_str(),
-            format_args!("peer: {} {}", code.as_str(), status.reason),
-        )),
-    }
 }
