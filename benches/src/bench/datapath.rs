@@ -24,6 +24,8 @@ const SINK_PORT: u16 = 9000;
 const ECHO_PORT: u16 = 9001;
 const SEQ_ECHO_PORT: u16 = 9002;
 const HOLD_PORT: u16 = 9003;
+/// tokio's environment override of the multi-thread runtime's worker count.
+const WORKERS_ENV: &str = "TOKIO_WORKER_THREADS";
 
 /// Request/response latency at one rate.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -428,31 +430,35 @@ pub fn run(
 
 type Edit = fn(&mut nodemesh::config::TunnelConfig);
 
-fn variants() -> Vec<(&'static str, bool, Edit)> {
+/// A tuning variant: name, whether it is the shipped default, the tunnel
+/// config edit, and the daemons' runtime worker threads (`None`: tokio's
+/// default, one per CPU; set through tokio's `TOKIO_WORKER_THREADS`).
+type Variant = (&'static str, bool, Edit, Option<&'static str>);
+
+fn variants() -> Vec<Variant> {
     vec![
         (
-            "default: 8 MiB UDP buffers, 8 MiB stream / 32 MiB connection windows",
+            "default: 8 MiB UDP buffers, 8 MiB stream / 32 MiB connection windows, 1 worker thread per CPU",
             true,
             |_| {},
+            None,
         ),
-        (
-            "UDP buffers 256 KiB (near the kernel default)",
-            false,
-            |t| {
-                t.udp_buffer = 256 << 10;
-            },
-        ),
+        ("UDP buffers 256 KiB (near the kernel default)", false, |t| {
+            t.udp_buffer = 256 << 10;
+        }, None),
+        ("UDP buffers 32 MiB", false, |t| {
+            t.udp_buffer = 32 << 20;
+        }, None),
         ("windows 1 MiB stream / 4 MiB connection", false, |t| {
             t.stream_window = 1 << 20;
             t.connection_window = 4 << 20;
-        }),
+        }, None),
         ("windows 32 MiB stream / 128 MiB connection", false, |t| {
             t.stream_window = 32 << 20;
             t.connection_window = 128 << 20;
-        }),
-        ("UDP buffers 32 MiB", false, |t| {
-            t.udp_buffer = 32 << 20;
-        }),
+        }, None),
+        ("runtime: 1 worker thread", false, |_| {}, Some("1")),
+        ("runtime: 4 worker threads", false, |_| {}, Some("4")),
     ]
 }
 
@@ -464,9 +470,15 @@ fn tune(
 ) -> Result<Vec<TuningResult>, BenchError> {
     let ticks = procfs::clock_ticks();
     let mut out = Vec::new();
-    for (variant, default, edit) in variants() {
+    for (variant, default, edit, workers) in variants() {
         progress(&format!("tuning: {variant}"));
         let mut errors = Vec::new();
+        // The daemons inherit this process's environment; tokio reads
+        // TOKIO_WORKER_THREADS when the runtime is built.
+        match workers {
+            Some(w) => std::env::set_var(WORKERS_ENV, w),
+            None => std::env::remove_var(WORKERS_ENV),
+        }
         for node in [1, 2] {
             lab.update_config(node, |c| {
                 c.tunnel = nodemesh::config::TunnelConfig::default();
@@ -474,6 +486,7 @@ fn tune(
             })?;
             lab.restart_daemon(node)?;
         }
+        std::env::remove_var(WORKERS_ENV);
         let t = Target {
             proxies: [1, 2].iter().filter_map(|n| lab.daemon_pid(*n)).collect(),
             ..cross.clone()
