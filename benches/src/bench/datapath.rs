@@ -65,6 +65,8 @@ pub struct PathResult {
     pub new_conn_p99_us: Option<Spread>,
     /// RSS of each proxy process before the figures (tunnel warm, no connection open), KiB.
     pub idle_rss_kib: Vec<u64>,
+    /// The same split as [anonymous, file-backed, shared memory] KiB per proxy.
+    pub idle_rss_split_kib: Vec<[u64; 3]>,
     /// RSS growth summed over the proxies per open idle connection, bytes.
     pub bytes_per_idle_conn: Option<f64>,
     /// The same, per proxy process, bytes.

@@ -23,8 +23,14 @@ pub fn parse_stat_ticks(stat: &str) -> Option<u64> {
 
 /// `VmRSS` in KiB from the text of `/proc/<pid>/status`.
 pub fn parse_status_rss_kib(status: &str) -> Option<u64> {
-    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
-    let mut parts = line["VmRSS:".len()..].split_whitespace();
+    parse_status_kib(status, "VmRSS:")
+}
+
+/// The KiB value of the `/proc/<pid>/status` line starting with `key`
+/// (e.g. `RssAnon:`, `RssFile:`).
+pub fn parse_status_kib(status: &str, key: &str) -> Option<u64> {
+    let line = status.lines().find(|l| l.starts_with(key))?;
+    let mut parts = line[key.len()..].split_whitespace();
     let value: u64 = parts.next()?.parse().ok()?;
     match parts.next() {
         Some("kB") | None => Some(value),
@@ -76,6 +82,19 @@ pub fn rss_kib(pid: u32) -> Result<u64, BenchError> {
     })
 }
 
+/// Resident memory of `pid` split as (anonymous, file-backed, shared
+/// memory) KiB: `RssAnon`, `RssFile`, `RssShmem`.
+pub fn rss_split_kib(pid: u32) -> Result<[u64; 3], BenchError> {
+    let text = read(pid, "status")?;
+    let get = |k: &str| {
+        parse_status_kib(&text, k).ok_or_else(|| BenchError::Measure {
+            what: format!("/proc/{pid}/status"),
+            problem: format!("no {k} line"),
+        })
+    };
+    Ok([get("RssAnon:")?, get("RssFile:")?, get("RssShmem:")?])
+}
+
 /// Sum of [`rss_kib`] over `pids`.
 pub fn rss_kib_sum(pids: &[u32]) -> Result<u64, BenchError> {
     pids.iter().map(|p| rss_kib(*p)).sum()
@@ -97,6 +116,9 @@ mod tests {
     fn status_rss() {
         let status = "Name:\tnodemesh\nVmPeak:\t  100 kB\nVmRSS:\t    7424 kB\nThreads:\t3\n";
         assert_eq!(parse_status_rss_kib(status), Some(7424));
+        let split = "RssAnon:\t    2048 kB\nRssFile:\t    5376 kB\nRssShmem:\t       0 kB\n";
+        assert_eq!(parse_status_kib(split, "RssFile:"), Some(5376));
+        assert_eq!(parse_status_kib(split, "RssAnon:"), Some(2048));
         assert_eq!(parse_status_rss_kib("Name:\tx\n"), None);
         assert_eq!(parse_status_rss_kib("VmRSS:\t 12 MB\n"), None);
     }

@@ -234,9 +234,12 @@ pub fn verdicts(r: &Results) -> Vec<Verdict> {
     match cross.filter(|p| !p.idle_rss_kib.is_empty()) {
         Some(p) => {
             let max = p.idle_rss_kib.iter().copied().max().unwrap_or(0) as f64 / 1024.0;
+            let anon = p.idle_rss_split_kib.iter().map(|s| s[0]).max().unwrap_or(0) as f64 / 1024.0;
             v.push(Verdict {
                 target: t,
-                measured: format!("{max:.1} MiB (largest daemon, tunnel up, no connection)"),
+                measured: format!(
+                    "{max:.1} MiB (largest daemon, tunnel up, no connection; of which anonymous {anon:.1} MiB, the rest mapped binary and libraries)"
+                ),
                 met: Some(max <= 10.0),
             });
         }
@@ -540,7 +543,7 @@ pub fn markdown(r: &Results, notes: Option<&str>, plot_names: &[String]) -> Stri
             }
         }
         let _ = writeln!(o, "\nOne connection; each request is scheduled at a fixed interval and its latency is measured from that *intended* send time to the full response, so a stall is charged to every request queued behind it. HDR histogram, ns resolution, 3 significant digits.\n");
-        let _ = writeln!(o, "### New connections and memory\n\n| path | new connection p50 µs | p99 µs | proxy RSS after warm-up KiB | bytes per open idle connection (all proxies) | per proxy |\n|---|---|---|---|---|---|");
+        let _ = writeln!(o, "### New connections and memory\n\n| path | new connection p50 µs | p99 µs | proxy RSS after warm-up KiB [anon/file] | bytes per open idle connection (all proxies) | per proxy |\n|---|---|---|---|---|---|");
         for p in &r.paths {
             let _ = writeln!(
                 o,
