@@ -61,6 +61,11 @@ pub struct Config {
     pub log_level: String,
     /// Log format: `text` or `json`. Default `text`.
     pub log_format: LogFormat,
+    /// How plain TCP ↔ TCP legs (same-node delivery, passthrough) are
+    /// relayed: `copy` (read/write through a 64 KiB buffer) or `splice`
+    /// (splice(2) through a pipe, no user-space copy). Default `copy`; see
+    /// docs/benchmarks.md for the measurement behind the default.
+    pub tcp_relay: crate::relay_splice::TcpRelay,
 }
 
 /// Node certificate files (PEM).
@@ -190,6 +195,7 @@ impl Default for Config {
             connect_timeout_ms: 5_000,
             log_level: "info".to_owned(),
             log_format: LogFormat::Text,
+            tcp_relay: crate::relay_splice::TcpRelay::Copy,
         }
     }
 }

@@ -22,4 +22,5 @@ pub mod pods;
 pub mod proxy;
 pub mod registry;
 pub mod relay;
+pub mod relay_splice;
 pub mod tunnel;

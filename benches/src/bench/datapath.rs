@@ -78,6 +78,8 @@ pub struct PathResult {
 /// One tuning variant of the cross-node tunnel.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct TuningResult {
+    /// Path measured (`nodemesh-cross` or `nodemesh-same`).
+    pub path: String,
     /// What was changed.
     pub variant: String,
     /// Whether this is the shipped default.
@@ -430,37 +432,46 @@ pub fn run(
     Ok((paths, tuning))
 }
 
-type Edit = fn(&mut nodemesh::config::TunnelConfig);
+type Edit = fn(&mut nodemesh::config::Config);
 
-/// A tuning variant: name, whether it is the shipped default, the tunnel
-/// config edit, and the daemons' runtime worker threads (`None`: tokio's
-/// default, one per CPU; set through tokio's `TOKIO_WORKER_THREADS`).
-type Variant = (&'static str, bool, Edit, Option<&'static str>);
+/// A tuning variant: name, whether it is the shipped default, the config
+/// edit, the daemons' runtime worker threads (`None`: tokio's default, one
+/// per CPU; set through tokio's `TOKIO_WORKER_THREADS`), and whether it is
+/// measured on the same-node path (else cross-node).
+type Variant = (&'static str, bool, Edit, Option<&'static str>, bool);
 
 fn variants() -> Vec<Variant> {
+    use nodemesh::relay_splice::TcpRelay;
     vec![
         (
             "default: 8 MiB UDP buffers, 8 MiB stream / 32 MiB connection windows, 1 worker thread per CPU",
             true,
             |_| {},
             None,
+            false,
         ),
-        ("UDP buffers 256 KiB (near the kernel default)", false, |t| {
-            t.udp_buffer = 256 << 10;
-        }, None),
-        ("UDP buffers 32 MiB", false, |t| {
-            t.udp_buffer = 32 << 20;
-        }, None),
-        ("windows 1 MiB stream / 4 MiB connection", false, |t| {
-            t.stream_window = 1 << 20;
-            t.connection_window = 4 << 20;
-        }, None),
-        ("windows 32 MiB stream / 128 MiB connection", false, |t| {
-            t.stream_window = 32 << 20;
-            t.connection_window = 128 << 20;
-        }, None),
-        ("runtime: 1 worker thread", false, |_| {}, Some("1")),
-        ("runtime: 4 worker threads", false, |_| {}, Some("4")),
+        ("UDP buffers 256 KiB (near the kernel default)", false, |c| {
+            c.tunnel.udp_buffer = 256 << 10;
+        }, None, false),
+        ("UDP buffers 32 MiB", false, |c| {
+            c.tunnel.udp_buffer = 32 << 20;
+        }, None, false),
+        ("windows 1 MiB stream / 4 MiB connection", false, |c| {
+            c.tunnel.stream_window = 1 << 20;
+            c.tunnel.connection_window = 4 << 20;
+        }, None, false),
+        ("windows 32 MiB stream / 128 MiB connection", false, |c| {
+            c.tunnel.stream_window = 32 << 20;
+            c.tunnel.connection_window = 128 << 20;
+        }, None, false),
+        ("runtime: 1 worker thread", false, |_| {}, Some("1"), false),
+        ("runtime: 4 worker threads", false, |_| {}, Some("4"), false),
+        ("same node, tcp_relay: copy (64 KiB buffer, epoll)", true, |c| {
+            c.tcp_relay = TcpRelay::Copy;
+        }, None, true),
+        ("same node, tcp_relay: splice (pipe, epoll)", false, |c| {
+            c.tcp_relay = TcpRelay::Splice;
+        }, None, true),
     ]
 }
 
@@ -472,7 +483,7 @@ fn tune(
 ) -> Result<Vec<TuningResult>, BenchError> {
     let ticks = procfs::clock_ticks();
     let mut out = Vec::new();
-    for (variant, default, edit, workers) in variants() {
+    for (variant, default, edit, workers, same_node) in variants() {
         progress(&format!("tuning: {variant}"));
         let mut errors = Vec::new();
         // The daemons inherit this process's environment; tokio reads
@@ -484,14 +495,24 @@ fn tune(
         for node in [1, 2] {
             lab.update_config(node, |c| {
                 c.tunnel = nodemesh::config::TunnelConfig::default();
-                edit(&mut c.tunnel);
+                c.tcp_relay = nodemesh::relay_splice::TcpRelay::default();
+                edit(c);
             })?;
             lab.restart_daemon(node)?;
         }
         std::env::remove_var(WORKERS_ENV);
-        let t = Target {
-            proxies: [1, 2].iter().filter_map(|n| lab.daemon_pid(*n)).collect(),
-            ..cross.clone()
+        let t = if same_node {
+            Target {
+                key: "nodemesh-same".into(),
+                dst: lab.pod(1, 2)?,
+                proxies: lab.daemon_pid(1).into_iter().collect(),
+                ..cross.clone()
+            }
+        } else {
+            Target {
+                proxies: [1, 2].iter().filter_map(|n| lab.daemon_pid(*n)).collect(),
+                ..cross.clone()
+            }
         };
         let _ = bulk_once(&t, 1, 1 << 20, ticks);
         let (g, c) = throughput(&t, sizes, 1, sizes.bulk_bytes, ticks, &mut errors, progress);
@@ -517,6 +538,7 @@ fn tune(
             }
         }
         out.push(TuningResult {
+            path: t.key.clone(),
             variant: variant.into(),
             default,
             throughput1_gbps: g,

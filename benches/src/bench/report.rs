@@ -585,11 +585,12 @@ pub fn markdown(r: &Results, notes: Option<&str>, plot_names: &[String]) -> Stri
     }
 
     if !r.tuning.is_empty() {
-        let _ = writeln!(o, "## Tunnel tuning (cross-node nodemesh, both daemons restarted per variant)\n\n| variant | 1 stream Gbit/s | CPU-s/GB | p50 µs at first rate |\n|---|---|---|---|");
+        let _ = writeln!(o, "## Tuning (both daemons restarted per variant; CPU over the daemons on the path)\n\n| path | variant | 1 stream Gbit/s | CPU-s/GB | p50 µs at first rate |\n|---|---|---|---|---|");
         for t in &r.tuning {
             let _ = writeln!(
                 o,
-                "| {}{} | {} | {} | {} |",
+                "| {} | {}{} | {} | {} | {} |",
+                t.path,
                 t.variant,
                 if t.default { " (**default**)" } else { "" },
                 show_opt(t.throughput1_gbps.as_ref(), 2),
