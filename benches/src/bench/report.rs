@@ -439,7 +439,12 @@ fn yes_no(m: Option<bool>) -> &'static str {
 }
 
 /// The markdown page.
-pub fn markdown(r: &Results, notes: Option<&str>, plot_names: &[String]) -> String {
+pub fn markdown(
+    r: &Results,
+    notes: Option<&str>,
+    micro: Option<&str>,
+    plot_names: &[String],
+) -> String {
     let m = &r.meta;
     let mut o = String::new();
     let _ = writeln!(o, "# Benchmarks\n");
@@ -650,6 +655,13 @@ pub fn markdown(r: &Results, notes: Option<&str>, plot_names: &[String]) -> Stri
         let _ = writeln!(o);
     }
 
+    if let Some(m) = micro {
+        let _ = writeln!(
+            o,
+            "## Micro-benchmarks (criterion)\n\n`benches/benches/micro.rs`: the stream header and status codec and `Registry::resolve` (pod IP hit, CIDR-only, passthrough) at 10/100/1000 nodes of 30 pods. Policy evaluation is not benchmarked: `nodemesh::policy` is not on main yet. Output of the run (`docs/benchmarks/micro.txt`):\n\n```\n{}\n```\n",
+            m.trim_end()
+        );
+    }
     if !plot_names.is_empty() {
         let _ = writeln!(o, "## Plots\n");
         for name in plot_names {
@@ -676,8 +688,9 @@ pub fn write(opts: &BenchOptions, r: &Results) -> Result<(), BenchError> {
         names.push(name);
     }
     let notes = std::fs::read_to_string(dir.join("notes.md")).ok();
+    let micro = std::fs::read_to_string(dir.join("micro.txt")).ok();
     write_file(
         &opts.docs_dir.join("benchmarks.md"),
-        &markdown(r, notes.as_deref(), &names),
+        &markdown(r, notes.as_deref(), micro.as_deref(), &names),
     )
 }
