@@ -515,7 +515,21 @@ fn tune(
             }
         };
         let _ = bulk_once(&t, 1, 1 << 20, ticks);
-        let (g, c) = throughput(&t, sizes, 1, sizes.bulk_bytes, ticks, &mut errors, progress);
+        // At most 3 runs per variant: nine variants at five runs would
+        // double the length of a full run.
+        let tuning_sizes = Sizes {
+            runs: sizes.runs.min(3),
+            ..sizes.clone()
+        };
+        let (g, c) = throughput(
+            &t,
+            &tuning_sizes,
+            1,
+            sizes.bulk_bytes,
+            ticks,
+            &mut errors,
+            progress,
+        );
         let mut p50 = Vec::new();
         let echo = t
             .dst

@@ -55,11 +55,16 @@ impl Sidecars {
         &self.admin
     }
 
-    /// Stops them all.
+    /// Stops them all (in parallel: each stop waits for its daemon to exit).
     pub fn stop(&mut self) {
-        for p in std::mem::take(&mut self.procs) {
-            let _ = p.stop(daemon::STOP_TIMEOUT);
-        }
+        let procs = std::mem::take(&mut self.procs);
+        std::thread::scope(|s| {
+            for p in procs {
+                s.spawn(move || {
+                    let _ = p.stop(daemon::STOP_TIMEOUT);
+                });
+            }
+        });
     }
 }
 
