@@ -611,7 +611,7 @@ pub fn markdown(
             o,
             "## Cost: one daemon per node versus one per pod (sidecar mode)\n"
         );
-        let _ = writeln!(o, "3 nodes, P pods per node; pod k of each node talks to pod k of both other nodes (6P connections). Sidecar mode runs the same `nodemesh` binary once per pod (own identity, own QUIC endpoint; every pod is a \"node\" in discovery), so the comparison isolates the deployment model.\n");
+        let _ = writeln!(o, "3 nodes, P pods per node; pod k of each node talks to pod k of both other nodes (6P connections). Sidecar mode runs the same `nodemesh` binary once per pod (own identity, own QUIC endpoint; every pod is a \"node\" in discovery), so the comparison isolates the deployment model. The fixed load is 256-byte request/response exchanges paced evenly over all connections; CPU is the proxies' total over the load window, divided by its length. The p50 column is as seen by the load generator, whose clients and servers all run on one thread of the benchmark process: a check that the load was served, not a latency figure (the data-path section has those).\n");
         let _ = writeln!(o, "| P | mode | proxies | RSS idle MiB | RSS, connections open MiB | RSS after load MiB | per node MiB (open) | CPU cores at fixed load | achieved req/s | p50 µs | app connections | QUIC connections |\n|---|---|---|---|---|---|---|---|---|---|---|---|");
         for c in &r.cost {
             if !c.errors.is_empty() {
