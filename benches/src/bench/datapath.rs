@@ -219,6 +219,20 @@ pub fn measure(t: &Target, sizes: &Sizes, progress: &mut dyn FnMut(&str)) -> Pat
         t.key, r.idle_rss_kib
     ));
 
+    // Memory per idle connection, first: on a heap that bulk transfers have
+    // not yet grown, RSS growth is the connections' own memory rather than
+    // reuse of freed allocations.
+    if !t.proxies.is_empty() {
+        let idle = idle_memory(t, sizes.idle_conns);
+        if let Some((sum, by)) = record(&mut errors, "idle connections", idle) {
+            progress(&format!(
+                "  {}: {} idle connections: {:.0} bytes each over the proxies {:?}",
+                t.key, sizes.idle_conns, sum, by
+            ));
+            r.bytes_per_idle_conn = Some(sum);
+            r.bytes_per_idle_conn_by_proxy = by;
+        }
+    }
     (r.throughput1_gbps, r.cpu_per_gb1) =
         throughput(t, sizes, 1, sizes.bulk_bytes, ticks, &mut errors, progress);
     (r.throughput8_gbps, r.cpu_per_gb8) =
@@ -295,18 +309,6 @@ pub fn measure(t: &Target, sizes: &Sizes, progress: &mut dyn FnMut(&str)) -> Pat
         r.new_conn_p99_us = spread_opt(&p99);
     }
 
-    // Memory per idle connection.
-    if !t.proxies.is_empty() {
-        let idle = idle_memory(t, sizes.idle_conns);
-        if let Some((sum, by)) = record(&mut errors, "idle connections", idle) {
-            progress(&format!(
-                "  {}: {} idle connections: {:.0} bytes each over the proxies {:?}",
-                t.key, sizes.idle_conns, sum, by
-            ));
-            r.bytes_per_idle_conn = Some(sum);
-            r.bytes_per_idle_conn_by_proxy = by;
-        }
-    }
     for e in &errors {
         progress(&format!("  {}: FAILED {e}", t.key));
     }
