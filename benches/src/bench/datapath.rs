@@ -214,9 +214,14 @@ pub fn measure(t: &Target, sizes: &Sizes, progress: &mut dyn FnMut(&str)) -> Pat
         .iter()
         .filter_map(|p| procfs::rss_kib(*p).ok())
         .collect();
+    r.idle_rss_split_kib = t
+        .proxies
+        .iter()
+        .filter_map(|p| procfs::rss_split_kib(*p).ok())
+        .collect();
     progress(&format!(
-        "  {}: proxy RSS after warm-up {:?} KiB",
-        t.key, r.idle_rss_kib
+        "  {}: proxy RSS after warm-up {:?} KiB ([anon, file, shmem] {:?})",
+        t.key, r.idle_rss_kib, r.idle_rss_split_kib
     ));
 
     // Memory per idle connection, first: on a heap that bulk transfers have
@@ -402,7 +407,7 @@ pub fn run(
         drop(pair);
         drop(lab);
     }
-    let lab = up(lab_options(opts, "m", 2, 2), progress)?;
+    let mut lab = up(lab_options(opts, "m", 2, 2), progress)?;
     let pids = |lab: &Lab, nodes: &[usize]| -> Vec<u32> {
         nodes.iter().filter_map(|n| lab.daemon_pid(*n)).collect()
     };
@@ -417,6 +422,9 @@ pub fn run(
     if opts.parts.datapath {
         progress("path nodemesh-cross: n1-p1 -> n2-p1 through both daemons and the tunnel");
         paths.push(measure(&cross, sizes, progress));
+        // A fresh daemon, so its memory figures are not those of a heap the
+        // cross-node figures already grew (registrations are restored).
+        lab.restart_daemon(1)?;
         let same = Target {
             key: "nodemesh-same".into(),
             label: "nodemesh within a node (pod -> daemon -> pod)".into(),

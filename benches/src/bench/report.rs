@@ -161,7 +161,11 @@ pub fn verdicts(r: &Results) -> Vec<Verdict> {
                     n.median,
                     s.median,
                     if ratio < 1.3 {
-                        format!("; short by {:.0} %", (1.3 / ratio - 1.0) * 100.0)
+                        format!(
+                            "; needs {:.2} Gbit/s, {:.0} % more",
+                            1.3 * s.median,
+                            (1.3 / ratio - 1.0) * 100.0
+                        )
                     } else {
                         String::new()
                     }
