@@ -271,7 +271,25 @@ pub fn run(
         o.bin_dir = opts.bin_dir.clone();
         o.log_level = "warn".into();
         progress(&format!("cost: building 3-node lab with {p} pods per node"));
-        let mut lab = Lab::up(o)?;
+        let mut lab = match Lab::up(o) {
+            Ok(lab) => lab,
+            Err(e) => {
+                // Keep the points measured so far; record this one as failed.
+                progress(&format!("  P={p}: lab FAILED {e}"));
+                for mode in ["node", "sidecar"] {
+                    out.push(CostPoint {
+                        pods_per_node: p,
+                        mode: mode.into(),
+                        errors: vec![format!("lab: {e}")],
+                        ..CostPoint::default()
+                    });
+                }
+                if crate::lab::interrupted() {
+                    return Err(e.into());
+                }
+                continue;
+            }
+        };
         let pods = lab.pods();
         let pairs = pairs(&pods, 3);
         let pids: Vec<u32> = (1..=3).filter_map(|n| lab.daemon_pid(n)).collect();
