@@ -421,10 +421,31 @@ pub fn plots(r: &Results) -> Vec<(String, String)> {
             .collect(),
     };
     if !r.cost.is_empty() {
+        let ratios: Vec<String> = r
+            .cost
+            .iter()
+            .filter(|c| c.mode == "node" && c.errors.is_empty())
+            .filter_map(|n| {
+                let s = r.cost.iter().find(|c| {
+                    c.mode == "sidecar" && c.pods_per_node == n.pods_per_node && c.errors.is_empty()
+                })?;
+                Some(format!(
+                    "P={}: {:.1}×",
+                    n.pods_per_node,
+                    s.rss_open_kib as f64 / n.rss_open_kib.max(1) as f64
+                ))
+            })
+            .collect();
+        let note = if ratios.is_empty() {
+            String::new()
+        } else {
+            format!("sidecar / node memory: {}", ratios.join(", "))
+        };
         out.push((
             "memory-vs-pods.svg".into(),
             svg::line_chart(
                 "Proxy memory per node vs pods per node (connections open)",
+                &note,
                 "pods per node",
                 "MiB RSS per node",
                 &[series("node"), series("sidecar")],

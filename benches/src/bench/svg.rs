@@ -7,7 +7,7 @@ const WIDTH: f64 = 720.0;
 const HEIGHT: f64 = 400.0;
 const LEFT: f64 = 80.0;
 const RIGHT: f64 = 180.0;
-const TOP: f64 = 40.0;
+const TOP: f64 = 50.0;
 const BOTTOM: f64 = 90.0;
 const COLORS: [&str; 6] = [
     "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b",
@@ -148,10 +148,25 @@ pub fn bar_chart(title: &str, y_label: &str, bars: &[Bar]) -> String {
     out
 }
 
-/// A line chart of `series` on linear axes starting at 0.
-pub fn line_chart(title: &str, x_label: &str, y_label: &str, series: &[Series]) -> String {
+/// A line chart of `series` on linear axes starting at 0; `note` (may be
+/// empty) is written under the title.
+pub fn line_chart(
+    title: &str,
+    note: &str,
+    x_label: &str,
+    y_label: &str,
+    series: &[Series],
+) -> String {
     let mut out = String::new();
     header(&mut out, title, y_label);
+    if !note.is_empty() {
+        let _ = writeln!(
+            out,
+            r#"<text x="{}" y="36" text-anchor="middle" font-size="11">{}</text>"#,
+            WIDTH / 2.0,
+            escape(note)
+        );
+    }
     let all = || series.iter().flat_map(|s| s.points.iter());
     let x_max = nice_max(all().map(|p| p.0).fold(0.0, f64::max));
     let y_max = nice_max(all().map(|p| p.1).fold(0.0, f64::max));
@@ -256,6 +271,7 @@ mod tests {
     fn line_chart_has_one_polyline_per_series() {
         let svg = line_chart(
             "Memory",
+            "sidecar / node: 10×",
             "pods per node",
             "MiB",
             &[
@@ -271,5 +287,6 @@ mod tests {
         );
         assert_eq!(svg.matches("<polyline").count(), 2);
         assert_eq!(svg.matches("<circle").count(), 4);
+        assert!(svg.contains("sidecar / node: 10×"));
     }
 }
