@@ -137,6 +137,9 @@ pub fn node_config(
         admin_addr: paths.admin,
         cni_socket: paths.cni_socket.clone(),
         state_dir: paths.state_dir.clone(),
+        // The node's CNI `state_dir` is `<node dir>/cni` (beside `pods`): the
+        // daemon drains the unregisters the plugin queued there.
+        cni_queue_dir: paths.state_dir.with_file_name("cni").join("queue"),
         discovery: DiscoveryConfig {
             source: DiscoverySource::File,
             file: discovery_file.to_owned(),

@@ -41,6 +41,8 @@ pub const POD_IFNAME: &str = "eth0";
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default timeout of an admin request.
 pub const ADMIN_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long [`Lab::set_discovery_extra`] waits for every daemon to apply it.
+pub const DISCOVERY_APPLY_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long stray processes get after SIGTERM during teardown.
 const STRAY_STOP_TIMEOUT: Duration = Duration::from_secs(3);
 
@@ -177,6 +179,10 @@ pub struct PodState {
     pub result: Option<Value>,
     /// Its IPv4 address, once known.
     pub ip: Option<Ipv4Addr>,
+    /// The CNI conflist of its calls when it is not its node's (an unmeshed
+    /// pod: bridge only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub conflist: Option<Value>,
 }
 
 /// Everything a lab made, as recorded in `state.json`.
@@ -251,9 +257,11 @@ impl LabState {
                         node: topology::node_name(p.node),
                         ips: vec![IpAddr::V4(ip)],
                         labels: BTreeMap::from([("app".to_owned(), p.invocation.pod_name.clone())]),
+                        annotations: BTreeMap::new(),
                     })
                 })
                 .collect(),
+            ..ClusterModel::default()
         }
     }
 
@@ -309,6 +317,9 @@ pub struct Lab {
     daemons: BTreeMap<usize, DaemonProcess>,
     nodemesh: Option<PathBuf>,
     detached: bool,
+    /// Appended to the generated discovery model (extra nodes and pods,
+    /// namespaces, policies); see [`Lab::set_discovery_extra`].
+    discovery_extra: ClusterModel,
 }
 
 /// Called with (step, total, description) as `up` progresses.
@@ -375,6 +386,7 @@ impl Lab {
             daemons: BTreeMap::new(),
             nodemesh,
             detached: false,
+            discovery_extra: ClusterModel::default(),
         };
         lab.state.save()?;
         // From here on, an early return drops `lab`, which tears down.
@@ -486,7 +498,67 @@ impl Lab {
     }
 
     fn write_discovery(&self) -> Result<(), LabError> {
-        daemon::write_discovery(&self.state.discovery_file(), &self.state.cluster_model())
+        let mut model = self.state.cluster_model();
+        let extra = self.discovery_extra.clone();
+        model.nodes.extend(extra.nodes);
+        model.pods.extend(extra.pods);
+        model.namespaces.extend(extra.namespaces);
+        model.policies.extend(extra.policies);
+        daemon::write_discovery(&self.state.discovery_file(), &model)
+    }
+
+    /// Replaces what is appended to the lab's own discovery model (extra
+    /// nodes, pods, namespaces with their mode, authorization policies),
+    /// writes the file, and waits until every running daemon has applied it
+    /// (its `nodemesh_discovery_reloads_total{result="ok"}` rose), up to
+    /// [`DISCOVERY_APPLY_TIMEOUT`]. A model a daemon refuses is an error.
+    pub fn set_discovery_extra(&mut self, extra: ClusterModel) -> Result<(), LabError> {
+        let reloads = |lab: &Self, node: usize, result: &str| -> Result<f64, LabError> {
+            Ok(metrics::sum(
+                &lab.metrics(node)?,
+                "nodemesh_discovery_reloads_total",
+                &[("result", result)],
+            ))
+        };
+        let running: Vec<usize> = self.daemons.keys().copied().collect();
+        let mut before = Vec::with_capacity(running.len());
+        for &n in &running {
+            before.push((n, reloads(self, n, "ok")?, reloads(self, n, "error")?));
+        }
+        self.discovery_extra = extra;
+        self.write_discovery()?;
+        let deadline = Instant::now() + DISCOVERY_APPLY_TIMEOUT;
+        for (n, ok, err) in before {
+            loop {
+                if reloads(self, n, "ok")? > ok {
+                    break;
+                }
+                if reloads(self, n, "error")? > err {
+                    return Err(LabError::State {
+                        path: self.state.discovery_file(),
+                        problem: format!(
+                            "the daemon of node {n} refused the discovery file; see {}",
+                            self.daemon_log(n)?.display()
+                        ),
+                    });
+                }
+                if Instant::now() >= deadline {
+                    return Err(LabError::State {
+                        path: self.state.discovery_file(),
+                        problem: format!(
+                            "the daemon of node {n} did not apply it within {DISCOVERY_APPLY_TIMEOUT:?}"
+                        ),
+                    });
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        Ok(())
+    }
+
+    /// What [`Lab::set_discovery_extra`] last set.
+    pub fn discovery_extra(&self) -> &ClusterModel {
+        &self.discovery_extra
     }
 
     /// Writes discovery, then gives the daemons time to poll it.
@@ -560,6 +632,16 @@ impl Lab {
     }
 
     fn create_pod(&mut self, node: usize, k: usize) -> Result<PodHandle, LabError> {
+        self.create_pod_with(node, k, None)
+    }
+
+    /// Creates pod `k` of `node` with `conflist` (`None`: the node's).
+    fn create_pod_with(
+        &mut self,
+        node: usize,
+        k: usize,
+        conflist: Option<Value>,
+    ) -> Result<PodHandle, LabError> {
         let prefix = self.state.prefix.clone();
         let name = topology::pod_name(node, k);
         let ns = topology::pod_netns(&prefix, node, k);
@@ -573,13 +655,17 @@ impl Lab {
             pod_name: name.clone(),
             pod_uid: format!("{}-{}", &container_id[..8], name),
         };
-        let runtime = self.runtime(node)?;
+        let mut runtime = self.runtime(node)?;
+        if let Some(c) = &conflist {
+            runtime.conflist = c.clone();
+        }
         self.state.pods.push(PodState {
             node,
             index: k,
             invocation: invocation.clone(),
             result: None,
             ip: None,
+            conflist,
         });
         let pod_idx = self.state.pods.len() - 1;
         self.state.save()?;
@@ -628,6 +714,55 @@ impl Lab {
             self.publish_discovery()?;
         }
         Ok(pod)
+    }
+
+    /// Adds an **unmeshed** pod to node `node`: created through the bridge
+    /// plugin only (no `nodemesh-cni`, so no capture and no registration with
+    /// the daemon), like a pod of an excluded namespace. It is published in
+    /// discovery like any pod (discovery knows unmeshed pods too).
+    pub fn add_unmeshed_pod(&mut self, node: usize) -> Result<PodHandle, LabError> {
+        let k = self
+            .state
+            .pods
+            .iter()
+            .filter(|p| p.node == node)
+            .map(|p| p.index)
+            .max()
+            .unwrap_or(0)
+            + 1;
+        self.node_index(node)?;
+        let node_dir = self.state.dir.join(topology::node_name(node));
+        let conflist = cni::conflist(vec![cni::bridge_plugin(
+            &topology::pod_cidr(node),
+            &node_dir.join("ipam"),
+        )]);
+        let pod = self.create_pod_with(node, k, Some(conflist))?;
+        if self.state.mesh {
+            self.publish_discovery()?;
+        }
+        Ok(pod)
+    }
+
+    /// Creates a bare node namespace `<prefix>-n<index>` on the underlay
+    /// (address `10.77.0.<index>/24`, routes to the lab's pod CIDRs) with no
+    /// daemon and no pods, e.g. to play a rogue node in tests; returns its
+    /// namespace name. It is not part of the lab's discovery model (add it
+    /// with [`Lab::set_discovery_extra`] if wanted) and is removed with the lab.
+    pub fn add_bare_node(&mut self, index: usize) -> Result<String, LabError> {
+        if index == 0
+            || index > topology::MAX_NODES
+            || self.state.nodes.iter().any(|n| n.index == index)
+        {
+            return Err(LabError::BadOption {
+                option: "bare node index",
+                problem: format!(
+                    "{index} is not in 1..={} or is a lab node",
+                    topology::MAX_NODES
+                ),
+            });
+        }
+        topology::create_node(&self.state.prefix, index, self.state.nodes.len())?;
+        Ok(topology::node_netns(&self.state.prefix, index))
     }
 
     /// The prefix.
@@ -958,7 +1093,10 @@ fn teardown(
                 continue;
             }
             let runtime = Runtime {
-                conflist: node.conflist.clone(),
+                conflist: pod
+                    .conflist
+                    .clone()
+                    .unwrap_or_else(|| node.conflist.clone()),
                 cni_path: state.cni_path.clone(),
                 exec_netns: node.netns.clone(),
             };

@@ -136,16 +136,24 @@ fn parse_value(s: &str) -> Option<f64> {
 
 /// Sum of the samples named `name` whose labels include every pair of `filter`.
 pub fn sum(samples: &[Sample], name: &str, filter: &[(&str, &str)]) -> f64 {
-    samples
+    let total: f64 = samples
         .iter()
         .filter(|s| s.name == name && filter.iter().all(|(k, v)| s.label(k) == *v))
         .map(|s| s.value)
-        .sum()
+        .sum();
+    // An empty float sum is -0.0; show it as 0.
+    total + 0.0
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn empty_sum_is_positive_zero() {
+        let z = sum(&[], "x", &[]);
+        assert!(z == 0.0 && z.is_sign_positive());
+    }
 
     const PAGE: &str = r#"# HELP nodemesh_tcp_bytes_total Bytes relayed.
 # TYPE nodemesh_tcp_bytes_total counter

@@ -109,10 +109,28 @@ fn daemon_refused(what: &str, code_: ErrorCode, message: &str) -> CniError {
     } else {
         code::DAEMON_REFUSED
     };
+    // The hint depends on why: a bad request is the runtime's input, not the daemon.
+    let hint = match code_ {
+        ErrorCode::BadRequest => {
+            "the registration was malformed: check that the runtime passes K8S_POD_NAMESPACE and \
+             K8S_POD_NAME in CNI_ARGS (the kubelet does; podman passes only K8S_POD_NAME unless \
+             CNI_ARGS is set in its environment) and that prevResult has the pod's IPs; the pod is \
+             not started unmeshed"
+        }
+        ErrorCode::Netns => {
+            "the daemon could not open the pod's network namespace: check that CNI_NETNS is visible \
+             to the daemon (its /run/netns or /proc mount, HostToContainer propagation)"
+        }
+        ErrorCode::Listen => {
+            "the daemon could not listen inside the pod: check that the pod's loopback is up \
+             (the runtime's loopback plugin) and that nothing else uses the capture ports"
+        }
+        _ => DAEMON_HINT,
+    };
     CniError::new(
         c,
         format!("nodemesh daemon refused {what}: {code_:?}: {message}"),
-        DAEMON_HINT,
+        hint,
     )
 }
 

@@ -108,6 +108,16 @@ fn bad_request(msg: &str) -> Response {
 pub async fn handle(req: Request, pods: &PodManager, ready: &Readiness) -> Response {
     let (op, resp) = match req {
         Request::Register(reg) => {
+            if let Some(reason) = pods.opt_out_reason(&reg) {
+                tracing::info!(
+                    pod = %format_args!("{}/{}", reg.namespace, reg.name),
+                    %reason,
+                    "pod not meshed"
+                );
+                metrics::counter!(m::CNI_REQUESTS, "op" => "register", "result" => "skipped")
+                    .increment(1);
+                return Response::Skipped { reason };
+            }
             let resp = match pods.register(reg).await {
                 Ok(()) => {
                     let (outbound_port, inbound_port, mark) = pods.capture_params();

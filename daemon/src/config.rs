@@ -16,8 +16,8 @@ use serde::{Deserialize, Serialize};
 pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
 /// Default UDP port of the QUIC tunnel.
 pub const DEFAULT_TUNNEL_PORT: u16 = 15008;
-/// Default admin (metrics, health) address.
-pub const DEFAULT_ADMIN_ADDR: &str = "0.0.0.0:15020";
+/// Default admin (metrics, health) port, on all addresses.
+pub const DEFAULT_ADMIN_PORT: u16 = 15020;
 /// Default directory where pod registrations are persisted across restarts.
 /// Under `/run`: pods' network namespaces do not survive a reboot either.
 pub const DEFAULT_STATE_DIR: &str = "/run/nodemesh/pods";
@@ -182,9 +182,7 @@ impl Default for Config {
             trust_domain: DEFAULT_TRUST_DOMAIN.to_owned(),
             tls: TlsConfig::default(),
             ports: PortsConfig::default(),
-            admin_addr: DEFAULT_ADMIN_ADDR
-                .parse()
-                .unwrap_or_else(|_| unreachable!()),
+            admin_addr: SocketAddr::from(([0, 0, 0, 0], DEFAULT_ADMIN_PORT)),
             cni_socket: PathBuf::from(nodemesh_cni::proto::DEFAULT_SOCKET_PATH),
             state_dir: PathBuf::from(DEFAULT_STATE_DIR),
             cni_queue_dir: PathBuf::from("/var/lib/nodemesh-cni/queue"),

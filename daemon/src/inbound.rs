@@ -1,24 +1,35 @@
 //! L2: the inbound path into local pods.
 //!
 //! Owns the tunnel accept loop (handshake, then one task per stream), the
-//! handling of each tunnel stream (read and check the header, connect into the
-//! destination pod from a marked socket made in its netns, answer the status,
-//! relay), and the in-pod plaintext listener (`:15006`) for traffic that
-//! reaches a meshed pod from outside the mesh.
+//! handling of each tunnel stream (read the header, verify the claimed source
+//! against the peer node, check the destination, authorize by policy,
+//! connect into the destination pod from a marked socket made in its netns,
+//! answer the status, relay until done or revoked), the in-pod plaintext
+//! listener (`:15006`) for traffic that reaches a meshed pod from outside the
+//! mesh (refused in `strict` namespaces, authorized by policy otherwise), and
+//! the admission of same-node connections ([`admit_local`]). The checks and
+//! their order are documented in `docs/security.md`.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use metrics::Label;
 use quinn::{RecvStream, SendStream};
 use tokio::net::{TcpListener, TcpStream};
 use tracing::{debug, info_span, warn, Instrument};
 
-use crate::identity::peer_node;
+use crate::discovery::model::Mode;
+use crate::identity::{node_spiffe_id, peer_node};
 use crate::metrics::{self as m, Edge, Reporter, Route as RouteLabel, UNKNOWN};
 use crate::netns::{connect_in, original_dst, set_nodelay};
 use crate::outbound::finish;
 use crate::pods::LocalPod;
+use crate::policy::live::OwnedPeer;
+use crate::policy::{
+    parse_workload_identity, verify_source, Client, Decision, LiveConn, LiveGuard, Peer,
+    REASON_PLAINTEXT_REFUSED, REASON_POLICY_DENIED,
+};
 use crate::proxy::Proxy;
 use crate::relay::{self, reset_tcp};
 use crate::tunnel::header::{read_header, Status, StatusCode};
@@ -115,6 +126,7 @@ pub async fn handle_stream(
         "src.identity",
         tracing::field::display(&header.src_identity),
     );
+    span.record("server.addr", tracing::field::display(header.dst));
     let (src_namespace, src_workload) = proxy.describe_ip(header.src.ip());
     let mut edge = Edge {
         reporter: Reporter::Destination,
@@ -136,6 +148,35 @@ pub async fn handle_stream(
         )
         .await;
     }
+    // 1. The peer may speak only for its own pods, as who they run as.
+    let snap = proxy.registry.snapshot();
+    let src_pod = match verify_source(
+        &snap,
+        &proxy.trust_domain,
+        &peer,
+        header.src.ip(),
+        &header.src_identity,
+    ) {
+        Ok(p) => p.clone(),
+        Err(refusal) => {
+            let reason = refusal.reason();
+            warn!(
+                reason,
+                peer.identity = %node_spiffe_id(&proxy.trust_domain, &peer),
+                src.identity = %header.src_identity,
+                client.addr = %header.src,
+                server.addr = %header.dst,
+                error = %refusal,
+                "stream refused: the peer node may not speak for this source"
+            );
+            count_denied(&edge, reason);
+            return answer(&peer, &edge, send, recv, StatusCode::Denied, reason).await;
+        }
+    };
+    drop(snap);
+    edge.src_namespace = src_pod.namespace.clone();
+    edge.src_workload = src_pod.workload.clone();
+    // 2. The destination is a meshed pod here.
     let Some(pod) = proxy.registry.local_by_ip(header.dst.ip()) else {
         debug!(server.addr = %header.dst, "destination is not a meshed pod on this node");
         return answer(
@@ -151,6 +192,57 @@ pub async fn handle_stream(
     let dst_w = proxy.workload_of(&pod);
     edge.dst_namespace = dst_w.namespace;
     edge.dst_workload = dst_w.workload;
+    // 3. Policy. Registered first, then evaluated on the newest snapshot, so
+    //    a policy change is seen either here or by the revocation scan.
+    let live = proxy.registry.live().register(LiveConn {
+        dst: header.dst,
+        dst_namespace: pod.namespace.clone(),
+        identity: Some(OwnedPeer {
+            principal: header.src_identity.clone(),
+            namespace: src_pod.namespace.clone(),
+            service_account: src_pod.service_account.clone(),
+        }),
+        src_ip: header.src.ip(),
+        peer_node: Some(peer.clone()),
+        cancel: pod.cancel.child_token(),
+    });
+    let decision = {
+        let client = Client {
+            identity: Some(Peer {
+                principal: &header.src_identity,
+                namespace: &src_pod.namespace,
+                service_account: &src_pod.service_account,
+            }),
+            ip: header.src.ip(),
+        };
+        proxy
+            .registry
+            .snapshot()
+            .authorize(header.dst, &pod.namespace, &client)
+    };
+    if let Decision::Deny { reason, policy } = decision {
+        warn!(
+            reason = REASON_POLICY_DENIED,
+            decision = reason.as_str(),
+            policy = %policy,
+            peer.identity = %node_spiffe_id(&proxy.trust_domain, &peer),
+            src.identity = %header.src_identity,
+            client.addr = %header.src,
+            server.addr = %header.dst,
+            "stream refused by authorization policy"
+        );
+        count_denied(&edge, REASON_POLICY_DENIED);
+        drop(live);
+        return answer(
+            &peer,
+            &edge,
+            send,
+            recv,
+            StatusCode::Denied,
+            REASON_POLICY_DENIED,
+        )
+        .await;
+    }
     let tcp = match connect_in(
         proxy.sockets.as_ref(),
         &pod.netns,
@@ -184,10 +276,121 @@ pub async fn handle_stream(
     }
     let counters = edge.opened();
     let started = Instant::now();
-    let cancel = pod.cancel.clone();
-    tokio::select! {
-        _ = cancel.cancelled() => debug!("destination pod unregistered; connection closed"),
-        res = relay::tcp_quic(tcp, send, recv, counters.dst_to_src, counters.src_to_dst) => finish(&edge, started, res),
+    match relay::tcp_quic_cancellable(
+        tcp,
+        send,
+        recv,
+        counters.dst_to_src,
+        counters.src_to_dst,
+        live.token(),
+        reset_code(StatusCode::Denied),
+    )
+    .await
+    {
+        Some(res) => finish(&edge, started, res),
+        None => closed_early(&pod, &edge, started),
+    }
+}
+
+/// Records a connection closed by its cancellation token: the destination
+/// pod went away, or policy (or the namespace mode) no longer admits it (the
+/// revocation scan has logged which).
+fn closed_early(pod: &LocalPod, edge: &Edge, started: Instant) {
+    if pod.cancel.is_cancelled() {
+        debug!("destination pod unregistered; connection closed");
+    } else {
+        debug!("connection no longer allowed; both sides reset");
+    }
+    edge.closed("reset", started.elapsed());
+}
+
+fn count_denied(edge: &Edge, reason: &'static str) {
+    let mut labels = edge.labels();
+    labels.push(Label::new("reason", reason));
+    metrics::counter!(m::DENIED, labels.iter()).increment(1);
+}
+
+/// Admits a same-node connection from local pod `src` (its own listener
+/// accepted it from `client`) to `dst` in local pod `dst_pod`: the
+/// destination's namespace mode does not matter (the hop never leaves the
+/// daemon), authorization policy does. On refusal returns the reason (logged
+/// and counted as `nodemesh_denied_total{reporter="destination"}`).
+pub fn admit_local(
+    proxy: &Proxy,
+    edge: &Edge,
+    src: &LocalPod,
+    client: SocketAddr,
+    dst_pod: &LocalPod,
+    dst: SocketAddr,
+) -> Result<LiveGuard, &'static str> {
+    let w = proxy.workload_of(src);
+    let (ns, sa) = parse_workload_identity(&proxy.trust_domain, &w.identity)
+        .map_or((w.namespace.as_str(), "default"), |(n, s)| (n, s));
+    let live = proxy.registry.live().register(LiveConn {
+        dst,
+        dst_namespace: dst_pod.namespace.clone(),
+        identity: Some(OwnedPeer {
+            principal: w.identity.clone(),
+            namespace: ns.to_owned(),
+            service_account: sa.to_owned(),
+        }),
+        src_ip: client.ip(),
+        peer_node: None,
+        cancel: dst_pod.cancel.child_token(),
+    });
+    let c = Client {
+        identity: Some(Peer {
+            principal: &w.identity,
+            namespace: ns,
+            service_account: sa,
+        }),
+        ip: client.ip(),
+    };
+    match proxy
+        .registry
+        .snapshot()
+        .authorize(dst, &dst_pod.namespace, &c)
+    {
+        Decision::Allow => Ok(live),
+        Decision::Deny { reason, policy } => {
+            warn!(
+                reason = REASON_POLICY_DENIED,
+                decision = reason.as_str(),
+                policy = %policy,
+                src.identity = %w.identity,
+                client.addr = %client,
+                server.addr = %dst,
+                "same-node connection refused by authorization policy"
+            );
+            let mut at_dst = edge.clone();
+            at_dst.reporter = Reporter::Destination;
+            count_denied(&at_dst, REASON_POLICY_DENIED);
+            Err(REASON_POLICY_DENIED)
+        }
+    }
+}
+
+/// Relays an admitted same-node connection until done or revoked.
+pub async fn relay_local(
+    edge: &Edge,
+    dst_pod: &LocalPod,
+    client: TcpStream,
+    server: TcpStream,
+    live: LiveGuard,
+) {
+    let counters = edge.opened();
+    let started = Instant::now();
+    match relay::tcp_tcp_cancellable(
+        client,
+        server,
+        counters.src_to_dst,
+        counters.dst_to_src,
+        live.token(),
+    )
+    .await
+    {
+        Some(res) => finish(edge, started, res),
+        None => closed_early(dst_pod, edge, started),
     }
 }
 
@@ -279,6 +482,54 @@ async fn plaintext(proxy: &Proxy, pod: &LocalPod, tcp: TcpStream, client: Socket
         tls: false,
         route: RouteLabel::Plaintext,
     };
+    // Registered first, then checked on the newest snapshot (see handle_stream).
+    let live = proxy.registry.live().register(LiveConn {
+        dst,
+        dst_namespace: pod.namespace.clone(),
+        identity: None,
+        src_ip: client.ip(),
+        peer_node: None,
+        cancel: pod.cancel.child_token(),
+    });
+    let refusal = {
+        let snap = proxy.registry.snapshot();
+        let ns = snap.namespace_of(dst.ip(), &pod.namespace);
+        if snap.mode(ns) == Mode::Strict {
+            warn!(
+                reason = REASON_PLAINTEXT_REFUSED,
+                namespace = ns,
+                server.addr = %dst,
+                "plaintext inbound refused: the namespace is strict; resetting client"
+            );
+            Some(REASON_PLAINTEXT_REFUSED)
+        } else {
+            let c = Client {
+                identity: None,
+                ip: client.ip(),
+            };
+            match snap.authorize(dst, &pod.namespace, &c) {
+                Decision::Allow => None,
+                Decision::Deny { reason, policy } => {
+                    warn!(
+                        reason = REASON_POLICY_DENIED,
+                        decision = reason.as_str(),
+                        policy = %policy,
+                        src.identity = "none (plaintext)",
+                        server.addr = %dst,
+                        "plaintext inbound refused by authorization policy; resetting client"
+                    );
+                    Some(REASON_POLICY_DENIED)
+                }
+            }
+        }
+    };
+    if let Some(reason) = refusal {
+        edge.failed(reason);
+        count_denied(&edge, reason);
+        drop(live);
+        reset_tcp(tcp);
+        return;
+    }
     match connect_in(
         proxy.sockets.as_ref(),
         &pod.netns,
@@ -288,12 +539,7 @@ async fn plaintext(proxy: &Proxy, pod: &LocalPod, tcp: TcpStream, client: Socket
     )
     .await
     {
-        Ok(server) => {
-            let counters = edge.opened();
-            let started = Instant::now();
-            let res = relay::tcp_tcp(tcp, server, counters.src_to_dst, counters.dst_to_src).await;
-            finish(&edge, started, res);
-        }
+        Ok(server) => relay_local(&edge, pod, tcp, server, live).await,
         Err(e) => {
             warn!(server.addr = %dst, error = %e, "connect to the pod failed; resetting client");
             edge.failed("connect_failed");

@@ -19,6 +19,7 @@ pub mod metrics;
 pub mod netns;
 pub mod outbound;
 pub mod pods;
+pub mod policy;
 pub mod proxy;
 pub mod registry;
 pub mod relay;

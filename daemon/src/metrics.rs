@@ -22,6 +22,13 @@ pub const TCP_BYTES: &str = "nodemesh_tcp_bytes_total";
 pub const CONNECTION_DURATION: &str = "nodemesh_connection_duration_seconds";
 /// Counter: connections refused before relaying; label `reason`.
 pub const CONNECTIONS_FAILED: &str = "nodemesh_connections_failed_total";
+/// Counter: connections refused or closed by zero-trust checks; labels
+/// `reporter` (`destination`: decided here; `source`: the peer's `DENIED`
+/// status as seen by L1) and `reason` (`unknown_source`, `source_not_on_peer`,
+/// `identity_mismatch`, `policy_denied`, `policy_revoked`,
+/// `plaintext_refused`; `other` for an unknown reason from a peer); at the
+/// destination also the workload labels of the connection.
+pub const DENIED: &str = "nodemesh_denied_total";
 /// Gauge: open tunnel connections; labels `peer`, `direction` (outbound = we dialled).
 pub const TUNNELS_OPEN: &str = "nodemesh_tunnels_open";
 /// Counter: tunnel handshakes; labels `peer`, `side`, `result`.

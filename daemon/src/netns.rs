@@ -172,6 +172,10 @@ pub async fn listen_in(
 ) -> io::Result<TcpListener> {
     let sock = factory.tcp_socket(ns, addr).await?;
     sock.set_reuse_address(true)?;
+    if addr.is_ipv6() {
+        // `[::]:p` must not also claim IPv4 `0.0.0.0:p`, which has its own listener.
+        sock.set_only_v6(true)?;
+    }
     sock.bind(&addr.into())?;
     sock.listen(1024)?;
     TcpListener::from_std(StdListener::from(sock))

@@ -14,7 +14,7 @@ use std::time::Instant;
 use tokio::net::{TcpListener, TcpStream};
 use tracing::{debug, info_span, warn, Instrument};
 
-use crate::metrics::{Edge, Reporter, Route as RouteLabel};
+use crate::metrics::{self as m, Edge, Reporter, Route as RouteLabel};
 use crate::netns::{connect_in, original_dst, set_nodelay};
 use crate::pods::LocalPod;
 use crate::proxy::{Proxy, Workload};
@@ -22,6 +22,7 @@ use crate::registry::Route;
 use crate::relay::{self, reset_tcp, RelayError, RelayStats};
 use crate::tunnel::header::{read_status, StatusCode, StreamHeader};
 use crate::tunnel::reset_code;
+use crate::{inbound, policy};
 
 /// Accepts on a pod's outbound listener until the pod is unregistered or the
 /// daemon stops accepting.
@@ -93,6 +94,11 @@ async fn handle(proxy: &Proxy, pod: &LocalPod, tcp: TcpStream, client: SocketAdd
     match route {
         Route::Local(dst_pod) => {
             edge.route = RouteLabel::Local;
+            // This node is L2 too: the same policy applies.
+            let live = match inbound::admit_local(proxy, &edge, pod, client, &dst_pod, dst) {
+                Ok(l) => l,
+                Err(reason) => return fail(&edge, tcp, reason, &"refused by policy"),
+            };
             match connect_in(
                 proxy.sockets.as_ref(),
                 &dst_pod.netns,
@@ -102,7 +108,7 @@ async fn handle(proxy: &Proxy, pod: &LocalPod, tcp: TcpStream, client: SocketAdd
             )
             .await
             {
-                Ok(server) => relay_tcp(&edge, tcp, server).await,
+                Ok(server) => inbound::relay_local(&edge, &dst_pod, tcp, server, live).await,
                 Err(e) => fail(&edge, tcp, "connect_failed", &e),
             }
         }
@@ -180,6 +186,10 @@ async fn tunnel(
     if status.code != StatusCode::Ok {
         debug!(status = status.code.as_str(), reason = %status.reason, "peer refused the stream");
         edge.failed(status.code.as_str());
+        if status.code == StatusCode::Denied {
+            metrics::counter!(m::DENIED, "reporter" => "source", "reason" => policy::reason_label(&status.reason))
+                .increment(1);
+        }
         reset_tcp(tcp);
         return;
     }

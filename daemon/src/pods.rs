@@ -8,7 +8,7 @@
 //! restarted daemon re-creates the listeners without the CNI being called.
 
 use std::io;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -100,6 +100,20 @@ impl PodManager {
         (self.outbound_port, self.inbound_port, self.proxy.mark)
     }
 
+    /// Why discovery says this pod must not be meshed, if it does.
+    pub fn opt_out_reason(&self, reg: &PodRegistration) -> Option<String> {
+        self.proxy
+            .registry
+            .snapshot()
+            .injection_disabled(&reg.namespace, &reg.name)
+            .then(|| {
+                format!(
+                    "pod {}/{} is annotated nodemesh.io/inject: disabled",
+                    reg.namespace, reg.name
+                )
+            })
+    }
+
     /// Registers a pod: listeners up, accept loops running, state persisted.
     pub async fn register(&self, reg: PodRegistration) -> Result<(), RegisterError> {
         validate(&reg)?;
@@ -139,30 +153,47 @@ impl PodManager {
             source,
         })?;
         let factory = self.proxy.sockets.as_ref();
-        let out_addr = SocketAddr::from((Ipv4Addr::LOCALHOST, self.outbound_port));
-        let in_addr = SocketAddr::from((Ipv4Addr::UNSPECIFIED, self.inbound_port));
-        let listen_err = |addr| {
-            let path = reg.netns.clone();
-            move |source| RegisterError::Listen { addr, path, source }
-        };
-        let out = listen_in(factory, &netns, out_addr)
-            .await
-            .map_err(|e| {
-                if e.kind() == io::ErrorKind::AddrNotAvailable {
-                    // 127.0.0.1 missing: the runtime has not brought `lo` up
-                    // (the `loopback` plugin runs before the pod network).
+        // IPv4 always; IPv6 too when the pod has an IPv6 address (the capture
+        // rules redirect IPv6 TCP to `[::1]:<outbound>` and `:<inbound>`).
+        let mut outbound_addrs = vec![SocketAddr::from((Ipv4Addr::LOCALHOST, self.outbound_port))];
+        let mut inbound_addrs = vec![SocketAddr::from((Ipv4Addr::UNSPECIFIED, self.inbound_port))];
+        if reg.ips.iter().any(IpAddr::is_ipv6) {
+            outbound_addrs.push(SocketAddr::from((Ipv6Addr::LOCALHOST, self.outbound_port)));
+            inbound_addrs.push(SocketAddr::from((Ipv6Addr::UNSPECIFIED, self.inbound_port)));
+        }
+        let mut outs = Vec::new();
+        for addr in outbound_addrs {
+            let l = listen_in(factory, &netns, addr).await.map_err(|e| {
+                let e = if e.kind() == io::ErrorKind::AddrNotAvailable {
+                    // Loopback missing: the runtime has not brought `lo` up
+                    // (its `loopback` plugin runs before the pod network).
                     io::Error::new(
                         e.kind(),
                         format!("{e}; is the pod's loopback interface up?"),
                     )
                 } else {
                     e
+                };
+                RegisterError::Listen {
+                    addr,
+                    path: reg.netns.clone(),
+                    source: e,
                 }
-            })
-            .map_err(listen_err(out_addr))?;
-        let inb = listen_in(factory, &netns, in_addr)
-            .await
-            .map_err(listen_err(in_addr))?;
+            })?;
+            outs.push(l);
+        }
+        let mut ins = Vec::new();
+        for addr in inbound_addrs {
+            let l =
+                listen_in(factory, &netns, addr)
+                    .await
+                    .map_err(|source| RegisterError::Listen {
+                        addr,
+                        path: reg.netns.clone(),
+                        source,
+                    })?;
+            ins.push(l);
+        }
         let pod = Arc::new(LocalPod {
             container_id: reg.container_id.clone(),
             namespace: reg.namespace.clone(),
@@ -173,12 +204,12 @@ impl PodManager {
             cancel: CancellationToken::new(),
             registration: reg,
         });
-        tokio::spawn(outbound::serve(self.proxy.clone(), pod.clone(), out));
-        tokio::spawn(inbound::serve_plaintext(
-            self.proxy.clone(),
-            pod.clone(),
-            inb,
-        ));
+        for l in outs {
+            tokio::spawn(outbound::serve(self.proxy.clone(), pod.clone(), l));
+        }
+        for l in ins {
+            tokio::spawn(inbound::serve_plaintext(self.proxy.clone(), pod.clone(), l));
+        }
         self.proxy.registry.insert_local(pod.clone());
         Ok(pod)
     }

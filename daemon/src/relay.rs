@@ -314,6 +314,86 @@ async fn tcp_to_tcp<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
     Ok(total)
 }
 
+/// [`tcp_quic`] that stops when `cancel` fires: then the TCP connection is
+/// reset and the stream reset and stopped with `code`, and `None` returned.
+pub async fn tcp_quic_cancellable(
+    mut tcp: TcpStream,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+    tcp_to_quic: Counter,
+    quic_to_tcp: Counter,
+    cancel: &tokio_util::sync::CancellationToken,
+    code: VarInt,
+) -> Option<Result<RelayStats, RelayError>> {
+    let result = {
+        let (mut tcp_r, mut tcp_w) = tcp.split();
+        tokio::select! {
+            _ = cancel.cancelled() => None,
+            r = async {
+                tokio::try_join!(
+                    tcp_to_stream(&mut tcp_r, &mut send, &tcp_to_quic),
+                    stream_to_tcp(&mut recv, &mut tcp_w, &quic_to_tcp),
+                )
+            } => Some(r),
+        }
+    };
+    match result {
+        None => {
+            let _ = send.reset(code);
+            let _ = recv.stop(code);
+            reset_tcp(tcp);
+            None
+        }
+        Some(Ok((a_to_b, b_to_a))) => Some(Ok(RelayStats { a_to_b, b_to_a })),
+        Some(Err(e)) => {
+            let code = e.stream_code();
+            let _ = send.reset(code);
+            let _ = recv.stop(code);
+            reset_tcp(tcp);
+            tracing::debug!(error = %e, code = code.into_inner(), "relay reset");
+            Some(Err(e))
+        }
+    }
+}
+
+/// [`tcp_tcp`] that stops when `cancel` fires: then both connections are
+/// reset and `None` returned.
+pub async fn tcp_tcp_cancellable(
+    mut a: TcpStream,
+    mut b: TcpStream,
+    a_to_b: Counter,
+    b_to_a: Counter,
+    cancel: &tokio_util::sync::CancellationToken,
+) -> Option<Result<RelayStats, RelayError>> {
+    let result = {
+        let (mut a_r, mut a_w) = a.split();
+        let (mut b_r, mut b_w) = b.split();
+        tokio::select! {
+            _ = cancel.cancelled() => None,
+            r = async {
+                tokio::try_join!(
+                    tcp_to_tcp(&mut a_r, Side::A, &mut b_w, Side::B, &a_to_b),
+                    tcp_to_tcp(&mut b_r, Side::B, &mut a_w, Side::A, &b_to_a),
+                )
+            } => Some(r),
+        }
+    };
+    match result {
+        None => {
+            reset_tcp(a);
+            reset_tcp(b);
+            None
+        }
+        Some(Ok((a_to_b, b_to_a))) => Some(Ok(RelayStats { a_to_b, b_to_a })),
+        Some(Err(e)) => {
+            reset_tcp(a);
+            reset_tcp(b);
+            tracing::debug!(error = %e, "relay reset");
+            Some(Err(e))
+        }
+    }
+}
+
 /// Resets a TCP connection (RST instead of FIN) as it is dropped.
 pub fn reset_tcp(tcp: TcpStream) {
     let _ = socket2::SockRef::from(&tcp).set_linger(Some(std::time::Duration::ZERO));

@@ -43,8 +43,8 @@ pub enum DiscoveryError {
     Invalid {
         /// The file.
         path: PathBuf,
-        /// What is wrong.
-        source: ModelError,
+        /// What is wrong (boxed: policy errors carry several strings).
+        source: Box<ModelError>,
     },
 }
 
@@ -60,7 +60,7 @@ pub fn parse(text: &str, path: &Path) -> Result<ClusterModel, DiscoveryError> {
     };
     model.validate().map_err(|source| DiscoveryError::Invalid {
         path: path.to_owned(),
-        source,
+        source: Box::new(source),
     })?;
     Ok(model)
 }
@@ -119,11 +119,14 @@ pub fn poll_once(path: &Path, last: &mut Option<String>, registry: &Registry, re
     }
     match parse(&text, path) {
         Ok(model) => {
-            registry.apply(&model);
+            let revoked = registry.apply(&model);
             info!(
                 path = %path.display(),
                 nodes = model.nodes.len(),
                 pods = model.pods.len(),
+                namespaces = model.namespaces.len(),
+                policies = model.policies.len(),
+                revoked,
                 "discovery file applied"
             );
             metrics::counter!(m::DISCOVERY_RELOADS, "source" => "file", "result" => "ok")
