@@ -1,16 +1,16 @@
 //! Criterion micro-benchmarks of the daemon's per-connection hot paths:
-//! the stream header and status codec (`nodemesh::tunnel::header`) and the
-//! destination lookup (`nodemesh::registry::Registry::resolve`).
-//!
-//! Policy evaluation is not benchmarked: `nodemesh::policy` does not exist
-//! on main yet. Run: `cargo bench -p nodemesh-lab --bench micro`.
+//! the stream header and status codec (`nodemesh::tunnel::header`), the
+//! destination lookup (`nodemesh::registry::Registry::resolve`) and policy
+//! evaluation (`nodemesh::policy::authz::PolicyIndex::evaluate`).
+//! Run: `cargo bench -p nodemesh-lab --bench micro`.
 
 use std::collections::BTreeMap;
 use std::hint::black_box;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use nodemesh::discovery::model::{ClusterModel, Node, Pod};
+use nodemesh::discovery::model::{AuthorizationPolicy, ClusterModel, Node, Pod};
+use nodemesh::policy::authz::{Client, Peer, PolicyIndex, Target};
 use nodemesh::registry::Registry;
 use nodemesh::tunnel::header::{Decoded, Status, StatusCode, StreamHeader};
 
@@ -74,6 +74,8 @@ fn model(nodes: usize, pods: usize) -> ClusterModel {
     let mut m = ClusterModel {
         nodes: Vec::new(),
         pods: Vec::new(),
+        namespaces: Vec::new(),
+        policies: Vec::new(),
     };
     for n in 0..nodes {
         let (a, b) = octets(n);
@@ -90,6 +92,7 @@ fn model(nodes: usize, pods: usize) -> ClusterModel {
                 node: format!("node-{n}"),
                 ips: vec![IpAddr::V4(Ipv4Addr::new(10, a, b, (p + 2) as u8))],
                 labels: BTreeMap::from([("app".to_owned(), format!("app-{p}"))]),
+                annotations: BTreeMap::new(),
             });
         }
     }
@@ -132,5 +135,58 @@ fn resolve(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, codec, resolve);
+/// `n` ALLOW policies in namespace `default`, policy `i` selecting
+/// `app: app-<i>` and allowing one service account on port 8080, plus one
+/// DENY policy for an ip block; written as YAML so the model's own parser
+/// builds them.
+fn policies(n: usize) -> Vec<AuthorizationPolicy> {
+    let mut yaml = String::from(
+        "- {name: deny-bad, namespace: default, action: DENY, rules: [{from: [{ipBlocks: [192.0.2.0/24]}]}]}\n",
+    );
+    for i in 0..n {
+        yaml.push_str(&format!(
+            "- {{name: allow-{i}, namespace: default, selector: {{matchLabels: {{app: app-{i}}}}}, action: ALLOW, rules: [{{from: [{{serviceAccounts: [default/client-{i}]}}], to: [{{ports: [8080]}}]}}]}}\n"
+        ));
+    }
+    serde_yaml::from_str(&yaml).expect("policies parse")
+}
+
+fn policy(c: &mut Criterion) {
+    let mut g = c.benchmark_group("policy_evaluate");
+    g.throughput(Throughput::Elements(1));
+    for n in [1usize, 10, 100] {
+        let index = PolicyIndex::build(&policies(n));
+        let labels = BTreeMap::from([("app".to_owned(), format!("app-{}", n - 1))]);
+        let target = Target {
+            namespace: "default",
+            labels: &labels,
+            port: 8080,
+        };
+        let principal = format!("spiffe://cluster.local/ns/default/sa/client-{}", n - 1);
+        let sa = format!("client-{}", n - 1);
+        let allowed = Client {
+            identity: Some(Peer {
+                principal: &principal,
+                namespace: "default",
+                service_account: &sa,
+            }),
+            ip: IpAddr::V4(Ipv4Addr::new(10, 78, 1, 2)),
+        };
+        let denied = Client {
+            identity: None,
+            ip: IpAddr::V4(Ipv4Addr::new(10, 78, 1, 3)),
+        };
+        assert!(index.evaluate(&target, &allowed).is_allow());
+        assert!(!index.evaluate(&target, &denied).is_allow());
+        g.bench_with_input(BenchmarkId::new("allow", n), &allowed, |b, cl| {
+            b.iter(|| black_box(index.evaluate(black_box(&target), black_box(cl)).is_allow()));
+        });
+        g.bench_with_input(BenchmarkId::new("default_deny", n), &denied, |b, cl| {
+            b.iter(|| black_box(index.evaluate(black_box(&target), black_box(cl)).is_allow()));
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, codec, resolve, policy);
 criterion_main!(benches);

@@ -683,7 +683,7 @@ pub fn markdown(
     if let Some(m) = micro {
         let _ = writeln!(
             o,
-            "## Micro-benchmarks (criterion)\n\n`benches/benches/micro.rs`: the stream header and status codec and `Registry::resolve` (pod IP hit, CIDR-only, passthrough) at 10/100/1000 nodes of 30 pods. Policy evaluation is not benchmarked: `nodemesh::policy` is not on main yet. Output of the run (`docs/benchmarks/micro.txt`):\n\n```\n{}\n```\n",
+            "## Micro-benchmarks (criterion)\n\n`benches/benches/micro.rs`: the stream header and status codec, `Registry::resolve` (pod IP hit, CIDR-only, passthrough) at 10/100/1000 nodes of 30 pods, and `PolicyIndex::evaluate` (an allowed and a default-denied connection) with 1/10/100 ALLOW policies in the namespace. Output of the run (`docs/benchmarks/micro.txt`):\n\n```\n{}\n```\n",
             m.trim_end()
         );
     }

@@ -94,8 +94,11 @@ pub fn model(pods: &[(String, Ipv4Addr, Ipv4Addr)]) -> ClusterModel {
                 node: name.clone(),
                 ips: vec![IpAddr::V4(*ip)],
                 labels: BTreeMap::from([("app".to_owned(), name.clone())]),
+                annotations: BTreeMap::new(),
             })
             .collect(),
+        namespaces: Vec::new(),
+        policies: Vec::new(),
     }
 }
 
