@@ -97,6 +97,10 @@ struct BenchArgs {
     /// A note on the machine's conditions, printed in the report.
     #[arg(long)]
     note: Option<String>,
+    /// Keep the parts skipped with --no-* from the existing results.json
+    /// (re-run one part of an earlier full run).
+    #[arg(long)]
+    merge: bool,
     /// Directory holding the `nodemesh` and `nodemesh-cni` binaries.
     #[arg(long, env = "NODEMESH_BIN_DIR")]
     bin_dir: Option<std::path::PathBuf>,
@@ -475,6 +479,7 @@ fn bench_run(prefix: &str, args: BenchArgs) -> Result<(), LabError> {
         command: std::env::var("NODEMESH_BENCH_COMMAND")
             .unwrap_or_else(|_| std::env::args().collect::<Vec<_>>().join(" ")),
         note: args.note,
+        merge: args.merge,
     };
     let start = Instant::now();
     let result = bench::run(&opts, &mut |line| {

@@ -66,6 +66,10 @@ pub struct Config {
     /// (splice(2) through a pipe, no user-space copy). Default `copy`; see
     /// docs/benchmarks.md for the measurement behind the default.
     pub tcp_relay: crate::relay_splice::TcpRelay,
+    /// Worker threads of the async runtime; 0 = one per CPU (tokio's
+    /// default). Default 0; docs/benchmarks.md has the measurement of 1, 2
+    /// and 4 workers.
+    pub worker_threads: usize,
 }
 
 /// Node certificate files (PEM).
@@ -194,6 +198,7 @@ impl Default for Config {
             log_level: "info".to_owned(),
             log_format: LogFormat::Text,
             tcp_relay: crate::relay_splice::TcpRelay::Copy,
+            worker_threads: 0,
         }
     }
 }

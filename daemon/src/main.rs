@@ -39,11 +39,12 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            let runtime = match tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .thread_name("nodemesh-worker")
-                .build()
-            {
+            let mut builder = tokio::runtime::Builder::new_multi_thread();
+            builder.enable_all().thread_name("nodemesh-worker");
+            if config.worker_threads > 0 {
+                builder.worker_threads(config.worker_threads);
+            }
+            let runtime = match builder.build() {
                 Ok(rt) => rt,
                 Err(e) => {
                     eprintln!("nodemesh: cannot start the async runtime: {e}");

@@ -24,8 +24,6 @@ const SINK_PORT: u16 = 9000;
 const ECHO_PORT: u16 = 9001;
 const SEQ_ECHO_PORT: u16 = 9002;
 const HOLD_PORT: u16 = 9003;
-/// tokio's environment override of the multi-thread runtime's worker count.
-const WORKERS_ENV: &str = "TOKIO_WORKER_THREADS";
 
 /// Request/response latency at one rate.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -88,6 +86,12 @@ pub struct TuningResult {
     pub throughput1_gbps: Option<Spread>,
     /// CPU-seconds per GB over both daemons.
     pub cpu_per_gb1: Option<Spread>,
+    /// 8-stream throughput, Gbit/s.
+    #[serde(default)]
+    pub throughput8_gbps: Option<Spread>,
+    /// CPU-seconds per GB, 8 streams.
+    #[serde(default)]
+    pub cpu_per_gb8: Option<Spread>,
     /// Open-loop p50 at the first rate, µs.
     pub p50_us: Option<Spread>,
     /// Why a figure is missing.
@@ -445,10 +449,8 @@ pub fn run(
 type Edit = fn(&mut nodemesh::config::Config);
 
 /// A tuning variant: name, whether it is the shipped default, the config
-/// edit, the daemons' runtime worker threads (`None`: tokio's default, one
-/// per CPU; set through tokio's `TOKIO_WORKER_THREADS`), and whether it is
-/// measured on the same-node path (else cross-node).
-type Variant = (&'static str, bool, Edit, Option<&'static str>, bool);
+/// edit, and whether it is measured on the same-node path (else cross-node).
+type Variant = (&'static str, bool, Edit, bool);
 
 fn variants() -> Vec<Variant> {
     use nodemesh::relay_splice::TcpRelay;
@@ -457,31 +459,30 @@ fn variants() -> Vec<Variant> {
             "default: 8 MiB UDP buffers, 8 MiB stream / 32 MiB connection windows, 1 worker thread per CPU",
             true,
             |_| {},
-            None,
             false,
         ),
         ("UDP buffers 256 KiB (near the kernel default)", false, |c| {
             c.tunnel.udp_buffer = 256 << 10;
-        }, None, false),
+        }, false),
         ("UDP buffers 32 MiB", false, |c| {
             c.tunnel.udp_buffer = 32 << 20;
-        }, None, false),
+        }, false),
         ("windows 1 MiB stream / 4 MiB connection", false, |c| {
             c.tunnel.stream_window = 1 << 20;
             c.tunnel.connection_window = 4 << 20;
-        }, None, false),
+        }, false),
         ("windows 32 MiB stream / 128 MiB connection", false, |c| {
             c.tunnel.stream_window = 32 << 20;
             c.tunnel.connection_window = 128 << 20;
-        }, None, false),
-        ("runtime: 1 worker thread", false, |_| {}, Some("1"), false),
-        ("runtime: 4 worker threads", false, |_| {}, Some("4"), false),
+        }, false),
+        ("runtime: 1 worker thread", false, |c| c.worker_threads = 1, false),
+        ("runtime: 4 worker threads", false, |c| c.worker_threads = 4, false),
         ("same node, tcp_relay: copy (64 KiB buffer, epoll)", true, |c| {
             c.tcp_relay = TcpRelay::Copy;
-        }, None, true),
+        }, true),
         ("same node, tcp_relay: splice (pipe, epoll)", false, |c| {
             c.tcp_relay = TcpRelay::Splice;
-        }, None, true),
+        }, true),
     ]
 }
 
@@ -493,24 +494,18 @@ fn tune(
 ) -> Result<Vec<TuningResult>, BenchError> {
     let ticks = procfs::clock_ticks();
     let mut out = Vec::new();
-    for (variant, default, edit, workers, same_node) in variants() {
+    for (variant, default, edit, same_node) in variants() {
         progress(&format!("tuning: {variant}"));
         let mut errors = Vec::new();
-        // The daemons inherit this process's environment; tokio reads
-        // TOKIO_WORKER_THREADS when the runtime is built.
-        match workers {
-            Some(w) => std::env::set_var(WORKERS_ENV, w),
-            None => std::env::remove_var(WORKERS_ENV),
-        }
         for node in [1, 2] {
             lab.update_config(node, |c| {
                 c.tunnel = nodemesh::config::TunnelConfig::default();
                 c.tcp_relay = nodemesh::relay_splice::TcpRelay::default();
+                c.worker_threads = 0;
                 edit(c);
             })?;
             lab.restart_daemon(node)?;
         }
-        std::env::remove_var(WORKERS_ENV);
         let t = if same_node {
             Target {
                 key: "nodemesh-same".into(),
@@ -536,6 +531,15 @@ fn tune(
             &tuning_sizes,
             1,
             sizes.bulk_bytes,
+            ticks,
+            &mut errors,
+            progress,
+        );
+        let (g8, c8) = throughput(
+            &t,
+            &tuning_sizes,
+            8,
+            sizes.bulk8_bytes,
             ticks,
             &mut errors,
             progress,
@@ -567,6 +571,8 @@ fn tune(
             default,
             throughput1_gbps: g,
             cpu_per_gb1: c,
+            throughput8_gbps: g8,
+            cpu_per_gb8: c8,
             p50_us: spread_opt(&p50),
             errors,
         });

@@ -133,6 +133,8 @@ pub struct BenchOptions {
     pub command: String,
     /// Free-text note on the machine's conditions (for the report).
     pub note: Option<String>,
+    /// Keep the parts not run from the existing `results.json`.
+    pub merge: bool,
 }
 
 /// Which parts of the run to do.
@@ -169,6 +171,41 @@ pub fn run(opts: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<Result
         tuning: Vec::new(),
         cost: Vec::new(),
     };
+    if opts.merge {
+        let path = opts.docs_dir.join("benchmarks/results.json");
+        let prev: Results = std::fs::read(&path)
+            .map_err(|source| BenchError::Io {
+                what: format!("reading {} to merge", path.display()),
+                source,
+            })
+            .and_then(|b| {
+                serde_json::from_slice(&b).map_err(|e| BenchError::Measure {
+                    what: format!("{} to merge", path.display()),
+                    problem: e.to_string(),
+                })
+            })?;
+        let mut kept = Vec::new();
+        if !opts.parts.datapath {
+            results.paths = prev.paths;
+            kept.push("data path");
+        }
+        if !opts.parts.tuning {
+            results.tuning = prev.tuning;
+            kept.push("tuning");
+        }
+        if !opts.parts.cost {
+            results.cost = prev.cost;
+            kept.push("cost");
+        }
+        results.meta.merged_from = Some(format!(
+            "{} kept from the run of {} (`{}`, load average at its start {})",
+            kept.join(", "),
+            prev.meta.started,
+            prev.meta.command,
+            prev.meta.loadavg
+        ));
+        progress(&format!("merging: {}", kept.join(", ")));
+    }
     if opts.parts.datapath || opts.parts.tuning {
         let (paths, tuning) = datapath::run(opts, progress)?;
         results.paths = paths;

@@ -43,6 +43,9 @@ pub struct Meta {
     pub note: Option<String>,
     /// Sizes used.
     pub sizes: Option<super::Sizes>,
+    /// Parts kept from an earlier run (`--merge`), and which run.
+    #[serde(default)]
+    pub merged_from: Option<String>,
 }
 
 fn sh(cmd: &str, args: &[&str]) -> String {
@@ -109,6 +112,7 @@ impl Meta {
                 .unwrap_or_default(),
             note: opts.note.clone(),
             sizes: Some(opts.sizes.clone()),
+            merged_from: None,
         }
     }
 
@@ -191,6 +195,13 @@ pub fn verdicts(r: &Results) -> Vec<Verdict> {
             })
         };
         match (get(cross), get(direct)) {
+            (Some(n), Some(d)) if n < d => v.push(Verdict {
+                target: t,
+                measured: format!(
+                    "inconclusive: {n:.0} µs with the mesh, {d:.0} µs direct (the baseline's tail is the scheduler's on this loaded machine)"
+                ),
+                met: None,
+            }),
             (Some(n), Some(d)) => {
                 let added = n - d;
                 v.push(Verdict {
@@ -503,6 +514,9 @@ pub fn markdown(
     if let Some(n) = &m.note {
         let _ = writeln!(o, "| conditions | {n} |");
     }
+    if let Some(f) = &m.merged_from {
+        let _ = writeln!(o, "| merged | {} |", f.replace('|', "/"));
+    }
     if let Some(s) = &m.sizes {
         let _ = writeln!(
             o,
@@ -615,16 +629,18 @@ pub fn markdown(
     }
 
     if !r.tuning.is_empty() {
-        let _ = writeln!(o, "## Tuning (both daemons restarted per variant; CPU over the daemons on the path)\n\n| path | variant | 1 stream Gbit/s | CPU-s/GB | p50 µs at first rate |\n|---|---|---|---|---|");
+        let _ = writeln!(o, "## Tuning (both daemons restarted per variant; CPU over the daemons on the path)\n\n| path | variant | 1 stream Gbit/s | CPU-s/GB (1) | 8 streams Gbit/s | CPU-s/GB (8) | p50 µs at first rate |\n|---|---|---|---|---|---|---|");
         for t in &r.tuning {
             let _ = writeln!(
                 o,
-                "| {} | {}{} | {} | {} | {} |",
+                "| {} | {}{} | {} | {} | {} | {} | {} |",
                 t.path,
                 t.variant,
                 if t.default { " (**default**)" } else { "" },
                 show_opt(t.throughput1_gbps.as_ref(), 2),
                 show_opt(t.cpu_per_gb1.as_ref(), 2),
+                show_opt(t.throughput8_gbps.as_ref(), 2),
+                show_opt(t.cpu_per_gb8.as_ref(), 2),
                 show_opt(t.p50_us.as_ref(), 0)
             );
         }
