@@ -456,7 +456,7 @@ fn variants() -> Vec<Variant> {
     use nodemesh::relay_splice::TcpRelay;
     vec![
         (
-            "default: 8 MiB UDP buffers, 8 MiB stream / 32 MiB connection windows, 1 worker thread per CPU",
+            "default: 8 MiB UDP buffers, 8 MiB stream / 32 MiB connection windows, 1 runtime worker thread",
             true,
             |_| {},
             false,
@@ -475,7 +475,12 @@ fn variants() -> Vec<Variant> {
             c.tunnel.stream_window = 32 << 20;
             c.tunnel.connection_window = 128 << 20;
         }, false),
-        ("runtime: 1 worker thread", false, |c| c.worker_threads = 1, false),
+        (
+            "runtime: 2 worker threads (one per CPU here, tokio's default)",
+            false,
+            |c| c.worker_threads = 2,
+            false,
+        ),
         ("runtime: 4 worker threads", false, |c| c.worker_threads = 4, false),
         ("same node, tcp_relay: copy (64 KiB buffer, epoll)", true, |c| {
             c.tcp_relay = TcpRelay::Copy;
@@ -501,7 +506,7 @@ fn tune(
             lab.update_config(node, |c| {
                 c.tunnel = nodemesh::config::TunnelConfig::default();
                 c.tcp_relay = nodemesh::relay_splice::TcpRelay::default();
-                c.worker_threads = 0;
+                c.worker_threads = nodemesh::config::Config::default().worker_threads;
                 edit(c);
             })?;
             lab.restart_daemon(node)?;
