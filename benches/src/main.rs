@@ -101,6 +101,10 @@ struct BenchArgs {
     /// (re-run one part of an earlier full run).
     #[arg(long)]
     merge: bool,
+    /// Measure nothing: re-render benchmarks.md and the plots from the
+    /// existing results.json (after editing docs/benchmarks/notes.md).
+    #[arg(long)]
+    report_only: bool,
     /// Directory holding the `nodemesh` and `nodemesh-cni` binaries.
     #[arg(long, env = "NODEMESH_BIN_DIR")]
     bin_dir: Option<std::path::PathBuf>,
@@ -482,9 +486,13 @@ fn bench_run(prefix: &str, args: BenchArgs) -> Result<(), LabError> {
         merge: args.merge,
     };
     let start = Instant::now();
-    let result = bench::run(&opts, &mut |line| {
-        out!("[{:>6.1}s] {line}", start.elapsed().as_secs_f64());
-    });
+    let result = if args.report_only {
+        bench::rewrite_report(&opts)
+    } else {
+        bench::run(&opts, &mut |line| {
+            out!("[{:>6.1}s] {line}", start.elapsed().as_secs_f64());
+        })
+    };
     match result {
         Ok(r) => {
             for v in bench::report::verdicts(&r) {

@@ -161,6 +161,25 @@ pub struct Results {
     pub cost: Vec<cost::CostPoint>,
 }
 
+/// Re-renders `docs/benchmarks.md` and the plots from the existing
+/// `results.json` (e.g. after editing `notes.md`), measuring nothing.
+pub fn rewrite_report(opts: &BenchOptions) -> Result<Results, BenchError> {
+    let path = opts.docs_dir.join("benchmarks/results.json");
+    let results: Results = std::fs::read(&path)
+        .map_err(|source| BenchError::Io {
+            what: format!("reading {}", path.display()),
+            source,
+        })
+        .and_then(|b| {
+            serde_json::from_slice(&b).map_err(|e| BenchError::Measure {
+                what: path.display().to_string(),
+                problem: e.to_string(),
+            })
+        })?;
+    report::write(opts, &results)?;
+    Ok(results)
+}
+
 /// Runs the benchmark and writes the report; `progress` gets one line per step.
 pub fn run(opts: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<Results, BenchError> {
     let meta = report::Meta::collect(opts);
