@@ -598,7 +598,15 @@ pub fn markdown(
                 if p.idle_rss_kib.is_empty() {
                     "—".to_owned()
                 } else {
-                    format!("{:?}", p.idle_rss_kib)
+                    p.idle_rss_kib
+                        .iter()
+                        .enumerate()
+                        .map(|(i, k)| match p.idle_rss_split_kib.get(i) {
+                            Some(s) => format!("{k} [{}/{}]", s[0], s[1]),
+                            None => k.to_string(),
+                        })
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 },
                 p.bytes_per_idle_conn
                     .map_or("—".into(), |b| format!("{b:.0}")),
