@@ -16,7 +16,9 @@
 //! - [`metrics`]: a Prometheus text-format parser.
 //! - [`demo`]: the per-edge table shown by `nodemesh-lab demo`.
 //! - [`exec`]: running external commands with a deadline.
+//! - [`bench`]: `nodemesh-lab bench`, the benchmark run and its report.
 
+pub mod bench;
 pub mod certs;
 pub mod cni;
 pub mod daemon;

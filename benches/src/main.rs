@@ -61,6 +61,53 @@ enum Command {
         #[arg(long, default_value_t = 4)]
         mib: u64,
     },
+    /// Benchmark: data path against direct and stunnel baselines, tunnel
+    /// tuning, node versus sidecar cost; writes docs/benchmarks.md,
+    /// docs/benchmarks/results.json and SVG plots. Labs use the prefix plus
+    /// a letter (d, m, c).
+    Bench(BenchArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+struct BenchArgs {
+    /// Small sizes and few runs, for development (not for publication).
+    #[arg(long)]
+    quick: bool,
+    /// Directory to write benchmarks.md and benchmarks/ into.
+    #[arg(long, default_value = "docs")]
+    docs_dir: std::path::PathBuf,
+    /// Skip the data-path figures.
+    #[arg(long)]
+    no_datapath: bool,
+    /// Skip the tunnel tuning variants.
+    #[arg(long)]
+    no_tuning: bool,
+    /// Skip the node versus sidecar cost comparison.
+    #[arg(long)]
+    no_cost: bool,
+    /// Pods per node of the cost comparison (comma-separated; default 1,10,30,100, quick 1,3).
+    #[arg(long, value_delimiter = ',')]
+    pods: Option<Vec<usize>>,
+    /// Largest pods per node run in sidecar mode (default: all).
+    #[arg(long)]
+    sidecar_max_pods: Option<usize>,
+    /// Runs per figure (default 5, quick 2).
+    #[arg(long)]
+    runs: Option<usize>,
+    /// A note on the machine's conditions, printed in the report.
+    #[arg(long)]
+    note: Option<String>,
+    /// Keep the parts skipped with --no-* from the existing results.json
+    /// (re-run one part of an earlier full run).
+    #[arg(long)]
+    merge: bool,
+    /// Measure nothing: re-render benchmarks.md and the plots from the
+    /// existing results.json (after editing docs/benchmarks/notes.md).
+    #[arg(long)]
+    report_only: bool,
+    /// Directory holding the `nodemesh` and `nodemesh-cni` binaries.
+    #[arg(long, env = "NODEMESH_BIN_DIR")]
+    bin_dir: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -229,6 +276,7 @@ fn run(cli: Cli) -> Result<(), LabError> {
             }
         }
         Command::Demo { shape, mib } => demo_run(&shape.options(&cli.prefix), mib),
+        Command::Bench(args) => bench_run(&cli.prefix, args),
     }
 }
 
@@ -403,4 +451,67 @@ fn demo_run(opts: &LabOptions, mib: u64) -> Result<(), LabError> {
         }
     );
     Ok(())
+}
+
+fn bench_run(prefix: &str, args: BenchArgs) -> Result<(), LabError> {
+    use nodemesh_lab::bench::{self, BenchOptions, Parts, Sizes};
+    let mut sizes = if args.quick {
+        Sizes::quick()
+    } else {
+        Sizes::full()
+    };
+    if let Some(p) = args.pods {
+        sizes.pods = p;
+    }
+    sizes.sidecar_max_pods = args
+        .sidecar_max_pods
+        .unwrap_or_else(|| sizes.pods.iter().copied().max().unwrap_or(0));
+    if let Some(r) = args.runs {
+        sizes.runs = r.max(1);
+    }
+    let opts = BenchOptions {
+        prefix: prefix.to_owned(),
+        bin_dir: args.bin_dir,
+        docs_dir: args.docs_dir,
+        sizes,
+        quick: args.quick,
+        parts: Parts {
+            datapath: !args.no_datapath,
+            tuning: !args.no_tuning,
+            cost: !args.no_cost,
+        },
+        command: std::env::var("NODEMESH_BENCH_COMMAND")
+            .unwrap_or_else(|_| std::env::args().collect::<Vec<_>>().join(" ")),
+        note: args.note,
+        merge: args.merge,
+    };
+    let start = Instant::now();
+    let result = if args.report_only {
+        bench::rewrite_report(&opts)
+    } else {
+        bench::run(&opts, &mut |line| {
+            out!("[{:>6.1}s] {line}", start.elapsed().as_secs_f64());
+        })
+    };
+    match result {
+        Ok(r) => {
+            for v in bench::report::verdicts(&r) {
+                out!(
+                    "target: {} -> {} ({})",
+                    v.target,
+                    v.measured,
+                    match v.met {
+                        Some(true) => "met",
+                        Some(false) => "MISSED",
+                        None => "not measured",
+                    }
+                );
+            }
+            Ok(())
+        }
+        Err(bench::BenchError::Lab(e)) => Err(e),
+        Err(e) => Err(LabError::WorkerFailed {
+            problem: format!("benchmark: {e}"),
+        }),
+    }
 }

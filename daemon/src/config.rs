@@ -63,6 +63,18 @@ pub struct Config {
     pub log_level: String,
     /// Log format: `text` or `json`. Default `text`.
     pub log_format: LogFormat,
+    /// How plain TCP ↔ TCP legs (same-node delivery, passthrough) are
+    /// relayed: `copy` (read/write through a 64 KiB buffer) or `splice`
+    /// (splice(2) through a pipe, no user-space copy). Default `copy`; see
+    /// docs/benchmarks.md for the measurement behind the default.
+    pub tcp_relay: crate::relay_splice::TcpRelay,
+    /// Worker threads of the async runtime; 0 = one per CPU (tokio's
+    /// default). Default 1: in the lab on 2 CPUs one worker moved 40-60 %
+    /// more per tunnel stream at less CPU per byte than one per CPU (QUIC
+    /// endpoint driver and relay tasks on one thread: no cross-thread
+    /// wake-ups); raise it where one daemon must carry more than a core's
+    /// worth of traffic. See docs/benchmarks.md (tuning).
+    pub worker_threads: usize,
 }
 
 /// Node certificate files (PEM).
@@ -198,6 +210,8 @@ impl Default for Config {
             connect_timeout_ms: 5_000,
             log_level: "info".to_owned(),
             log_format: LogFormat::Text,
+            tcp_relay: crate::relay_splice::TcpRelay::Copy,
+            worker_threads: 1,
         }
     }
 }

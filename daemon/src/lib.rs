@@ -25,4 +25,5 @@ pub mod policy;
 pub mod proxy;
 pub mod registry;
 pub mod relay;
+pub mod relay_splice;
 pub mod tunnel;

@@ -31,6 +31,7 @@ fn main() -> ExitCode {
                 }
             };
             init_tracing(&config.log_level, config.log_format);
+            nodemesh::relay_splice::set_mode(config.tcp_relay);
             let metrics = match nodemesh::metrics::install(Duration::from_secs(600)) {
                 Ok(h) => h,
                 Err(e) => {
@@ -38,11 +39,12 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            let runtime = match tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .thread_name("nodemesh-worker")
-                .build()
-            {
+            let mut builder = tokio::runtime::Builder::new_multi_thread();
+            builder.enable_all().thread_name("nodemesh-worker");
+            if config.worker_threads > 0 {
+                builder.worker_threads(config.worker_threads);
+            }
+            let runtime = match builder.build() {
                 Ok(rt) => rt,
                 Err(e) => {
                     eprintln!("nodemesh: cannot start the async runtime: {e}");

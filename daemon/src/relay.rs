@@ -137,7 +137,7 @@ impl RelayError {
     }
 }
 
-fn tcp_error(side: Side, source: io::Error) -> RelayError {
+pub(crate) fn tcp_error(side: Side, source: io::Error) -> RelayError {
     use io::ErrorKind::{BrokenPipe, ConnectionAborted, ConnectionReset, NotConnected};
     match source.kind() {
         ConnectionReset | ConnectionAborted | BrokenPipe | NotConnected => {
@@ -263,6 +263,9 @@ pub async fn tcp_tcp(
     a_to_b: Counter,
     b_to_a: Counter,
 ) -> Result<RelayStats, RelayError> {
+    if crate::relay_splice::mode() == crate::relay_splice::TcpRelay::Splice {
+        return crate::relay_splice::tcp_tcp(a, b, a_to_b, b_to_a).await;
+    }
     let result = {
         let (mut a_r, mut a_w) = a.split();
         let (mut b_r, mut b_w) = b.split();

@@ -1,0 +1,586 @@
+//! Data-path figures: direct pod to pod, the stunnel mTLS pair, and nodemesh
+//! across nodes and within a node, measured in the same run; plus tunnel
+//! tuning variants of the cross-node path.
+//!
+//! Two labs are built one after the other: a plain-bridge lab (`--no-mesh`,
+//! 2 nodes x 1 pod) for direct and stunnel, and a meshed lab (2 nodes x 2
+//! pods) for nodemesh. Every path is measured by [`measure`] with the same
+//! load tools ([`super::load`]); proxies' CPU and RSS come from `/proc`.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use super::load::{self, Echo, Holder};
+use super::procfs;
+use super::stats::Spread;
+use super::stunnel;
+use super::{BenchError, BenchOptions, Sizes};
+use crate::daemon;
+use crate::lab::{Lab, LabOptions, PodHandle};
+
+const SINK_PORT: u16 = 9000;
+const ECHO_PORT: u16 = 9001;
+const SEQ_ECHO_PORT: u16 = 9002;
+const HOLD_PORT: u16 = 9003;
+
+/// Request/response latency at one rate.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LatencyAtRate {
+    /// Requests per second (open loop).
+    pub rate: u32,
+    /// p50, µs.
+    pub p50_us: Spread,
+    /// p99, µs.
+    pub p99_us: Spread,
+    /// p99.9, µs.
+    pub p999_us: Spread,
+}
+
+/// Every figure of one path.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct PathResult {
+    /// Short key (`direct`, `stunnel`, `nodemesh-cross`, `nodemesh-same`).
+    pub key: String,
+    /// What the path is.
+    pub label: String,
+    /// Proxy processes on the path.
+    pub proxies: usize,
+    /// Single-stream bulk throughput, Gbit/s.
+    pub throughput1_gbps: Option<Spread>,
+    /// 8-stream bulk throughput (aggregate), Gbit/s.
+    pub throughput8_gbps: Option<Spread>,
+    /// CPU-seconds per GB summed over the proxies, single stream.
+    pub cpu_per_gb1: Option<Spread>,
+    /// CPU-seconds per GB summed over the proxies, 8 streams.
+    pub cpu_per_gb8: Option<Spread>,
+    /// Open-loop request/response latency per rate.
+    pub latency: Vec<LatencyAtRate>,
+    /// New connection (connect + one exchange + close) p50, µs.
+    pub new_conn_p50_us: Option<Spread>,
+    /// New connection p99, µs.
+    pub new_conn_p99_us: Option<Spread>,
+    /// RSS of each proxy process before the figures (tunnel warm, no connection open), KiB.
+    pub idle_rss_kib: Vec<u64>,
+    /// The same split as [anonymous, file-backed, shared memory] KiB per proxy.
+    pub idle_rss_split_kib: Vec<[u64; 3]>,
+    /// RSS growth summed over the proxies per open idle connection, bytes.
+    pub bytes_per_idle_conn: Option<f64>,
+    /// The same, per proxy process, bytes.
+    pub bytes_per_idle_conn_by_proxy: Vec<f64>,
+    /// Figures that could not be measured, and why.
+    pub errors: Vec<String>,
+}
+
+/// One tuning variant of the cross-node tunnel.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TuningResult {
+    /// Path measured (`nodemesh-cross` or `nodemesh-same`).
+    pub path: String,
+    /// What was changed.
+    pub variant: String,
+    /// Whether this is the shipped default.
+    pub default: bool,
+    /// Single-stream throughput, Gbit/s.
+    pub throughput1_gbps: Option<Spread>,
+    /// CPU-seconds per GB over both daemons.
+    pub cpu_per_gb1: Option<Spread>,
+    /// 8-stream throughput, Gbit/s.
+    #[serde(default)]
+    pub throughput8_gbps: Option<Spread>,
+    /// CPU-seconds per GB, 8 streams.
+    #[serde(default)]
+    pub cpu_per_gb8: Option<Spread>,
+    /// Open-loop p50 at the first rate, µs.
+    pub p50_us: Option<Spread>,
+    /// Why a figure is missing.
+    pub errors: Vec<String>,
+}
+
+/// A path under test: where the client runs, where it connects, which
+/// processes are the proxies.
+#[derive(Debug, Clone)]
+pub struct Target {
+    /// Result key.
+    pub key: String,
+    /// Description.
+    pub label: String,
+    /// Client pod.
+    pub src: PodHandle,
+    /// Server pod.
+    pub dst: PodHandle,
+    /// Connect to the stunnel client port instead of the server pod.
+    pub via_stunnel: bool,
+    /// Proxy pids.
+    pub proxies: Vec<u32>,
+}
+
+impl Target {
+    fn addr(&self, port: u16) -> SocketAddr {
+        if self.via_stunnel {
+            stunnel::client_addr(port)
+        } else {
+            self.dst.addr(port)
+        }
+    }
+}
+
+/// Bulk transfer with CPU accounting: (Gbit/s, CPU-s per GB or `None` without proxies).
+fn bulk_once(
+    t: &Target,
+    streams: usize,
+    bytes: u64,
+    ticks: f64,
+) -> Result<(f64, Option<f64>), BenchError> {
+    let listener = t.dst.listen(SINK_PORT)?;
+    let sink = load::sink(listener, streams);
+    let cpu0 = procfs::cpu_seconds_sum(&t.proxies, ticks)?;
+    let elapsed = load::bulk(&t.src.netns, t.addr(SINK_PORT), streams, bytes)?;
+    let cpu1 = procfs::cpu_seconds_sum(&t.proxies, ticks)?;
+    let got = sink
+        .join()
+        .unwrap_or_else(|_| Err(std::io::Error::other("sink panicked")))
+        .map_err(|source| BenchError::Io {
+            what: format!("{} sink", t.key),
+            source,
+        })?;
+    let total = bytes * streams as u64;
+    if got != total {
+        return Err(BenchError::Measure {
+            what: format!("{} bulk", t.key),
+            problem: format!("sink got {got} of {total} bytes"),
+        });
+    }
+    let gb = total as f64 / 1e9;
+    let gbps = gb * 8.0 / elapsed.as_secs_f64().max(1e-9);
+    let cpu = (!t.proxies.is_empty()).then(|| (cpu1 - cpu0) / gb);
+    Ok((gbps, cpu))
+}
+
+fn record<T>(errors: &mut Vec<String>, what: &str, r: Result<T, BenchError>) -> Option<T> {
+    match r {
+        Ok(v) => Some(v),
+        Err(e) => {
+            errors.push(format!("{what}: {e}"));
+            None
+        }
+    }
+}
+
+fn spread_opt(values: &[f64]) -> Option<Spread> {
+    Spread::of(values)
+}
+
+fn throughput(
+    t: &Target,
+    sizes: &Sizes,
+    streams: usize,
+    bytes: u64,
+    ticks: f64,
+    errors: &mut Vec<String>,
+    progress: &mut dyn FnMut(&str),
+) -> (Option<Spread>, Option<Spread>) {
+    let (mut g, mut c) = (Vec::new(), Vec::new());
+    for run in 1..=sizes.runs {
+        if let Some((gbps, cpu)) = record(
+            errors,
+            &format!("{streams}-stream bulk run {run}"),
+            bulk_once(t, streams, bytes, ticks),
+        ) {
+            progress(&format!(
+                "  {}: {streams} stream(s) run {run}/{}: {gbps:.2} Gbit/s{}",
+                t.key,
+                sizes.runs,
+                cpu.map_or(String::new(), |c| format!(", {c:.2} CPU-s/GB"))
+            ));
+            g.push(gbps);
+            c.extend(cpu);
+        }
+    }
+    (spread_opt(&g), spread_opt(&c))
+}
+
+/// Measures every data-path figure of `t`.
+pub fn measure(t: &Target, sizes: &Sizes, progress: &mut dyn FnMut(&str)) -> PathResult {
+    let ticks = procfs::clock_ticks();
+    let mut r = PathResult {
+        key: t.key.clone(),
+        label: t.label.clone(),
+        proxies: t.proxies.len(),
+        ..PathResult::default()
+    };
+    let mut errors = Vec::new();
+    // Warm-up: establishes the tunnel (nodemesh) and TLS session caches.
+    let _ = bulk_once(t, 1, 1 << 20, ticks);
+    r.idle_rss_kib = t
+        .proxies
+        .iter()
+        .filter_map(|p| procfs::rss_kib(*p).ok())
+        .collect();
+    r.idle_rss_split_kib = t
+        .proxies
+        .iter()
+        .filter_map(|p| procfs::rss_split_kib(*p).ok())
+        .collect();
+    progress(&format!(
+        "  {}: proxy RSS after warm-up {:?} KiB ([anon, file, shmem] {:?})",
+        t.key, r.idle_rss_kib, r.idle_rss_split_kib
+    ));
+
+    // Memory per idle connection, first: on a heap that bulk transfers have
+    // not yet grown, RSS growth is the connections' own memory rather than
+    // reuse of freed allocations.
+    if !t.proxies.is_empty() {
+        let idle = idle_memory(t, sizes.idle_conns);
+        if let Some((sum, by)) = record(&mut errors, "idle connections", idle) {
+            progress(&format!(
+                "  {}: {} idle connections: {:.0} bytes each over the proxies {:?}",
+                t.key, sizes.idle_conns, sum, by
+            ));
+            r.bytes_per_idle_conn = Some(sum);
+            r.bytes_per_idle_conn_by_proxy = by;
+        }
+    }
+    (r.throughput1_gbps, r.cpu_per_gb1) =
+        throughput(t, sizes, 1, sizes.bulk_bytes, ticks, &mut errors, progress);
+    (r.throughput8_gbps, r.cpu_per_gb8) =
+        throughput(t, sizes, 8, sizes.bulk8_bytes, ticks, &mut errors, progress);
+
+    // Latency at fixed rates.
+    let echo = t
+        .dst
+        .listen(ECHO_PORT)
+        .map_err(BenchError::from)
+        .and_then(|l| Echo::start(l, sizes.msg_len, false));
+    if let Some(_echo) = record(&mut errors, "echo server", echo) {
+        for &rate in &sizes.rates {
+            let mut p = [Vec::new(), Vec::new(), Vec::new()];
+            for run in 1..=sizes.runs.min(3) {
+                let h = load::open_loop(
+                    &t.src.netns,
+                    t.addr(ECHO_PORT),
+                    rate,
+                    Duration::from_secs_f64(sizes.latency_secs),
+                    sizes.msg_len,
+                );
+                if let Some(h) = record(&mut errors, &format!("latency at {rate}/s run {run}"), h) {
+                    let q = load::percentiles_us(&h);
+                    progress(&format!(
+                        "  {}: {rate} req/s run {run}: p50 {:.0} µs, p99 {:.0} µs, p99.9 {:.0} µs",
+                        t.key, q[0], q[1], q[2]
+                    ));
+                    for (v, x) in p.iter_mut().zip(q) {
+                        v.push(x);
+                    }
+                }
+            }
+            if let (Some(p50_us), Some(p99_us), Some(p999_us)) =
+                (spread_opt(&p[0]), spread_opt(&p[1]), spread_opt(&p[2]))
+            {
+                r.latency.push(LatencyAtRate {
+                    rate,
+                    p50_us,
+                    p99_us,
+                    p999_us,
+                });
+            }
+        }
+    }
+
+    // New connections.
+    let seq = t
+        .dst
+        .listen(SEQ_ECHO_PORT)
+        .map_err(BenchError::from)
+        .and_then(|l| Echo::start(l, sizes.msg_len, true));
+    if let Some(_seq) = record(&mut errors, "sequential echo server", seq) {
+        let _ = load::new_connections(&t.src.netns, t.addr(SEQ_ECHO_PORT), 5, sizes.msg_len);
+        let (mut p50, mut p99) = (Vec::new(), Vec::new());
+        for run in 1..=sizes.runs.min(3) {
+            let h = load::new_connections(
+                &t.src.netns,
+                t.addr(SEQ_ECHO_PORT),
+                sizes.new_conns,
+                sizes.msg_len,
+            );
+            if let Some(h) = record(&mut errors, &format!("new connections run {run}"), h) {
+                let q = load::percentiles_us(&h);
+                progress(&format!(
+                    "  {}: new connection run {run}: p50 {:.0} µs, p99 {:.0} µs",
+                    t.key, q[0], q[1]
+                ));
+                p50.push(q[0]);
+                p99.push(q[1]);
+            }
+        }
+        r.new_conn_p50_us = spread_opt(&p50);
+        r.new_conn_p99_us = spread_opt(&p99);
+    }
+
+    for e in &errors {
+        progress(&format!("  {}: FAILED {e}", t.key));
+    }
+    r.errors = errors;
+    r
+}
+
+fn idle_memory(t: &Target, n: usize) -> Result<(f64, Vec<f64>), BenchError> {
+    let holder = Holder::start(t.dst.listen(HOLD_PORT)?)?;
+    let before: Vec<u64> = t
+        .proxies
+        .iter()
+        .map(|p| procfs::rss_kib(*p))
+        .collect::<Result<_, _>>()?;
+    let conns = load::open_idle(&t.src.netns, t.addr(HOLD_PORT), n)?;
+    holder.wait_for(n, Duration::from_secs(60))?;
+    let after: Vec<u64> = t
+        .proxies
+        .iter()
+        .map(|p| procfs::rss_kib(*p))
+        .collect::<Result<_, _>>()?;
+    drop(conns);
+    drop(holder);
+    let by: Vec<f64> = before
+        .iter()
+        .zip(&after)
+        .map(|(b, a)| (*a as f64 - *b as f64) * 1024.0 / n as f64)
+        .collect();
+    Ok((by.iter().sum(), by))
+}
+
+fn lab_options(opts: &BenchOptions, suffix: &str, nodes: usize, pods: usize) -> LabOptions {
+    let mut o = LabOptions::new(format!("{}{suffix}", opts.prefix), nodes, pods);
+    o.bin_dir = opts.bin_dir.clone();
+    o.log_level = "warn".into();
+    o
+}
+
+fn up(o: LabOptions, progress: &mut dyn FnMut(&str)) -> Result<Lab, BenchError> {
+    progress(&format!(
+        "building lab {} ({} nodes x {} pods, mesh {})",
+        o.prefix,
+        o.nodes,
+        o.pods_per_node,
+        if o.mesh { "on" } else { "off" }
+    ));
+    Ok(Lab::up(o)?)
+}
+
+/// Runs the data-path part (and the tuning variants when asked).
+pub fn run(
+    opts: &BenchOptions,
+    progress: &mut dyn FnMut(&str),
+) -> Result<(Vec<PathResult>, Vec<TuningResult>), BenchError> {
+    let sizes = &opts.sizes;
+    let mut paths = Vec::new();
+    let mut tuning = Vec::new();
+    if opts.parts.datapath {
+        let lab = up(lab_options(opts, "d", 2, 1).no_mesh(), progress)?;
+        let (a, b) = (lab.pod(1, 1)?, lab.pod(2, 1)?);
+        let direct = Target {
+            key: "direct".into(),
+            label: "direct pod to pod, no mesh (2 nodes)".into(),
+            src: a.clone(),
+            dst: b.clone(),
+            via_stunnel: false,
+            proxies: Vec::new(),
+        };
+        progress("path direct: pod n1-p1 -> pod n2-p1 across the bridge, no proxy");
+        paths.push(measure(&direct, sizes, progress));
+        progress(
+            "path stunnel: stunnel client in n1-p1 -> TLS 1.3 mTLS -> stunnel server in n2-p1",
+        );
+        let nodemesh = daemon::find_binary(daemon::DAEMON_BIN, opts.bin_dir.as_deref())?;
+        let pair = stunnel::start(
+            &nodemesh,
+            &lab.dir().join("stunnel"),
+            &a.netns,
+            &b.netns,
+            b.ip,
+            &[SINK_PORT, ECHO_PORT, SEQ_ECHO_PORT, HOLD_PORT],
+        )?;
+        let st = Target {
+            key: "stunnel".into(),
+            label: "stunnel mTLS proxy pair (per-connection TLS, 2 nodes)".into(),
+            proxies: vec![pair.client_pid, pair.server_pid],
+            via_stunnel: true,
+            ..direct
+        };
+        paths.push(measure(&st, sizes, progress));
+        drop(pair);
+        drop(lab);
+    }
+    let mut lab = up(lab_options(opts, "m", 2, 2), progress)?;
+    let pids = |lab: &Lab, nodes: &[usize]| -> Vec<u32> {
+        nodes.iter().filter_map(|n| lab.daemon_pid(*n)).collect()
+    };
+    let cross = Target {
+        key: "nodemesh-cross".into(),
+        label: "nodemesh across nodes (pod -> L1 daemon -> QUIC -> L2 daemon -> pod)".into(),
+        src: lab.pod(1, 1)?,
+        dst: lab.pod(2, 1)?,
+        via_stunnel: false,
+        proxies: pids(&lab, &[1, 2]),
+    };
+    if opts.parts.datapath {
+        progress("path nodemesh-cross: n1-p1 -> n2-p1 through both daemons and the tunnel");
+        paths.push(measure(&cross, sizes, progress));
+        // A fresh daemon, so its memory figures are not those of a heap the
+        // cross-node figures already grew (registrations are restored).
+        lab.restart_daemon(1)?;
+        let same = Target {
+            key: "nodemesh-same".into(),
+            label: "nodemesh within a node (pod -> daemon -> pod)".into(),
+            src: lab.pod(1, 1)?,
+            dst: lab.pod(1, 2)?,
+            via_stunnel: false,
+            proxies: pids(&lab, &[1]),
+        };
+        progress("path nodemesh-same: n1-p1 -> n1-p2 through the node's daemon");
+        paths.push(measure(&same, sizes, progress));
+    }
+    if opts.parts.tuning {
+        tuning = tune(lab, &cross, sizes, progress)?;
+    }
+    Ok((paths, tuning))
+}
+
+type Edit = fn(&mut nodemesh::config::Config);
+
+/// A tuning variant: name, whether it is the shipped default, the config
+/// edit, and whether it is measured on the same-node path (else cross-node).
+type Variant = (&'static str, bool, Edit, bool);
+
+fn variants() -> Vec<Variant> {
+    use nodemesh::relay_splice::TcpRelay;
+    vec![
+        (
+            "default: 8 MiB UDP buffers, 8 MiB stream / 32 MiB connection windows, 1 runtime worker thread",
+            true,
+            |_| {},
+            false,
+        ),
+        ("UDP buffers 256 KiB (near the kernel default)", false, |c| {
+            c.tunnel.udp_buffer = 256 << 10;
+        }, false),
+        ("UDP buffers 32 MiB", false, |c| {
+            c.tunnel.udp_buffer = 32 << 20;
+        }, false),
+        ("windows 1 MiB stream / 4 MiB connection", false, |c| {
+            c.tunnel.stream_window = 1 << 20;
+            c.tunnel.connection_window = 4 << 20;
+        }, false),
+        ("windows 32 MiB stream / 128 MiB connection", false, |c| {
+            c.tunnel.stream_window = 32 << 20;
+            c.tunnel.connection_window = 128 << 20;
+        }, false),
+        (
+            "runtime: 2 worker threads (one per CPU here, tokio's default)",
+            false,
+            |c| c.worker_threads = 2,
+            false,
+        ),
+        ("runtime: 4 worker threads", false, |c| c.worker_threads = 4, false),
+        ("same node, tcp_relay: copy (64 KiB buffer, epoll)", true, |c| {
+            c.tcp_relay = TcpRelay::Copy;
+        }, true),
+        ("same node, tcp_relay: splice (pipe, epoll)", false, |c| {
+            c.tcp_relay = TcpRelay::Splice;
+        }, true),
+    ]
+}
+
+fn tune(
+    mut lab: Lab,
+    cross: &Target,
+    sizes: &Sizes,
+    progress: &mut dyn FnMut(&str),
+) -> Result<Vec<TuningResult>, BenchError> {
+    let ticks = procfs::clock_ticks();
+    let mut out = Vec::new();
+    for (variant, default, edit, same_node) in variants() {
+        progress(&format!("tuning: {variant}"));
+        let mut errors = Vec::new();
+        for node in [1, 2] {
+            lab.update_config(node, |c| {
+                c.tunnel = nodemesh::config::TunnelConfig::default();
+                c.tcp_relay = nodemesh::relay_splice::TcpRelay::default();
+                c.worker_threads = nodemesh::config::Config::default().worker_threads;
+                edit(c);
+            })?;
+            lab.restart_daemon(node)?;
+        }
+        let t = if same_node {
+            Target {
+                key: "nodemesh-same".into(),
+                dst: lab.pod(1, 2)?,
+                proxies: lab.daemon_pid(1).into_iter().collect(),
+                ..cross.clone()
+            }
+        } else {
+            Target {
+                proxies: [1, 2].iter().filter_map(|n| lab.daemon_pid(*n)).collect(),
+                ..cross.clone()
+            }
+        };
+        let _ = bulk_once(&t, 1, 1 << 20, ticks);
+        // At most 3 runs per variant: nine variants at five runs would
+        // double the length of a full run.
+        let tuning_sizes = Sizes {
+            runs: sizes.runs.min(3),
+            ..sizes.clone()
+        };
+        let (g, c) = throughput(
+            &t,
+            &tuning_sizes,
+            1,
+            sizes.bulk_bytes,
+            ticks,
+            &mut errors,
+            progress,
+        );
+        let (g8, c8) = throughput(
+            &t,
+            &tuning_sizes,
+            8,
+            sizes.bulk8_bytes,
+            ticks,
+            &mut errors,
+            progress,
+        );
+        let mut p50 = Vec::new();
+        let echo = t
+            .dst
+            .listen(ECHO_PORT)
+            .map_err(BenchError::from)
+            .and_then(|l| Echo::start(l, sizes.msg_len, false));
+        if let (Some(_echo), Some(&rate)) = (record(&mut errors, "echo", echo), sizes.rates.first())
+        {
+            for run in 1..=sizes.runs.min(3) {
+                let h = load::open_loop(
+                    &t.src.netns,
+                    t.addr(ECHO_PORT),
+                    rate,
+                    Duration::from_secs_f64(sizes.latency_secs),
+                    sizes.msg_len,
+                );
+                if let Some(h) = record(&mut errors, &format!("latency run {run}"), h) {
+                    p50.push(load::percentiles_us(&h)[0]);
+                }
+            }
+        }
+        out.push(TuningResult {
+            path: t.key.clone(),
+            variant: variant.into(),
+            default,
+            throughput1_gbps: g,
+            cpu_per_gb1: c,
+            throughput8_gbps: g8,
+            cpu_per_gb8: c8,
+            p50_us: spread_opt(&p50),
+            errors,
+        });
+    }
+    Ok(out)
+}
