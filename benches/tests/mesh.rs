@@ -614,7 +614,21 @@ fn sigterm_drains_open_connections_then_exits_zero() {
             );
             std::thread::sleep(Duration::from_millis(20));
         }
-        // New connections from the pod are refused while draining.
+        // Draining stops accepting: the pod's capture listener closes (the
+        // accept tasks see the shutdown right after /ready turns), and new
+        // connections from the pod are then refused.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let ss = netns::exec_in(&client.netns, "ss", ["-ltnH"]).expect("ss");
+            if !ss.stdout_text().contains("127.0.0.1:15001") {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the outbound listener stayed open while draining"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
         let refused = client.connect(server.addr(port));
         assert!(
             refused.is_err(),

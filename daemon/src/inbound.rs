@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use metrics::Label;
 use quinn::{RecvStream, SendStream};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tracing::{debug, info_span, warn, Instrument};
 
 use crate::discovery::model::Mode;
@@ -423,39 +423,9 @@ async fn answer(
     }
 }
 
-/// Accepts on a pod's inbound plaintext listener (`:15006`): connections that
-/// reach a meshed pod from outside the mesh.
-pub async fn serve_plaintext(proxy: Arc<Proxy>, pod: Arc<LocalPod>, listener: TcpListener) {
-    loop {
-        let accepted = tokio::select! {
-            _ = pod.cancel.cancelled() => break,
-            _ = proxy.shutdown.cancelled() => break,
-            a = listener.accept() => a,
-        };
-        match accepted {
-            Ok((tcp, client)) => {
-                let span = info_span!("inbound_plaintext", pod = %format_args!("{}/{}", pod.namespace, pod.name), client.addr = %client);
-                let (proxy, pod) = (proxy.clone(), pod.clone());
-                tokio::spawn(
-                    async move {
-                        let cancel = pod.cancel.clone();
-                        tokio::select! {
-                            _ = cancel.cancelled() => {}
-                            _ = plaintext(&proxy, &pod, tcp, client) => {}
-                        }
-                    }
-                    .instrument(span),
-                );
-            }
-            Err(e) => {
-                warn!(pod = %pod.name, error = %e, "inbound accept failed");
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-        }
-    }
-}
-
-async fn plaintext(proxy: &Proxy, pod: &LocalPod, tcp: TcpStream, client: SocketAddr) {
+/// Serves one connection accepted on a pod's inbound plaintext listener
+/// (`:15006`): traffic that reaches a meshed pod from outside the mesh.
+pub(crate) async fn plaintext(proxy: &Proxy, pod: &LocalPod, tcp: TcpStream, client: SocketAddr) {
     let _guard = proxy.tracker.track();
     set_nodelay(&tcp);
     let dst = match original_dst(&tcp) {

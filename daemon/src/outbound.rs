@@ -9,11 +9,10 @@
 
 use std::fmt::Display;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::Instant;
 
 use quinn::{RecvStream, SendStream};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tracing::{debug, info_span, warn, Instrument};
 
 use crate::metrics::{self as m, Edge, Reporter, Route as RouteLabel};
@@ -26,45 +25,8 @@ use crate::tunnel::header::{read_status, StatusCode, StreamHeader};
 use crate::tunnel::reset_code;
 use crate::{inbound, policy};
 
-/// Accepts on a pod's outbound listener until the pod is unregistered or the
-/// daemon stops accepting.
-pub async fn serve(proxy: Arc<Proxy>, pod: Arc<LocalPod>, listener: TcpListener) {
-    loop {
-        let accepted = tokio::select! {
-            _ = pod.cancel.cancelled() => break,
-            _ = proxy.shutdown.cancelled() => break,
-            a = listener.accept() => a,
-        };
-        match accepted {
-            Ok((tcp, client)) => {
-                let span = info_span!(
-                    "outbound",
-                    pod = %format_args!("{}/{}", pod.namespace, pod.name),
-                    client.addr = %client,
-                    server.addr = tracing::field::Empty,
-                );
-                let (proxy, pod) = (proxy.clone(), pod.clone());
-                tokio::spawn(
-                    async move {
-                        let cancel = pod.cancel.clone();
-                        tokio::select! {
-                            _ = cancel.cancelled() => debug!("pod unregistered; connection closed"),
-                            _ = handle(&proxy, &pod, tcp, client) => {}
-                        }
-                    }
-                    .instrument(span),
-                );
-            }
-            Err(e) => {
-                warn!(pod = %pod.name, error = %e, "outbound accept failed");
-                // EMFILE and friends: give the system a moment rather than spin.
-                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-            }
-        }
-    }
-}
-
-async fn handle(proxy: &Proxy, pod: &LocalPod, tcp: TcpStream, client: SocketAddr) {
+/// Serves one connection accepted on a pod's outbound listener.
+pub(crate) async fn handle(proxy: &Proxy, pod: &LocalPod, tcp: TcpStream, client: SocketAddr) {
     let _guard = proxy.tracker.track();
     set_nodelay(&tcp);
     let dst = match original_dst(&tcp) {

@@ -13,9 +13,11 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use nodemesh_cni::proto::{PodRegistration, Request};
+use tokio::net::TcpListener;
 use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::field::Empty;
+use tracing::{debug, info, info_span, warn, Instrument};
 
 use crate::metrics as m;
 use crate::netns::{listen_in, Netns};
@@ -205,10 +207,20 @@ impl PodManager {
             registration: reg,
         });
         for l in outs {
-            tokio::spawn(outbound::serve(self.proxy.clone(), pod.clone(), l));
+            tokio::spawn(serve_listener(
+                self.proxy.clone(),
+                pod.clone(),
+                l,
+                Listener::Outbound,
+            ));
         }
         for l in ins {
-            tokio::spawn(inbound::serve_plaintext(self.proxy.clone(), pod.clone(), l));
+            tokio::spawn(serve_listener(
+                self.proxy.clone(),
+                pod.clone(),
+                l,
+                Listener::Plaintext,
+            ));
         }
         self.proxy.registry.insert_local(pod.clone());
         Ok(pod)
@@ -349,6 +361,69 @@ impl PodManager {
             serde_json::to_vec_pretty(reg).map_err(io::Error::other)?,
         )?;
         std::fs::rename(&tmp, &path)
+    }
+}
+
+/// The two kinds of in-pod listener.
+#[derive(Debug, Clone, Copy)]
+enum Listener {
+    /// `127.0.0.1:<outbound>`: the pod's own outbound traffic (L1).
+    Outbound,
+    /// `:<inbound>`: plaintext from outside the mesh into the pod.
+    Plaintext,
+}
+
+/// Accepts on one of a pod's listeners until the pod is unregistered or the
+/// daemon stops accepting. Each connection runs in its own task and span, and
+/// is closed when the pod is unregistered; a failed accept is logged and the
+/// loop goes on.
+async fn serve_listener(
+    proxy: Arc<Proxy>,
+    pod: Arc<LocalPod>,
+    listener: TcpListener,
+    kind: Listener,
+) {
+    loop {
+        let accepted = tokio::select! {
+            _ = pod.cancel.cancelled() => break,
+            _ = proxy.shutdown.cancelled() => break,
+            a = listener.accept() => a,
+        };
+        let (tcp, client) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                warn!(pod = %pod.name, listener = ?kind, error = %e, "accept failed");
+                // EMFILE and friends: give the system a moment rather than spin.
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                continue;
+            }
+        };
+        let name = format_args!("{}/{}", pod.namespace, pod.name);
+        let span = match kind {
+            Listener::Outbound => {
+                info_span!("outbound", pod = %name, client.addr = %client, server.addr = Empty)
+            }
+            Listener::Plaintext => {
+                info_span!("inbound_plaintext", pod = %name, client.addr = %client, server.addr = Empty)
+            }
+        };
+        let (proxy, pod) = (proxy.clone(), pod.clone());
+        tokio::spawn(
+            async move {
+                let cancel = pod.cancel.clone();
+                let serve = async {
+                    match kind {
+                        Listener::Outbound => outbound::handle(&proxy, &pod, tcp, client).await,
+                        Listener::Plaintext => inbound::plaintext(&proxy, &pod, tcp, client).await,
+                    }
+                };
+                tokio::select! {
+                    _ = cancel.cancelled() => debug!("pod unregistered; connection closed"),
+                    _ = serve => {}
+                }
+            }
+            .instrument(span),
+        );
     }
 }
 
