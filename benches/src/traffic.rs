@@ -64,17 +64,8 @@ fn finish(ctx: Context) -> Hash {
 
 /// SHA-256 of the first `len` bytes of the stream of `seed`.
 pub fn pattern_hash(seed: u64, len: u64) -> Hash {
-    let mut pattern = Pattern::new(seed);
-    let mut ctx = Context::new(&SHA256);
-    let mut buf = vec![0u8; CHUNK];
-    let mut left = len;
-    while left > 0 {
-        let n = usize::try_from(left).map_or(CHUNK, |l| l.min(CHUNK));
-        pattern.fill(&mut buf[..n]);
-        ctx.update(&buf[..n]);
-        left -= n as u64;
-    }
-    finish(ctx)
+    // The same stream as `send_pattern`, written nowhere: `io::sink` cannot fail.
+    send_pattern(&mut std::io::sink(), seed, len).expect("io::sink never fails")
 }
 
 /// Writes `len` bytes of the stream of `seed` to `w`; returns their hash.

@@ -22,7 +22,7 @@ use tracing::{debug, info_span, warn, Instrument};
 use crate::discovery::model::Mode;
 use crate::identity::{node_spiffe_id, peer_node};
 use crate::metrics::{self as m, Edge, Reporter, Route as RouteLabel, UNKNOWN};
-use crate::netns::{connect_in, original_dst, set_nodelay};
+use crate::netns::{original_dst, set_nodelay};
 use crate::outbound::finish;
 use crate::pods::LocalPod;
 use crate::policy::live::OwnedPeer;
@@ -243,15 +243,7 @@ pub async fn handle_stream(
         )
         .await;
     }
-    let tcp = match connect_in(
-        proxy.sockets.as_ref(),
-        &pod.netns,
-        header.dst,
-        proxy.mark,
-        proxy.connect_timeout,
-    )
-    .await
-    {
+    let tcp = match proxy.connect(&pod.netns, header.dst).await {
         Ok(t) => t,
         Err(e) => {
             debug!(server.addr = %header.dst, error = %e, "connect to destination failed");
@@ -500,15 +492,7 @@ pub(crate) async fn plaintext(proxy: &Proxy, pod: &LocalPod, tcp: TcpStream, cli
         reset_tcp(tcp);
         return;
     }
-    match connect_in(
-        proxy.sockets.as_ref(),
-        &pod.netns,
-        dst,
-        proxy.mark,
-        proxy.connect_timeout,
-    )
-    .await
-    {
+    match proxy.connect(&pod.netns, dst).await {
         Ok(server) => relay_local(&edge, pod, tcp, server, live).await,
         Err(e) => {
             warn!(server.addr = %dst, error = %e, "connect to the pod failed; resetting client");

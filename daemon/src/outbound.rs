@@ -16,7 +16,7 @@ use tokio::net::TcpStream;
 use tracing::{debug, info_span, warn, Instrument};
 
 use crate::metrics::{self as m, Edge, Reporter, Route as RouteLabel};
-use crate::netns::{connect_in, original_dst, set_nodelay};
+use crate::netns::{original_dst, set_nodelay};
 use crate::pods::LocalPod;
 use crate::proxy::{Proxy, Workload};
 use crate::registry::Route;
@@ -67,33 +67,15 @@ pub(crate) async fn handle(proxy: &Proxy, pod: &LocalPod, tcp: TcpStream, client
                 Ok(l) => l,
                 Err(reason) => return fail(&edge, tcp, reason, &"refused by policy"),
             };
-            match connect_in(
-                proxy.sockets.as_ref(),
-                &dst_pod.netns,
-                dst,
-                proxy.mark,
-                proxy.connect_timeout,
-            )
-            .await
-            {
+            match proxy.connect(&dst_pod.netns, dst).await {
                 Ok(server) => inbound::relay_local(&edge, &dst_pod, tcp, server, live).await,
                 Err(e) => fail(&edge, tcp, "connect_failed", &e),
             }
         }
-        Route::Passthrough => {
-            match connect_in(
-                proxy.sockets.as_ref(),
-                &pod.netns,
-                dst,
-                proxy.mark,
-                proxy.connect_timeout,
-            )
-            .await
-            {
-                Ok(server) => relay_tcp(&edge, tcp, server).await,
-                Err(e) => fail(&edge, tcp, "connect_failed", &e),
-            }
-        }
+        Route::Passthrough => match proxy.connect(&pod.netns, dst).await {
+            Ok(server) => relay_tcp(&edge, tcp, server).await,
+            Err(e) => fail(&edge, tcp, "connect_failed", &e),
+        },
         Route::Remote { node, addr } => {
             edge.route = RouteLabel::Tunnel;
             edge.tls = true;

@@ -18,7 +18,6 @@ use tracing::{debug, info_span, warn, Instrument};
 
 use crate::balancer::ServiceTarget;
 use crate::metrics::{self as m, Edge, Reporter, Route as RouteLabel};
-use crate::netns::connect_in;
 use crate::outbound::{fail, finish, relay_tcp};
 use crate::outbound::{open_stream, Failure};
 use crate::pods::LocalPod;
@@ -151,14 +150,9 @@ async fn connect(
     };
     edge.route = route;
     edge.tls = false;
-    connect_in(
-        proxy.sockets.as_ref(),
-        &netns,
-        endpoint,
-        proxy.mark,
-        proxy.connect_timeout,
-    )
-    .await
-    .map(Connected::Tcp)
-    .map_err(|e| Failure::retryable("connect_failed", e))
+    proxy
+        .connect(&netns, endpoint)
+        .await
+        .map(Connected::Tcp)
+        .map_err(|e| Failure::retryable("connect_failed", e))
 }

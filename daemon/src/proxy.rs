@@ -4,16 +4,18 @@
 //! data path needs, the shutdown signal) and [`ConnTracker`], which counts
 //! connections in flight so that shutdown can drain them.
 
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::net::TcpStream;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::identity::workload_spiffe_id;
 use crate::metrics::{self as m, UNKNOWN};
-use crate::netns::SocketFactory;
+use crate::netns::{connect_in, Netns, SocketFactory};
 use crate::pods::LocalPod;
 use crate::registry::Registry;
 use crate::tunnel::Tunnels;
@@ -72,6 +74,19 @@ impl Proxy {
             namespace: pod.namespace.clone(),
             workload,
         }
+    }
+
+    /// Connects to `dst` from a socket made inside `netns`, marked so the
+    /// pod's capture rules let it through, within the connect timeout.
+    pub async fn connect(&self, netns: &Netns, dst: SocketAddr) -> std::io::Result<TcpStream> {
+        connect_in(
+            self.sockets.as_ref(),
+            netns,
+            dst,
+            self.mark,
+            self.connect_timeout,
+        )
+        .await
     }
 
     /// Namespace and workload of any address, from discovery.
