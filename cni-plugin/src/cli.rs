@@ -55,6 +55,13 @@ pub enum Cmd {
         #[arg(long)]
         once: bool,
     },
+    /// Exit 0 while the ready file exists, 1 otherwise: the install-cni
+    /// container's readiness probe (the image has no shell and no `cat`).
+    Ready {
+        /// The file `install --ready-file` maintains.
+        #[arg(long, env = "NODEMESH_CNI_READY_FILE")]
+        ready_file: PathBuf,
+    },
     /// Remove exactly what install added: our conflist entry and our binary.
     Uninstall {
         /// CNI binary directory.
@@ -75,6 +82,9 @@ pub enum CliError {
     /// The path of the running binary is unknown.
     #[error("cannot find the running binary: {0}")]
     CurrentExe(std::io::Error),
+    /// The ready file is absent: the entry is not (yet) in the primary conflist.
+    #[error("not ready: {0} does not exist (the plugin entry is not in the primary CNI conflist yet; see the install-cni container's log)")]
+    NotReady(PathBuf),
     /// Blocking or waiting for signals failed.
     #[error("signal handling: {0}")]
     Signal(nix::Error),
@@ -86,6 +96,13 @@ pub enum CliError {
 /// Runs an installer command.
 pub fn run(cli: Cli) -> Result<(), CliError> {
     match cli.command {
+        Cmd::Ready { ready_file } => {
+            if ready_file.exists() {
+                Ok(())
+            } else {
+                Err(CliError::NotReady(ready_file))
+            }
+        }
         Cmd::Uninstall { bin_dir, conf_dir } => {
             for path in uninstall(&bin_dir, &conf_dir)? {
                 info!(path = %path.display(), "removed");
@@ -145,5 +162,28 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
                 Err(_) => Ok(()),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ready_follows_the_ready_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("ready");
+        let cli = |f: &std::path::Path| {
+            Cli::try_parse_from([
+                "nodemesh-cni",
+                "ready",
+                "--ready-file",
+                f.to_str().expect("utf-8"),
+            ])
+            .expect("parses")
+        };
+        assert!(matches!(run(cli(&file)), Err(CliError::NotReady(p)) if p == file));
+        std::fs::write(&file, b"").expect("write");
+        assert!(run(cli(&file)).is_ok());
     }
 }
