@@ -52,6 +52,7 @@ use quinn::{
 };
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::sync::{mpsc, Notify};
+use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::config::TunnelConfig;
@@ -325,6 +326,24 @@ impl Drop for StreamGuard {
     }
 }
 
+/// An incoming handshake in flight: listed in [`Tunnels::handshaking`]
+/// until dropped, then its token is cancelled.
+struct HandshakeGuard<'a> {
+    tunnels: &'a Tunnels,
+    token: CancellationToken,
+}
+
+impl Drop for HandshakeGuard<'_> {
+    fn drop(&mut self) {
+        self.tunnels
+            .handshaking
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .retain(|(_, t)| *t != self.token);
+        self.token.cancel();
+    }
+}
+
 /// A pooled connection to a peer node, as the inbound path serves it.
 #[derive(Debug, Clone)]
 pub struct Tunnel {
@@ -438,8 +457,12 @@ pub struct Tunnels {
     accepted_count: AtomicU64,
     dialled_tx: mpsc::UnboundedSender<Tunnel>,
     dialled_rx: Mutex<Option<mpsc::UnboundedReceiver<Tunnel>>>,
-    /// Woken whenever a connection is registered or has closed.
+    /// Woken whenever a connection is registered or has closed, and when an
+    /// incoming handshake starts.
     changed: Arc<Notify>,
+    /// Incoming handshakes in flight, by source address; each token is
+    /// cancelled when its handshake has ended (registered or failed).
+    handshaking: Mutex<Vec<(SocketAddr, CancellationToken)>>,
 }
 
 /// The transport settings both sides use (DESIGN §10).
@@ -505,6 +528,7 @@ impl Tunnels {
             dialled_tx,
             dialled_rx: Mutex::new(Some(dialled_rx)),
             changed: Arc::new(Notify::new()),
+            handshaking: Mutex::new(Vec::new()),
         })
     }
 
@@ -565,16 +589,30 @@ impl Tunnels {
     /// The connection to use for a new stream to `peer`: the live one,
     /// whichever side dialled it, or one dialled to `addr` now if there is
     /// none.
+    ///
+    /// A handshake from `addr` already in flight is waited for instead of
+    /// dialling (it is the peer dialling us). When this node sorts higher, a
+    /// handshake from `addr` that arrived while it dialled is waited for too:
+    /// the peer's connection is the preferred one, and waiting for it keeps
+    /// new streams off the duplicate, so the duplicate closes at once.
     pub async fn connection(&self, peer: &str, addr: SocketAddr) -> Result<Lease, TunnelError> {
         let pool = self.pool(peer);
         let _dialling = pool.dial.lock().await;
         if let Some(lease) = Self::lease(&pool) {
             return Ok(lease);
         }
+        if self.incoming_from(addr).await {
+            if let Some(lease) = Self::lease(&pool) {
+                return Ok(lease);
+            }
+        }
         let conn = self.dial(peer, addr).await?;
         let tunnel = self.register(&pool, conn, Direction::Dialled);
         // The inbound path serves the peer's streams on it; gone only at shutdown.
         let _ = self.dialled_tx.send(tunnel);
+        if !pool.local_is_lower {
+            self.incoming_from(addr).await;
+        }
         // The connection just dialled, or one the peer dialled meanwhile
         // that is preferred to it.
         Self::lease(&pool).ok_or_else(|| TunnelError::Handshake {
@@ -582,6 +620,44 @@ impl Tunnels {
             addr,
             source: ConnectionError::LocallyClosed,
         })
+    }
+
+    /// Waits (at most the handshake timeout) for the incoming handshakes
+    /// from `addr` in flight now to end; whether there were any.
+    async fn incoming_from(&self, addr: SocketAddr) -> bool {
+        let tokens: Vec<CancellationToken> = self
+            .handshaking
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .filter(|(from, _)| *from == addr)
+            .map(|(_, t)| t.clone())
+            .collect();
+        if tokens.is_empty() {
+            return false;
+        }
+        debug!(%addr, "waiting for the peer's handshake in flight");
+        let all = async {
+            for t in &tokens {
+                t.cancelled().await;
+            }
+        };
+        let _ = tokio::time::timeout(self.handshake_timeout, all).await;
+        true
+    }
+
+    /// Notes an incoming handshake from `remote` until the guard drops.
+    fn handshaking(&self, remote: SocketAddr) -> HandshakeGuard<'_> {
+        let token = CancellationToken::new();
+        self.handshaking
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push((remote, token.clone()));
+        self.changed.notify_waiters();
+        HandshakeGuard {
+            tunnels: self,
+            token,
+        }
     }
 
     fn lease(pool: &Arc<PeerPool>) -> Option<Lease> {
@@ -649,6 +725,7 @@ impl Tunnels {
         trust_domain: &str,
     ) -> Result<Tunnel, TunnelError> {
         let remote = incoming.remote_address();
+        let _handshaking = self.handshaking(remote);
         let conn = match incoming.await {
             Ok(c) => c,
             Err(source) => {
@@ -720,7 +797,7 @@ impl Tunnels {
     }
 
     /// Waits until `done` holds, checking it whenever a connection has been
-    /// registered or has closed.
+    /// registered or has closed, or an incoming handshake has started.
     pub async fn until(&self, done: impl Fn(&Self) -> bool) {
         loop {
             let changed = self.changed.notified();
@@ -1238,6 +1315,38 @@ mod tests {
             assert_eq!(a.tunnels.stats().duplicates_closed, 0);
             echoes(&b.tunnels, "n1", a.addr, 5).await;
             assert_eq!(b.tunnels.stats().dialled, 1, "no new dial after converging");
+        };
+        tokio::time::timeout(BOUND, run)
+            .await
+            .expect("bounded test");
+    }
+
+    #[tokio::test]
+    async fn a_node_whose_peer_is_already_dialling_it_waits_instead_of_dialling() {
+        let ca = generate_ca(TD, 30).expect("ca");
+        let (a, b) = (node(&ca, "n1"), node(&ca, "n2"));
+        a.serve();
+        b.serve();
+        let run = async {
+            let dialling = tokio::spawn({
+                let (tunnels, addr) = (b.tunnels.clone(), a.addr);
+                async move {
+                    let lease = tunnels.connection("n1", addr).await.expect("n2 dials");
+                    echo_on(lease, b"n2 -> n1").await;
+                }
+            });
+            // n2's handshake has reached n1 (or is done already).
+            a.tunnels
+                .until(|t| t.open_count() > 0 || !t.handshaking.lock().expect("lock").is_empty())
+                .await;
+            let lease = a.tunnels.connection("n2", b.addr).await.expect("pooled");
+            assert_eq!(lease.direction(), Direction::Accepted);
+            echo_on(lease, b"n1 -> n2").await;
+            dialling.await.expect("n2 task");
+            assert_eq!(a.tunnels.stats().dialled, 0, "n1 did not dial");
+            assert_eq!(b.tunnels.stats().dialled, 1);
+            assert_eq!(b.tunnels.stats().duplicates_closed, 0);
+            assert_eq!(a.tunnels(), vec![(Direction::Accepted, "in_use")]);
         };
         tokio::time::timeout(BOUND, run)
             .await
