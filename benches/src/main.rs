@@ -428,10 +428,10 @@ fn demo_run(opts: &LabOptions, mib: u64) -> Result<(), LabError> {
             out!("  node {}: {t:.0} tunnel(s) dialled to peers", n.name);
             tunnels += t;
         }
-        let nodes = lab.nodes().len() as f64;
+        let nodes = lab.nodes().len();
         out!(
-            "QUIC tunnels in the lab: {tunnels:.0} (at most {:.0} for {nodes:.0} nodes: one per ordered node pair, whatever the number of pods)",
-            nodes * (nodes - 1.0)
+            "QUIC tunnels in the lab: {tunnels:.0} (at most {} for {nodes} nodes: one per node pair, carrying streams both ways, whatever the number of pods)",
+            demo::max_tunnels(nodes)
         );
     } else {
         out!("\n(mesh off: no daemons, no metrics)");
