@@ -79,6 +79,12 @@ pub fn open_tunnels(samples: &[Sample]) -> f64 {
     sum(samples, TUNNELS, &[("direction", "dialled")])
 }
 
+/// Tunnels this node holds, whichever side dialled them (each connection
+/// is held by both of its nodes).
+pub fn held_tunnels(samples: &[Sample]) -> f64 {
+    sum(samples, TUNNELS, &[])
+}
+
 /// The most QUIC connections `nodes` nodes hold: one per node pair.
 pub fn max_tunnels(nodes: usize) -> usize {
     nodes * nodes.saturating_sub(1) / 2
@@ -170,6 +176,7 @@ nodemesh_tunnels_open{peer="n3",direction="accepted"} 1
         assert_eq!(v.opened, 2.0);
         assert_eq!(v.src_to_dst, 2097152.0);
         assert_eq!(open_tunnels(&samples), 1.0);
+        assert_eq!(held_tunnels(&samples), 2.0);
         assert_eq!(max_tunnels(3), 3);
         assert_eq!(max_tunnels(2), 1);
         assert_eq!(max_tunnels(1), 0);

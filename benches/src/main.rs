@@ -329,7 +329,13 @@ fn print_state(state: &LabState) {
                 let tunnels = http::get(&n.netns, paths.admin, "/metrics", Duration::from_secs(2))
                     .ok()
                     .and_then(|r| metrics::parse(&r.body).ok())
-                    .map_or("?".to_owned(), |s| format!("{:.0}", demo::open_tunnels(&s)));
+                    .map_or("?".to_owned(), |s| {
+                        format!(
+                            "{:.0} ({:.0} dialled)",
+                            demo::held_tunnels(&s),
+                            demo::open_tunnels(&s)
+                        )
+                    });
                 (
                     if alive {
                         pid.to_string()

@@ -72,6 +72,15 @@ pub async fn serve_tunnels(proxy: Arc<Proxy>) {
             .instrument(info_span!("tunnel_accept", remote.addr = %remote)),
         );
     }
+    // Draining: no new tunnels are accepted, but the peers' streams on
+    // tunnels dialled from now on are still answered (`unavailable`).
+    if let Some(mut rx) = dialled {
+        tokio::spawn(async move {
+            while let Some(tunnel) = rx.recv().await {
+                tokio::spawn(serve_streams(proxy.clone(), tunnel));
+            }
+        });
+    }
 }
 
 /// Serves the streams peer `tunnel.peer()` opens on `tunnel`, whichever side
