@@ -13,7 +13,7 @@ pub const OPENED: &str = "nodemesh_connections_opened_total";
 pub const CLOSED: &str = "nodemesh_connections_closed_total";
 /// Bytes relayed, by `direction`.
 pub const BYTES: &str = "nodemesh_tcp_bytes_total";
-/// Open tunnels, by `peer`.
+/// Open tunnels, by `peer` and `direction` (`dialled` / `accepted`).
 pub const TUNNELS: &str = "nodemesh_tunnels_open";
 
 /// One edge of the table.
@@ -70,10 +70,24 @@ pub fn edges(samples: &[Sample]) -> BTreeMap<EdgeKey, EdgeStats> {
     out
 }
 
-/// Tunnels this node dialled and holds open (`direction="outbound"`): one per
-/// peer it sends to. Summed over nodes this counts each QUIC connection once.
+/// Tunnels this node dialled and holds open (`direction="dialled"`). A
+/// connection carries streams both ways and the peer counts it as
+/// `accepted`, so summed over nodes this counts each QUIC connection once:
+/// at most one per node pair (plus a duplicate from a simultaneous dial
+/// while it drains).
 pub fn open_tunnels(samples: &[Sample]) -> f64 {
-    sum(samples, TUNNELS, &[("direction", "outbound")])
+    sum(samples, TUNNELS, &[("direction", "dialled")])
+}
+
+/// Tunnels this node holds, whichever side dialled them (each connection
+/// is held by both of its nodes).
+pub fn held_tunnels(samples: &[Sample]) -> f64 {
+    sum(samples, TUNNELS, &[])
+}
+
+/// The most QUIC connections `nodes` nodes hold: one per node pair.
+pub fn max_tunnels(nodes: usize) -> usize {
+    nodes * nodes.saturating_sub(1) / 2
 }
 
 fn human_bytes(b: f64) -> String {
@@ -151,8 +165,8 @@ mod tests {
 nodemesh_connections_opened_total{reporter="source",src_namespace="lab",src_workload="a",dst_namespace="lab",dst_workload="b",tls="true",route="tunnel"} 2
 nodemesh_tcp_bytes_total{direction="src_to_dst",reporter="source",src_namespace="lab",src_workload="a",dst_namespace="lab",dst_workload="b",tls="true",route="tunnel"} 2097152
 nodemesh_tcp_bytes_total{direction="dst_to_src",reporter="source",src_namespace="lab",src_workload="a",dst_namespace="lab",dst_workload="b",tls="true",route="tunnel"} 512
-nodemesh_tunnels_open{peer="n2",direction="outbound"} 1
-nodemesh_tunnels_open{peer="n2",direction="inbound"} 1
+nodemesh_tunnels_open{peer="n2",direction="dialled"} 1
+nodemesh_tunnels_open{peer="n3",direction="accepted"} 1
 "#;
         let samples = parse(page).expect("parse");
         let e = edges(&samples);
@@ -162,6 +176,10 @@ nodemesh_tunnels_open{peer="n2",direction="inbound"} 1
         assert_eq!(v.opened, 2.0);
         assert_eq!(v.src_to_dst, 2097152.0);
         assert_eq!(open_tunnels(&samples), 1.0);
+        assert_eq!(held_tunnels(&samples), 2.0);
+        assert_eq!(max_tunnels(3), 3);
+        assert_eq!(max_tunnels(2), 1);
+        assert_eq!(max_tunnels(1), 0);
         let table = render(&e);
         assert!(
             table.contains("2.0 MiB") && table.contains("512 B"),

@@ -329,7 +329,13 @@ fn print_state(state: &LabState) {
                 let tunnels = http::get(&n.netns, paths.admin, "/metrics", Duration::from_secs(2))
                     .ok()
                     .and_then(|r| metrics::parse(&r.body).ok())
-                    .map_or("?".to_owned(), |s| format!("{:.0}", demo::open_tunnels(&s)));
+                    .map_or("?".to_owned(), |s| {
+                        format!(
+                            "{:.0} ({:.0} dialled)",
+                            demo::held_tunnels(&s),
+                            demo::open_tunnels(&s)
+                        )
+                    });
                 (
                     if alive {
                         pid.to_string()
@@ -428,10 +434,10 @@ fn demo_run(opts: &LabOptions, mib: u64) -> Result<(), LabError> {
             out!("  node {}: {t:.0} tunnel(s) dialled to peers", n.name);
             tunnels += t;
         }
-        let nodes = lab.nodes().len() as f64;
+        let nodes = lab.nodes().len();
         out!(
-            "QUIC tunnels in the lab: {tunnels:.0} (at most {:.0} for {nodes:.0} nodes: one per ordered node pair, whatever the number of pods)",
-            nodes * (nodes - 1.0)
+            "QUIC tunnels in the lab: {tunnels:.0} (at most {} for {nodes} nodes: one per node pair, carrying streams both ways, whatever the number of pods)",
+            demo::max_tunnels(nodes)
         );
     } else {
         out!("\n(mesh off: no daemons, no metrics)");

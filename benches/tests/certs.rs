@@ -202,22 +202,23 @@ fn rotating_node_certificates_keeps_a_streaming_connection_and_new_tunnels_prese
 
     // New tunnels: restart n1 only. n2 keeps running on its reloaded files,
     // so what it presents comes from the configs the reload installed: its
-    // server config (n1 dials it) and its client config (it dials n1).
+    // client config (it dials n1) and its server config (n1 dials it). One
+    // connection per node pair carries both directions, so each needs a
+    // fresh tunnel dialled by the side under test: after a restart of n1,
+    // first n2 -> n1 (n2 dials), then, after another restart, n1 -> n2.
     lab.restart_daemon(1).expect("restart n1");
-    lab.transfer(&client, &server, 8081, MIB)
-        .expect("n1 -> n2 on a new tunnel");
     lab.transfer(&server, &client, 8082, MIB)
-        .expect("n2 -> n1 on a new tunnel");
+        .expect("n2 -> n1 on a tunnel n2 dials");
     let n1 = lab.metrics(1).expect("metrics");
-    assert_eq!(
-        certs::value(&n1, PEER_EXPIRY, &[("side", "client"), ("peer", "n2")]),
-        after[1],
-        "n2 presents its new certificate to a new inbound tunnel"
-    );
     assert_eq!(
         certs::value(&n1, PEER_EXPIRY, &[("side", "server"), ("peer", "n2")]),
         after[1],
         "n2 presents its new certificate on a tunnel it dials"
+    );
+    assert_eq!(
+        certs::value(&n1, HANDSHAKES, &[("side", "client")]),
+        0.0,
+        "n1 answered on n2's tunnel without dialling"
     );
     let n2 = lab.metrics(2).expect("metrics");
     assert!(
@@ -228,9 +229,25 @@ fn rotating_node_certificates_keeps_a_streaming_connection_and_new_tunnels_prese
         ) >= 1.0
     );
     assert_eq!(
+        certs::value(&n2, PEER_EXPIRY, &[("side", "client"), ("peer", "n1")]),
+        after[0],
+        "n1 presents its new certificate to n2's new tunnel"
+    );
+
+    lab.restart_daemon(1).expect("restart n1 again");
+    lab.transfer(&client, &server, 8081, MIB)
+        .expect("n1 -> n2 on a tunnel n1 dials");
+    let n1 = lab.metrics(1).expect("metrics");
+    assert_eq!(
+        certs::value(&n1, PEER_EXPIRY, &[("side", "client"), ("peer", "n2")]),
+        after[1],
+        "n2 presents its new certificate to a new inbound tunnel"
+    );
+    let n2 = lab.metrics(2).expect("metrics");
+    assert_eq!(
         certs::value(&n2, PEER_EXPIRY, &[("side", "server"), ("peer", "n1")]),
         after[0],
-        "n1 presents its new certificate"
+        "n1 presents its new certificate on a tunnel it dials"
     );
 
     let problems = lab.down();

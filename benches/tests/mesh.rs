@@ -130,13 +130,38 @@ fn same_node_64_mib_each_way_opens_no_tunnel() {
     }
 }
 
-/// Acceptance 3: 200 concurrent connections each way between two nodes complete and share
-/// exactly one QUIC connection per direction.
+/// The tunnels node `node` lists in `/config_dump`.
+fn dumped_tunnels(lab: &Lab, node: usize) -> Vec<serde_json::Value> {
+    let r = lab.admin_get(node, "/config_dump").expect("config_dump");
+    assert_eq!(r.status, 200, "config_dump of node {node}: {}", r.body);
+    let dump: serde_json::Value = serde_json::from_str(&r.body).expect("config_dump json");
+    dump["tunnels"].as_array().expect("tunnels list").clone()
+}
+
+/// Successful handshakes on `side` (`client` = dialled, `server` = accepted), summed over nodes.
+fn handshakes(lab: &Lab, side: &str) -> f64 {
+    [1, 2]
+        .iter()
+        .map(|&n| {
+            value(
+                &metrics(lab, n),
+                "nodemesh_tunnel_handshakes_total",
+                &[("side", side), ("result", "ok")],
+            )
+        })
+        .sum()
+}
+
+/// Acceptance 3 (issue 6: tunnels equal node pairs): 200 concurrent connections each way between
+/// two nodes complete over one QUIC connection for the node pair: exactly one successful
+/// handshake in total, its streams going both ways at once.
 #[test]
-fn two_hundred_concurrent_connections_share_one_tunnel_per_direction() {
+fn two_hundred_concurrent_connections_each_way_share_one_tunnel_per_node_pair() {
     let lab = mesh_lab(2, 2);
     let (a1, a2) = (lab.pod(1, 1).expect("n1-p1"), lab.pod(1, 2).expect("n1-p2"));
     let (b1, b2) = (lab.pod(2, 1).expect("n2-p1"), lab.pod(2, 2).expect("n2-p2"));
+    // n1 brings the tunnel up; then traffic both ways at once.
+    lab.transfer(&a1, &b1, 0, 1024).expect("first connection");
     std::thread::scope(|s| {
         let forward = s.spawn(|| lab::transfer_many(&a1, &b1, 0, 200, 64 * 1024));
         let backward = s.spawn(|| lab::transfer_many(&b2, &a2, 0, 200, 64 * 1024));
@@ -145,7 +170,12 @@ fn two_hundred_concurrent_connections_share_one_tunnel_per_direction() {
         assert_eq!(f.len(), 200);
         assert_eq!(b.len(), 200);
     });
-    for (node, peer) in [(1, "n2"), (2, "n1")] {
+    assert_eq!(handshakes(&lab, "client"), 1.0, "one dial for the pair");
+    assert_eq!(handshakes(&lab, "server"), 1.0, "one accept for the pair");
+    for (node, peer, direction, dialled, source, destination) in [
+        (1, "n2", "dialled", 1.0, 201.0, 200.0),
+        (2, "n1", "accepted", 0.0, 200.0, 201.0),
+    ] {
         let m = metrics(&lab, node);
         assert_eq!(
             value(
@@ -153,22 +183,26 @@ fn two_hundred_concurrent_connections_share_one_tunnel_per_direction() {
                 "nodemesh_tunnel_handshakes_total",
                 &[("side", "client"), ("peer", peer)]
             ),
-            1.0,
-            "node {node} dialled {peer} exactly once"
+            dialled,
+            "node {node} dialled {peer} {dialled} times"
         );
         assert_eq!(
-            value(&m, "nodemesh_tunnels_open", &[("direction", "outbound")]),
+            value(&m, "nodemesh_tunnels_open", &[]),
             1.0,
-            "node {node} holds one outbound tunnel"
+            "node {node} holds one tunnel"
         );
         assert_eq!(
             value(
                 &m,
-                "nodemesh_tunnel_handshakes_total",
-                &[("side", "server")]
+                "nodemesh_tunnels_open",
+                &[("peer", peer), ("direction", direction)]
             ),
             1.0,
-            "node {node} accepted one tunnel"
+            "node {node}'s tunnel to {peer} is {direction}"
+        );
+        assert_eq!(
+            value(&m, "nodemesh_tunnel_duplicates_closed_total", &[]),
+            0.0
         );
         assert_eq!(
             value(
@@ -176,7 +210,7 @@ fn two_hundred_concurrent_connections_share_one_tunnel_per_direction() {
                 "nodemesh_connections_opened_total",
                 &[("reporter", "source"), ("route", "tunnel")]
             ),
-            200.0
+            source
         );
         assert_eq!(
             value(
@@ -184,7 +218,92 @@ fn two_hundred_concurrent_connections_share_one_tunnel_per_direction() {
                 "nodemesh_connections_opened_total",
                 &[("reporter", "destination")]
             ),
-            200.0
+            destination
+        );
+        let tunnels = dumped_tunnels(&lab, node);
+        assert_eq!(tunnels.len(), 1, "node {node}: {tunnels:?}");
+        assert_eq!(tunnels[0]["peer"], peer);
+        assert_eq!(tunnels[0]["dialled_by"], "n1");
+        assert_eq!(tunnels[0]["state"], "in_use");
+        assert_eq!(tunnels[0]["shared"], true);
+    }
+}
+
+/// Both nodes start sending to each other at the same moment, with no tunnel up: whatever the
+/// dials race to, every connection completes, and the nodes converge on one tunnel. When both
+/// dialled, it is the one n1 (the lower name) dialled, and n2 closes its own and counts it.
+#[test]
+fn simultaneous_first_use_from_both_nodes_converges_on_one_tunnel() {
+    let lab = mesh_lab(2, 2);
+    let (a1, a2) = (lab.pod(1, 1).expect("n1-p1"), lab.pod(1, 2).expect("n1-p2"));
+    let (b1, b2) = (lab.pod(2, 1).expect("n2-p1"), lab.pod(2, 2).expect("n2-p2"));
+    std::thread::scope(|s| {
+        let forward = s.spawn(|| lab::transfer_many(&a1, &b1, 0, 50, 64 * 1024));
+        let backward = s.spawn(|| lab::transfer_many(&b2, &a2, 0, 50, 64 * 1024));
+        forward.join().expect("join").expect("n1 -> n2 x50");
+        backward.join().expect("join").expect("n2 -> n1 x50");
+    });
+    for node in [1, 2] {
+        nodemesh_lab::certs::wait_metrics(
+            &lab,
+            node,
+            "one tunnel left",
+            Duration::from_secs(20),
+            |m| value(m, "nodemesh_tunnels_open", &[]) == 1.0,
+        )
+        .expect("converged");
+    }
+    let (n1, n2) = (metrics(&lab, 1), metrics(&lab, 2));
+    let open =
+        |m: &[Sample], direction| value(m, "nodemesh_tunnels_open", &[("direction", direction)]);
+    let left = (open(&n1, "dialled"), open(&n2, "accepted"));
+    let dials = handshakes(&lab, "client");
+    eprintln!("dials for the pair: {dials}; left: n1 dialled/n2 accepted {left:?}");
+    match dials {
+        // Both dialled: n1's (the lower name) stays, n2 closed its own.
+        2.0 => assert_eq!(left, (1.0, 1.0), "n1's connection stays"),
+        // One side waited for the other's handshake in flight instead of dialling.
+        1.0 => assert_eq!(
+            left.0 + open(&n2, "dialled"),
+            1.0,
+            "the one connection is what both sides use"
+        ),
+        other => panic!("{other} dials for one node pair"),
+    }
+    for m in [&n1, &n2] {
+        assert!(
+            value(
+                m,
+                "nodemesh_tunnel_handshakes_total",
+                &[("side", "client"), ("result", "ok")]
+            ) <= 1.0,
+            "a node dials its peer at most once"
+        );
+    }
+    assert_eq!(
+        value(&n2, "nodemesh_tunnel_duplicates_closed_total", &[]),
+        dials - 1.0,
+        "n2 closed its dial, if both dialled"
+    );
+    assert_eq!(
+        value(&n1, "nodemesh_tunnel_duplicates_closed_total", &[]),
+        0.0
+    );
+    for (node, peer) in [(1, "n2"), (2, "n1")] {
+        let m = metrics(&lab, node);
+        assert_eq!(
+            value(
+                &m,
+                "nodemesh_connections_opened_total",
+                &[("reporter", "source"), ("route", "tunnel")]
+            ),
+            50.0,
+            "node {node} to {peer}"
+        );
+        assert_eq!(
+            value(&m, "nodemesh_connections_failed_total", &[]),
+            0.0,
+            "node {node}: no connection failed during the race"
         );
     }
 }

@@ -556,9 +556,9 @@ fn podman_container_is_meshed_by_the_cni_chain_and_unmeshed_when_stopped_or_remo
     let tunnels = metrics::sum(
         &lab.metrics(1).expect("n1 metrics"),
         "nodemesh_tunnels_open",
-        &[("peer", "n2"), ("direction", "outbound")],
+        &[("peer", "n2"), ("direction", "dialled")],
     );
-    assert_eq!(tunnels, 1.0, "one tunnel from n1 to n2");
+    assert_eq!(tunnels, 1.0, "one tunnel, dialled by n1, to n2");
 
     // Stop: podman tears the network down (CNI DEL): unregistered, rules gone.
     podman.run(&["stop", "--time", "0", &name]);

@@ -6,7 +6,8 @@
 //! - `GET /ready`: 200 `ready` once credentials, tunnel, CNI socket and the
 //!   first discovery sync are in place and the daemon is not draining;
 //!   otherwise 503 with one reason per line.
-//! - `GET /config_dump`: JSON of the node, its registered pods and tunnels.
+//! - `GET /config_dump`: JSON of the node, its registered pods and tunnels
+//!   (each pooled connection: peer, who dialled it, state, open streams).
 //!
 //! Owns [`Readiness`], the flags those conditions are read from.
 
@@ -26,6 +27,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use crate::registry::Registry;
+use crate::tunnel::{TunnelInfo, Tunnels};
 
 /// What the daemon still lacks before it is ready.
 #[derive(Debug, Default)]
@@ -111,6 +113,8 @@ pub struct AdminState {
     pub ready: Arc<Readiness>,
     /// Registry, for `/config_dump`.
     pub registry: Arc<Registry>,
+    /// Tunnel pool, for `/config_dump`.
+    pub tunnels: Arc<Tunnels>,
 }
 
 /// Serves the admin endpoints on `listener` until `shutdown`.
@@ -183,7 +187,7 @@ fn route<B>(state: &AdminState, req: Request<B>) -> Response<Full<Bytes>> {
         }
         "/config_dump" => text(
             StatusCode::OK,
-            config_dump(&state.registry),
+            config_dump(&state.registry, &state.tunnels),
             "application/json",
         ),
         _ => text(
@@ -194,7 +198,7 @@ fn route<B>(state: &AdminState, req: Request<B>) -> Response<Full<Bytes>> {
     }
 }
 
-fn config_dump(registry: &Registry) -> String {
+fn config_dump(registry: &Registry, tunnels: &Tunnels) -> String {
     let snap = registry.snapshot();
     let (nodes, pod_ips) = snap.counts();
     let pods: Vec<serde_json::Value> = registry
@@ -214,8 +218,27 @@ fn config_dump(registry: &Registry) -> String {
         "node": registry.node_name(),
         "discovery": {"generation": snap.generation, "nodes": nodes, "pod_ips": pod_ips},
         "local_pods": pods,
+        "tunnels": tunnels_json(&tunnels.snapshot()),
     })
     .to_string()
+}
+
+fn tunnels_json(tunnels: &[TunnelInfo]) -> serde_json::Value {
+    tunnels
+        .iter()
+        .map(|t| {
+            serde_json::json!({
+                "peer": t.peer,
+                "id": t.id,
+                "direction": t.direction.as_str(),
+                "dialled_by": t.dialled_by,
+                "remote_addr": t.remote_addr.to_string(),
+                "shared": t.shared,
+                "state": t.state,
+                "open_streams": t.open_streams,
+            })
+        })
+        .collect()
 }
 
 /// Binds the admin listener.
@@ -242,5 +265,27 @@ mod tests {
         assert!(r.not_ready_reasons().is_empty());
         r.mark_draining();
         assert_eq!(r.not_ready_reasons().len(), 1);
+    }
+
+    #[test]
+    fn tunnels_list_who_dialled_each_connection_and_its_streams() {
+        let t = TunnelInfo {
+            peer: "n2".into(),
+            id: 7,
+            direction: crate::tunnel::Direction::Accepted,
+            dialled_by: "n2".into(),
+            remote_addr: SocketAddr::from(([10, 77, 0, 2], 15008)),
+            shared: true,
+            open_streams: 3,
+            state: "in_use",
+        };
+        assert_eq!(
+            tunnels_json(&[t]),
+            serde_json::json!([{
+                "peer": "n2", "id": 7, "direction": "accepted", "dialled_by": "n2",
+                "remote_addr": "10.77.0.2:15008", "shared": true, "state": "in_use",
+                "open_streams": 3,
+            }])
+        );
     }
 }

@@ -111,6 +111,7 @@ impl Daemon {
         let tunnel_addr = SocketAddr::new(config.node_ip(), config.ports.tunnel);
         let tunnels = Arc::new(Tunnels::bind(
             tunnel_addr,
+            &config.node_name,
             &config.tunnel,
             server_tls,
             client_tls,
@@ -197,6 +198,7 @@ impl Daemon {
                 metrics: metrics.clone(),
                 ready: ready.clone(),
                 registry,
+                tunnels: proxy.tunnels.clone(),
             },
             stopped.clone(),
         ));

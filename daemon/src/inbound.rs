@@ -1,6 +1,7 @@
 //! L2: the inbound path into local pods.
 //!
-//! Owns the tunnel accept loop (handshake, then one task per stream), the
+//! Owns the tunnel serve loop (accepted tunnels and the ones this node dials
+//! alike: one task per stream the peer opens, [`serve_streams`]), the
 //! handling of each tunnel stream (read the header, verify the claimed source
 //! against the peer node, check the destination, authorize by policy,
 //! connect into the destination pod from a marked socket made in its netns,
@@ -20,7 +21,7 @@ use tokio::net::TcpStream;
 use tracing::{debug, info_span, warn, Instrument};
 
 use crate::discovery::model::Mode;
-use crate::identity::{node_spiffe_id, peer_node};
+use crate::identity::node_spiffe_id;
 use crate::metrics::{self as m, Edge, Reporter, Route as RouteLabel, UNKNOWN};
 use crate::netns::{original_dst, set_nodelay};
 use crate::outbound::finish;
@@ -33,17 +34,29 @@ use crate::policy::{
 use crate::proxy::Proxy;
 use crate::relay::{self, reset_tcp};
 use crate::tunnel::header::{read_header, Status, StatusCode};
-use crate::tunnel::{reset_code, track_open};
+use crate::tunnel::{reset_code, StreamGuard, Tunnel};
 
 /// How long a peer has to send a complete header on a new stream.
 pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Accepts tunnel connections until shutdown.
+/// Serves tunnels until shutdown: accepts incoming ones (registered in the
+/// pool for their peer node) and takes the ones this node dials, and serves
+/// the streams the peer opens on each with [`serve_streams`].
 pub async fn serve_tunnels(proxy: Arc<Proxy>) {
     let endpoint = proxy.tunnels.endpoint().clone();
+    let mut dialled = proxy.tunnels.dialled();
     loop {
         let incoming = tokio::select! {
             _ = proxy.shutdown.cancelled() => break,
+            Some(tunnel) = async {
+                match dialled.as_mut() {
+                    Some(rx) => rx.recv().await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                tokio::spawn(serve_streams(proxy.clone(), tunnel));
+                continue;
+            }
             i = endpoint.accept() => i,
         };
         let Some(incoming) = incoming else { break };
@@ -51,58 +64,66 @@ pub async fn serve_tunnels(proxy: Arc<Proxy>) {
         let remote = incoming.remote_address();
         tokio::spawn(
             async move {
-                let conn = match incoming.await {
-                    Ok(c) => c,
-                    Err(e) => {
-                        metrics::counter!(m::TUNNEL_HANDSHAKES, "peer" => UNKNOWN, "side" => "server", "result" => "error")
-                            .increment(1);
-                        warn!(error = %e, "tunnel handshake from peer failed");
-                        return;
-                    }
-                };
-                let Some(peer) = peer_node(&conn, &proxy.trust_domain) else {
-                    // The verifier already requires a node identity; this is belt and braces.
-                    warn!("tunnel peer has no node identity; closing");
-                    conn.close(reset_code(StatusCode::Denied), b"no node identity");
-                    return;
-                };
-                metrics::counter!(m::TUNNEL_HANDSHAKES, "peer" => peer.clone(), "side" => "server", "result" => "ok")
-                    .increment(1);
-                tracing::info!(peer, "tunnel accepted");
-                track_open(&conn, &peer, "inbound");
-                let peer: Arc<str> = peer.into();
-                loop {
-                    match conn.accept_bi().await {
-                        Ok((send, recv)) => {
-                            let span = info_span!(
-                                "inbound",
-                                peer.node = %peer,
-                                stream = %send.id(),
-                                src.identity = tracing::field::Empty,
-                                server.addr = tracing::field::Empty,
-                            );
-                            tokio::spawn(handle_stream(proxy.clone(), peer.clone(), send, recv).instrument(span));
-                        }
-                        Err(e) => {
-                            debug!(error = %e, "tunnel connection ended");
-                            break;
-                        }
-                    }
+                match proxy.tunnels.accept(incoming, &proxy.trust_domain).await {
+                    Ok(tunnel) => serve_streams(proxy, tunnel).await,
+                    Err(e) => warn!(error = %e, "tunnel from peer refused"),
                 }
             }
             .instrument(info_span!("tunnel_accept", remote.addr = %remote)),
         );
     }
+    // Draining: no new tunnels are accepted, but the peers' streams on
+    // tunnels dialled from now on are still answered (`unavailable`).
+    if let Some(mut rx) = dialled {
+        tokio::spawn(async move {
+            while let Some(tunnel) = rx.recv().await {
+                tokio::spawn(serve_streams(proxy.clone(), tunnel));
+            }
+        });
+    }
+}
+
+/// Serves the streams peer `tunnel.peer()` opens on `tunnel`, whichever side
+/// dialled it, until the connection ends: one task per stream
+/// ([`handle_stream`]), the source verified against that peer node.
+pub async fn serve_streams(proxy: Arc<Proxy>, tunnel: Tunnel) {
+    let peer = tunnel.peer().clone();
+    let direction = tunnel.direction().as_str();
+    loop {
+        match tunnel.accept_bi().await {
+            Ok((send, recv, guard)) => {
+                let span = info_span!(
+                    "inbound",
+                    peer.node = %peer,
+                    tunnel.direction = direction,
+                    stream = %send.id(),
+                    src.identity = tracing::field::Empty,
+                    server.addr = tracing::field::Empty,
+                );
+                tokio::spawn(
+                    handle_stream(proxy.clone(), peer.clone(), send, recv, guard).instrument(span),
+                );
+            }
+            Err(e) => {
+                debug!(peer.node = %peer, direction, error = %e, "tunnel connection ended");
+                break;
+            }
+        }
+    }
 }
 
 /// Handles one tunnel stream: header, checks, connect, status, relay.
+///
+/// `stream` counts the stream open on its tunnel until this returns.
 pub async fn handle_stream(
     proxy: Arc<Proxy>,
     peer: Arc<str>,
     mut send: SendStream,
     mut recv: RecvStream,
+    stream: StreamGuard,
 ) {
     let _guard = proxy.tracker.track();
+    let _stream = stream;
     let header = match tokio::time::timeout(HEADER_TIMEOUT, read_header(&mut recv)).await {
         Ok(Ok(h)) => h,
         Ok(Err(e)) => {

@@ -29,8 +29,14 @@ pub const CONNECTIONS_FAILED: &str = "nodemesh_connections_failed_total";
 /// `plaintext_refused`; `other` for an unknown reason from a peer); at the
 /// destination also the workload labels of the connection.
 pub const DENIED: &str = "nodemesh_denied_total";
-/// Gauge: open tunnel connections; labels `peer`, `direction` (outbound = we dialled).
+/// Gauge: open tunnel connections; labels `peer`, `direction` (`dialled`:
+/// this node dialled it, `accepted`: the peer did). One connection per node
+/// pair carries streams both ways, so summing `direction="dialled"` over all
+/// nodes counts each connection once.
 pub const TUNNELS_OPEN: &str = "nodemesh_tunnels_open";
+/// Counter: duplicate tunnel connections (both nodes dialled each other at
+/// once) this node dialled and closed once drained; label `peer`.
+pub const TUNNEL_DUPLICATES_CLOSED: &str = "nodemesh_tunnel_duplicates_closed_total";
 /// Counter: tunnel handshakes; labels `peer`, `side`, `result`.
 pub const TUNNEL_HANDSHAKES: &str = "nodemesh_tunnel_handshakes_total";
 /// Counter: tunnel peers refused during the handshake; labels `side`, `reason`

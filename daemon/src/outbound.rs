@@ -22,7 +22,7 @@ use crate::proxy::{Proxy, Workload};
 use crate::registry::Route;
 use crate::relay::{self, reset_tcp, RelayError, RelayStats};
 use crate::tunnel::header::{read_status, StatusCode, StreamHeader};
-use crate::tunnel::reset_code;
+use crate::tunnel::{reset_code, StreamGuard};
 use crate::{inbound, policy};
 
 /// Serves one connection accepted on a pod's outbound listener.
@@ -97,7 +97,7 @@ async fn tunnel(
     node: &str,
     addr: SocketAddr,
 ) {
-    let (send, recv) = match open_stream(proxy, src, client, dst, node, addr).await {
+    let (send, recv, _stream) = match open_stream(proxy, src, client, dst, node, addr).await {
         Ok(s) => s,
         Err(f) => return fail(edge, tcp, f.reason, &f.error),
     };
@@ -135,6 +135,7 @@ impl Failure {
 }
 
 /// Opens a tunnel stream to `dst` on peer `node` and waits for L2's status.
+/// The guard counts the stream open on its tunnel: hold it until the relay ends.
 pub(crate) async fn open_stream(
     proxy: &Proxy,
     src: &Workload,
@@ -142,13 +143,13 @@ pub(crate) async fn open_stream(
     dst: SocketAddr,
     node: &str,
     addr: SocketAddr,
-) -> Result<(SendStream, RecvStream), Failure> {
-    let conn = proxy
+) -> Result<(SendStream, RecvStream, StreamGuard), Failure> {
+    let lease = proxy
         .tunnels
         .connection(node, addr)
         .await
         .map_err(|e| Failure::retryable("tunnel_unavailable", e))?;
-    let (mut send, mut recv) = conn
+    let (mut send, mut recv, stream) = lease
         .open_bi()
         .await
         .map_err(|e| Failure::retryable("tunnel_unavailable", e))?;
@@ -183,7 +184,7 @@ pub(crate) async fn open_stream(
             .increment(1);
     }
     match status.code {
-        StatusCode::Ok => Ok((send, recv)),
+        StatusCode::Ok => Ok((send, recv, stream)),
         code @ (StatusCode::ConnectFailed | StatusCode::NoRoute | StatusCode::Unavailable) => {
             Err(Failure::retryable(
                 code.as_str(),

@@ -24,6 +24,7 @@ use crate::pods::LocalPod;
 use crate::proxy::{Proxy, Workload};
 use crate::registry::Route;
 use crate::relay::{self, reset_tcp};
+use crate::tunnel::StreamGuard;
 
 /// Endpoints tried per client connection: the first pick and one retry.
 pub const MAX_ATTEMPTS: usize = 2;
@@ -31,7 +32,8 @@ pub const MAX_ATTEMPTS: usize = 2;
 /// A connection to the chosen endpoint.
 enum Connected {
     Tcp(TcpStream),
-    Stream(SendStream, RecvStream),
+    /// The guard counts the stream open on its tunnel.
+    Stream(SendStream, RecvStream, StreamGuard),
 }
 
 /// Serves one client connection whose original destination `dst` is the
@@ -91,7 +93,7 @@ pub async fn handle(
                 let started = Instant::now();
                 match conn {
                     Connected::Tcp(server) => relay_tcp(&edge, tcp, server).await,
-                    Connected::Stream(send, recv) => {
+                    Connected::Stream(send, recv, _stream) => {
                         let counters = edge.opened();
                         let res = relay::tcp_quic(
                             tcp,
@@ -145,7 +147,7 @@ async fn connect(
             return open_stream(proxy, src, client, endpoint, &node, addr)
                 .instrument(info_span!("tunnel", peer.node = %node))
                 .await
-                .map(|(s, r)| Connected::Stream(s, r));
+                .map(|(s, r, g)| Connected::Stream(s, r, g));
         }
     };
     edge.route = route;

@@ -7,7 +7,9 @@
 //! then the node daemons are replaced by per-pod daemons and measured again:
 //! total proxy RSS (idle, with the connections open, after load), total
 //! proxy CPU at a fixed total request rate, and the number of QUIC
-//! connections (tunnels) from the daemons' metrics.
+//! connections (tunnels) from the daemons' metrics: each connection is
+//! counted once, by the daemon that dialled it, and carries streams both
+//! ways, so node mode needs at most one per node pair (3 for 3 nodes).
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -49,7 +51,8 @@ pub struct CostPoint {
     pub p50_us: f64,
     /// Application connections open.
     pub connections: usize,
-    /// QUIC mTLS connections (tunnels) open, from the daemons' metrics.
+    /// QUIC mTLS connections (tunnels) open, from the daemons' metrics
+    /// (`nodemesh_tunnels_open{direction="dialled"}` summed: each once).
     pub tunnels: f64,
     /// Why something is missing.
     pub errors: Vec<String>,

@@ -5,7 +5,7 @@
 //! `spiffe://<trust-domain>/nodemesh/node/<node>`, chained to the trust
 //! bundle. [`Credentials::load`] reads and checks the files once;
 //! [`server_config`] and [`client_config`] build TLS 1.3-only rustls configs
-//! (ring provider, ALPN `nodemesh/1`) whose verifiers refuse peers with a log
+//! (ring provider, ALPN `nodemesh/1.1` or `nodemesh/1`) whose verifiers refuse peers with a log
 //! line and a count of `nodemesh_tunnel_peer_refused_total{side,reason}`.
 //!
 //! Reload: configs hold their credentials and bundle by `Arc` and never
@@ -33,8 +33,28 @@ use crate::config::TlsConfig;
 use leaf::parse_leaf;
 pub use verify::{PeerRefused, RefusalReason, Side, PEER_CERT_EXPIRY_METRIC, PEER_REFUSED_METRIC};
 
-/// ALPN protocol of the tunnel.
-pub const ALPN: &[u8] = b"nodemesh/1";
+/// ALPN protocol of the tunnel: version 1 framing, one connection per node
+/// pair, either side may open streams (`docs/protocol.md` §1).
+pub const ALPN: &[u8] = b"nodemesh/1.1";
+
+/// The older ALPN: version 1 framing, one connection per ordered node pair,
+/// only the dialling side opens streams. Still spoken, so that a rolling
+/// upgrade does not cut nodes of different versions apart.
+pub const ALPN_V1: &[u8] = b"nodemesh/1";
+
+/// Every ALPN offered and accepted, most preferred first (a server picks the
+/// first of its own list that the client offers).
+pub fn alpn_protocols() -> Vec<Vec<u8>> {
+    vec![ALPN.to_vec(), ALPN_V1.to_vec()]
+}
+
+/// Whether the negotiated ALPN of `conn` lets both sides open streams on it.
+pub fn is_shared(conn: &quinn::Connection) -> bool {
+    conn.handshake_data()
+        .and_then(|d| d.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
+        .and_then(|d| d.protocol)
+        .is_some_and(|p| p == ALPN)
+}
 
 /// `spiffe://<td>/nodemesh/node/<node>`.
 pub fn node_spiffe_id(trust_domain: &str, node: &str) -> String {
@@ -493,7 +513,7 @@ impl Credentials {
     }
 }
 
-/// Server side of the tunnel: TLS 1.3 only, ALPN `nodemesh/1`, client
+/// Server side of the tunnel: TLS 1.3 only, ALPN ([`alpn_protocols`]), client
 /// certificate required, chained to the bundle, naming a known node.
 pub fn server_config(
     creds: &Credentials,
@@ -510,7 +530,7 @@ pub fn server_config(
         .map_err(|e| creds.tls_setup("server", e.to_string()))?
         .with_client_cert_verifier(Arc::new(verifier))
         .with_cert_resolver(Arc::new(rustls::sign::SingleCertAndKey::from(certified)));
-    config.alpn_protocols = vec![ALPN.to_vec()];
+    config.alpn_protocols = alpn_protocols();
     Ok(config)
 }
 
@@ -530,7 +550,7 @@ pub fn client_config(
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(verifier))
         .with_client_cert_resolver(Arc::new(rustls::sign::SingleCertAndKey::from(certified)));
-    config.alpn_protocols = vec![ALPN.to_vec()];
+    config.alpn_protocols = alpn_protocols();
     Ok(config)
 }
 

@@ -1,32 +1,67 @@
 //! The QUIC mTLS tunnel between nodes.
 //!
 //! Owns the quinn endpoint (UDP socket, transport tuning) and the pool of
-//! connections to peers: one connection per peer node, dialled on first use
-//! and reused; concurrent first uses share one handshake (a per-peer async
-//! lock held across the dial); a closed connection is replaced on next use.
-//! The stream header codec lives in [`header`].
+//! connections to peers: **one connection per node pair**, carrying streams
+//! in both directions whichever side dialled it. [`Tunnels::connection`]
+//! returns the live connection to a peer and dials only when there is none;
+//! concurrent first uses share one handshake (a per-peer async lock held
+//! across the dial). A connection the endpoint accepts is registered for its
+//! peer by the node identity the peer's certificate proves
+//! ([`Tunnels::accept`]), never by its source address. Streams the peer opens
+//! are served on every connection, dialled or accepted
+//! ([`Tunnel::accept_bi`]; [`Tunnels::dialled`] hands dialled connections to
+//! the inbound path).
+//!
+//! Simultaneous dials (A dials B while B dials A) converge on one connection:
+//! both sides prefer the one dialled by the node whose name sorts lower (then
+//! the newest). The other gets no new stream and is closed by the node that
+//! dialled it, with application code [`DUPLICATE_CLOSE_CODE`], once its open
+//! streams ([`StreamGuard`]) are done and what it sent on them is
+//! acknowledged; counted in `nodemesh_tunnel_duplicates_closed_total`.
+//!
+//! A pooled connection is used whatever address discovery gives for its peer
+//! now: it is authenticated to the node, not to an address. The address is
+//! only where to dial; a peer that moved is dialled at its new address once
+//! its old connection is gone (closed by the peer, or by the idle timeout when
+//! the old path is dead).
+//!
+//! Connections negotiated with the older ALPN `nodemesh/1` (a peer not yet
+//! upgraded) carry streams one way only: this node uses one it dialled, never
+//! one it accepted (`docs/protocol.md` §1).
+//!
+//! The pieces of the pool (per-peer connection sets, the preference rule,
+//! stream guards) live in `pool`; the stream header codec in [`header`].
 //!
 //! TLS configurations are swappable (certificate rotation, see
 //! `identity::reload`): [`Tunnels::set_tls`] installs new ones for new
 //! handshakes on both sides; open connections keep theirs.
 
 pub mod header;
+mod pool;
 
 use std::net::SocketAddr;
-use std::sync::{Arc, RwLock};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::Duration;
 
 use dashmap::DashMap;
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use quinn::{Connection, Endpoint, EndpointConfig, IdleTimeout, TransportConfig, VarInt};
 use socket2::{Domain, Protocol, Socket, Type};
-use tokio::sync::Mutex;
+use tokio::sync::{mpsc, Notify};
+use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::config::TunnelConfig;
+use crate::identity::{is_shared, peer_node};
 use crate::metrics as m;
+pub use pool::{
+    Direction, Lease, PoolStats, StreamGuard, Tunnel, TunnelInfo, ACK_WAIT, DUPLICATE_CLOSE_CODE,
+    DUPLICATE_CLOSE_REASON,
+};
+use pool::{Entry, PeerPool};
 
-/// Tunnel failures on the dialling side.
+/// Tunnel failures.
 #[derive(Debug, thiserror::Error)]
 pub enum TunnelError {
     /// The UDP socket could not be set up.
@@ -78,19 +113,69 @@ pub enum TunnelError {
         /// The limit.
         timeout: Duration,
     },
+    /// The connection just dialled closed before a stream could use it.
+    #[error("tunnel to peer {peer} at {addr} closed as soon as it was established")]
+    ClosedAtOnce {
+        /// Peer node.
+        peer: String,
+        /// Its address.
+        addr: SocketAddr,
+    },
+    /// An incoming handshake failed (including certificate refusal).
+    #[error("handshake from {remote} failed: {source}")]
+    AcceptHandshake {
+        /// The peer's source address.
+        remote: SocketAddr,
+        /// Why.
+        source: quinn::ConnectionError,
+    },
+    /// An accepted peer's certificate names no node of the trust domain.
+    #[error("tunnel from {remote} has no node identity")]
+    NoNodeIdentity {
+        /// The peer's source address.
+        remote: SocketAddr,
+    },
 }
 
-type Slot = Arc<Mutex<Option<Connection>>>;
+/// An incoming handshake in flight: listed in [`Tunnels::handshaking`]
+/// until dropped, then its token is cancelled.
+struct HandshakeGuard<'a> {
+    tunnels: &'a Tunnels,
+    token: CancellationToken,
+}
 
-/// The endpoint and the pool of outbound tunnel connections.
+impl Drop for HandshakeGuard<'_> {
+    fn drop(&mut self) {
+        self.tunnels
+            .handshaking
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .retain(|(_, t)| *t != self.token);
+        self.token.cancel();
+    }
+}
+
+/// The endpoint and the pool of tunnel connections, one per peer node.
 #[derive(Debug)]
 pub struct Tunnels {
     endpoint: Endpoint,
     transport: Arc<TransportConfig>,
     /// Used by every new dial; replaced by [`Tunnels::set_tls`].
     client: RwLock<quinn::ClientConfig>,
-    peers: DashMap<String, Slot>,
+    local_node: String,
+    peers: DashMap<String, Arc<PeerPool>>,
     handshake_timeout: Duration,
+    seq: AtomicU64,
+    dialled_count: AtomicU64,
+    accepted_count: AtomicU64,
+    dialled_tx: mpsc::UnboundedSender<Tunnel>,
+    dialled_rx: Mutex<Option<mpsc::UnboundedReceiver<Tunnel>>>,
+    /// Woken whenever a connection is registered or has closed, and when an
+    /// incoming handshake starts.
+    changed: Arc<Notify>,
+    /// Incoming handshakes in flight, by source address; each token is
+    /// cancelled when its handshake has ended (registered or failed).
+    handshaking: Mutex<Vec<(SocketAddr, CancellationToken)>>,
 }
 
 /// The transport settings both sides use (DESIGN §10).
@@ -121,9 +206,12 @@ pub fn transport_config(cfg: &TunnelConfig) -> Result<TransportConfig, TunnelErr
 }
 
 impl Tunnels {
-    /// Binds the endpoint on `addr` with the given TLS configurations.
+    /// Binds the endpoint on `addr` with the given TLS configurations, for
+    /// node `local_node` (its name decides which of two simultaneously
+    /// dialled connections stays).
     pub fn bind(
         addr: SocketAddr,
+        local_node: &str,
         cfg: &TunnelConfig,
         server_tls: rustls::ServerConfig,
         client_tls: rustls::ClientConfig,
@@ -139,12 +227,21 @@ impl Tunnels {
         })?;
         let endpoint = Endpoint::new(EndpointConfig::default(), Some(server), socket, runtime)
             .map_err(|source| TunnelError::Bind { addr, source })?;
+        let (dialled_tx, dialled_rx) = mpsc::unbounded_channel();
         Ok(Self {
             endpoint,
             transport,
             client: RwLock::new(client),
+            local_node: local_node.to_owned(),
             peers: DashMap::new(),
             handshake_timeout: Duration::from_millis(cfg.handshake_timeout_ms),
+            seq: AtomicU64::new(0),
+            dialled_count: AtomicU64::new(0),
+            accepted_count: AtomicU64::new(0),
+            dialled_tx,
+            dialled_rx: Mutex::new(Some(dialled_rx)),
+            changed: Arc::new(Notify::new()),
+            handshaking: Mutex::new(Vec::new()),
         })
     }
 
@@ -177,22 +274,115 @@ impl Tunnels {
         &self.endpoint
     }
 
-    /// The live connection to `peer`, dialling it if there is none.
-    pub async fn connection(
-        &self,
-        peer: &str,
-        addr: SocketAddr,
-    ) -> Result<Connection, TunnelError> {
-        let slot = self.peers.entry(peer.to_owned()).or_default().clone();
-        let mut guard = slot.lock().await;
-        if let Some(conn) = guard.as_ref() {
-            if conn.close_reason().is_none() && conn.remote_address() == addr {
-                return Ok(conn.clone());
+    /// Connections this node dials, as they are established, so that the
+    /// streams their peers open on them are served. `None` after the first
+    /// call: there is one taker, the inbound path.
+    pub fn dialled(&self) -> Option<mpsc::UnboundedReceiver<Tunnel>> {
+        self.dialled_rx
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+    }
+
+    fn pool(&self, peer: &str) -> Arc<PeerPool> {
+        self.peers
+            .entry(peer.to_owned())
+            .or_insert_with(|| {
+                Arc::new(PeerPool {
+                    peer: peer.into(),
+                    local_is_lower: self.local_node.as_str() < peer,
+                    dial: tokio::sync::Mutex::new(()),
+                    conns: Mutex::new(Vec::new()),
+                    duplicates_closed: AtomicU64::new(0),
+                })
+            })
+            .clone()
+    }
+
+    /// The connection to use for a new stream to `peer`: the live one,
+    /// whichever side dialled it, or one dialled to `addr` now if there is
+    /// none.
+    ///
+    /// A handshake from `addr` already in flight is waited for instead of
+    /// dialling (it is the peer dialling us). When this node sorts higher, a
+    /// handshake from `addr` that arrived while it dialled is waited for too:
+    /// the peer's connection is the preferred one, and waiting for it keeps
+    /// new streams off the duplicate, so the duplicate closes at once.
+    pub async fn connection(&self, peer: &str, addr: SocketAddr) -> Result<Lease, TunnelError> {
+        let pool = self.pool(peer);
+        let _dialling = pool.dial.lock().await;
+        if let Some(lease) = Self::lease(&pool) {
+            return Ok(lease);
+        }
+        if self.incoming_from(addr).await {
+            if let Some(lease) = Self::lease(&pool) {
+                return Ok(lease);
             }
         }
         let conn = self.dial(peer, addr).await?;
-        *guard = Some(conn.clone());
-        Ok(conn)
+        let tunnel = self.register(&pool, conn, Direction::Dialled);
+        // The inbound path serves the peer's streams on it; gone only at shutdown.
+        let _ = self.dialled_tx.send(tunnel);
+        if !pool.local_is_lower {
+            self.incoming_from(addr).await;
+        }
+        // The connection just dialled, or one the peer dialled meanwhile
+        // that is preferred to it.
+        Self::lease(&pool).ok_or_else(|| TunnelError::ClosedAtOnce {
+            peer: peer.to_owned(),
+            addr,
+        })
+    }
+
+    /// Waits (at most the handshake timeout) for the incoming handshakes
+    /// from `addr` in flight now to end; whether there were any.
+    async fn incoming_from(&self, addr: SocketAddr) -> bool {
+        let tokens: Vec<CancellationToken> = self
+            .handshaking
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .filter(|(from, _)| *from == addr)
+            .map(|(_, t)| t.clone())
+            .collect();
+        if tokens.is_empty() {
+            return false;
+        }
+        debug!(%addr, "waiting for the peer's handshake in flight");
+        let all = async {
+            for t in &tokens {
+                t.cancelled().await;
+            }
+        };
+        let _ = tokio::time::timeout(self.handshake_timeout, all).await;
+        true
+    }
+
+    /// Notes an incoming handshake from `remote` until the guard drops.
+    fn handshaking(&self, remote: SocketAddr) -> HandshakeGuard<'_> {
+        let token = CancellationToken::new();
+        self.handshaking
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push((remote, token.clone()));
+        self.changed.notify_waiters();
+        HandshakeGuard {
+            tunnels: self,
+            token,
+        }
+    }
+
+    fn lease(pool: &Arc<PeerPool>) -> Option<Lease> {
+        let mut conns = pool.lock();
+        let entry = pool.settle(&mut conns)?;
+        let guard = pool.guard(&entry);
+        Some(Lease {
+            tunnel: Tunnel {
+                entry,
+                pool: pool.clone(),
+            },
+            guard,
+        })
     }
 
     async fn dial(&self, peer: &str, addr: SocketAddr) -> Result<Connection, TunnelError> {
@@ -232,22 +422,154 @@ impl Tunnels {
             }
         };
         handshakes("ok");
-        info!(peer, %addr, "tunnel established");
-        track_open(&conn, peer, "outbound");
+        self.dialled_count.fetch_add(1, Ordering::Relaxed);
+        info!(peer, %addr, shared = is_shared(&conn), "tunnel established");
         Ok(conn)
     }
 
-    /// Number of live outbound connections.
+    /// Completes an incoming handshake and registers the connection for the
+    /// peer node its certificate names (in `trust_domain`): from then on it
+    /// carries this node's streams to that peer too, unless a connection
+    /// this node dialled is preferred.
+    pub async fn accept(
+        &self,
+        incoming: quinn::Incoming,
+        trust_domain: &str,
+    ) -> Result<Tunnel, TunnelError> {
+        let remote = incoming.remote_address();
+        let _handshaking = self.handshaking(remote);
+        let conn = match incoming.await {
+            Ok(c) => c,
+            Err(source) => {
+                metrics::counter!(m::TUNNEL_HANDSHAKES, "peer" => m::UNKNOWN, "side" => "server", "result" => "error")
+                    .increment(1);
+                return Err(TunnelError::AcceptHandshake { remote, source });
+            }
+        };
+        let Some(peer) = peer_node(&conn, trust_domain) else {
+            // The verifier already requires a node identity; this is belt and braces.
+            conn.close(reset_code(header::StatusCode::Denied), b"no node identity");
+            return Err(TunnelError::NoNodeIdentity { remote });
+        };
+        metrics::counter!(m::TUNNEL_HANDSHAKES, "peer" => peer.clone(), "side" => "server", "result" => "ok")
+            .increment(1);
+        self.accepted_count.fetch_add(1, Ordering::Relaxed);
+        info!(peer, remote.addr = %remote, shared = is_shared(&conn), "tunnel accepted");
+        let pool = self.pool(&peer);
+        Ok(self.register(&pool, conn, Direction::Accepted))
+    }
+
+    /// Adds `conn` to `pool`, counts it open until it closes, and settles
+    /// which connection the peer's new streams use.
+    fn register(&self, pool: &Arc<PeerPool>, conn: Connection, direction: Direction) -> Tunnel {
+        let entry = Arc::new(Entry {
+            shared: is_shared(&conn),
+            conn,
+            direction,
+            seq: self.seq.fetch_add(1, Ordering::Relaxed),
+            streams: AtomicUsize::new(0),
+            superseded: AtomicBool::new(false),
+            closing: AtomicBool::new(false),
+        });
+        {
+            let mut conns = pool.lock();
+            conns.push(entry.clone());
+            pool.settle(&mut conns);
+        }
+        let gauge = metrics::gauge!(m::TUNNELS_OPEN, "peer" => pool.peer.to_string(), "direction" => direction.as_str());
+        gauge.increment(1.0);
+        self.changed.notify_waiters();
+        let (closed_entry, closed_pool) = (entry.clone(), pool.clone());
+        let changed = self.changed.clone();
+        tokio::spawn(async move {
+            let reason = closed_entry.conn.closed().await;
+            gauge.decrement(1.0);
+            info!(
+                peer.node = %closed_pool.peer,
+                direction = direction.as_str(),
+                tunnel.id = closed_entry.conn.stable_id(),
+                reason = %reason,
+                "tunnel closed"
+            );
+            closed_pool.resettle();
+            changed.notify_waiters();
+        });
+        Tunnel {
+            entry,
+            pool: pool.clone(),
+        }
+    }
+
+    /// Number of live pooled connections, both directions.
     pub fn open_count(&self) -> usize {
         self.peers
             .iter()
-            .filter(|e| {
-                e.value()
-                    .try_lock()
-                    .map(|g| g.as_ref().is_some_and(|c| c.close_reason().is_none()))
-                    .unwrap_or(true)
-            })
-            .count()
+            .map(|p| p.value().lock().iter().filter(|e| e.live()).count())
+            .sum()
+    }
+
+    /// Waits until `done` holds, checking it whenever a connection has been
+    /// registered or has closed, or an incoming handshake has started.
+    pub async fn until(&self, done: impl Fn(&Self) -> bool) {
+        loop {
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if done(self) {
+                return;
+            }
+            changed.await;
+        }
+    }
+
+    /// Totals since start.
+    pub fn stats(&self) -> PoolStats {
+        PoolStats {
+            dialled: self.dialled_count.load(Ordering::Relaxed),
+            accepted: self.accepted_count.load(Ordering::Relaxed),
+            duplicates_closed: self
+                .peers
+                .iter()
+                .map(|p| p.value().duplicates_closed.load(Ordering::Relaxed))
+                .sum(),
+        }
+    }
+
+    /// Every pooled connection (closed ones are left out), by peer.
+    pub fn snapshot(&self) -> Vec<TunnelInfo> {
+        let mut out = Vec::new();
+        for p in self.peers.iter() {
+            let pool = p.value();
+            for e in pool.lock().iter() {
+                if e.conn.close_reason().is_some() {
+                    continue;
+                }
+                let state = if e.closing.load(Ordering::SeqCst) {
+                    "closing"
+                } else if !e.usable() {
+                    "peer_only"
+                } else if e.superseded.load(Ordering::SeqCst) {
+                    "draining"
+                } else {
+                    "in_use"
+                };
+                out.push(TunnelInfo {
+                    peer: pool.peer.to_string(),
+                    id: e.conn.stable_id(),
+                    direction: e.direction,
+                    dialled_by: match e.direction {
+                        Direction::Dialled => self.local_node.clone(),
+                        Direction::Accepted => pool.peer.to_string(),
+                    },
+                    remote_addr: e.conn.remote_address(),
+                    shared: e.shared,
+                    open_streams: e.streams.load(Ordering::SeqCst),
+                    state,
+                });
+            }
+        }
+        out.sort_by(|a, b| (&a.peer, a.id).cmp(&(&b.peer, b.id)));
+        out
     }
 }
 
@@ -283,20 +605,6 @@ pub fn reset_code(code: header::StatusCode) -> VarInt {
     VarInt::from_u32(code as u32)
 }
 
-/// Counts `conn` in the open-tunnels gauge until it closes.
-pub fn track_open(conn: &Connection, peer: &str, direction: &'static str) {
-    let gauge =
-        metrics::gauge!(m::TUNNELS_OPEN, "peer" => peer.to_owned(), "direction" => direction);
-    gauge.increment(1.0);
-    let conn = conn.clone();
-    let peer = peer.to_owned();
-    tokio::spawn(async move {
-        let reason = conn.closed().await;
-        gauge.decrement(1.0);
-        info!(peer, direction, reason = %reason, "tunnel closed");
-    });
-}
-
 fn udp_socket(addr: SocketAddr, buffer: usize) -> std::io::Result<std::net::UdpSocket> {
     let sock = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
     // Raise buffers past net.core.{r,w}mem_max when privileged (DESIGN §10:
@@ -320,6 +628,7 @@ mod tests {
     use crate::config::TlsConfig;
     use crate::identity::certs::{generate_ca, issue_node, GeneratedCa};
     use crate::identity::{client_config, server_config, Credentials, KnownNodes, TlsFiles};
+    use quinn::ConnectionError;
 
     const TD: &str = "cluster.local";
 
@@ -348,13 +657,20 @@ mod tests {
         )
     }
 
-    fn bind(c: &Credentials) -> Tunnels {
+    fn bind(c: &Credentials, node: &str) -> Tunnels {
         let (server, client) = tls(c);
         let cfg = TunnelConfig {
             udp_buffer: 1 << 20,
             ..TunnelConfig::default()
         };
-        Tunnels::bind(SocketAddr::from(([127, 0, 0, 1], 0)), &cfg, server, client).expect("bind")
+        Tunnels::bind(
+            SocketAddr::from(([127, 0, 0, 1], 0)),
+            node,
+            &cfg,
+            server,
+            client,
+        )
+        .expect("bind")
     }
 
     /// The expiry of the certificate the peer of `conn` presented, in Unix seconds.
@@ -403,13 +719,14 @@ mod tests {
         let ca = generate_ca(TD, 30).expect("ca");
         let (old1, old2) = (creds(&ca, "n1", 30), creds(&ca, "n2", 30));
         let (new1, new2) = (creds(&ca, "n1", 10), creds(&ca, "n2", 10));
-        let (n1, n2) = (bind(&old1), bind(&old2));
+        let (n1, n2) = (bind(&old1, "n1"), bind(&old2, "n2"));
         let addr2 = n2.endpoint().local_addr().expect("addr");
         let (seen_tx, mut seen) = tokio::sync::mpsc::unbounded_channel();
         tokio::spawn(echo_server(n2.endpoint().clone(), seen_tx));
 
         let run = async {
             let old = n1.connection("n2", addr2).await.expect("dial");
+            let old = old.connection().clone();
             echo(&old, b"before").await;
             assert_eq!(peer_not_after(&old), unix(old2.not_after));
             assert_eq!(seen.recv().await, Some(unix(old1.not_after)));
@@ -422,7 +739,7 @@ mod tests {
             // The open tunnel carries on, and is still the pooled one.
             echo(&old, b"after").await;
             let pooled = n1.connection("n2", addr2).await.expect("pooled");
-            assert_eq!(pooled.stable_id(), old.stable_id());
+            assert_eq!(pooled.connection().stable_id(), old.stable_id());
             assert_eq!(n1.open_count(), 1);
 
             // A new tunnel: each side presents its new certificate.
@@ -434,6 +751,347 @@ mod tests {
             echo(&old, b"still").await;
         };
         tokio::time::timeout(deadline, run)
+            .await
+            .expect("bounded test");
+    }
+
+    /// A node of the pool tests: its pool, and its address.
+    struct Node {
+        tunnels: Arc<Tunnels>,
+        addr: SocketAddr,
+    }
+
+    fn node(ca: &GeneratedCa, name: &str) -> Node {
+        let tunnels = Arc::new(bind(&creds(ca, name, 30), name));
+        let addr = tunnels.endpoint().local_addr().expect("addr");
+        Node { tunnels, addr }
+    }
+
+    /// A node that speaks only the older ALPN `nodemesh/1`.
+    fn legacy_node(ca: &GeneratedCa, name: &str) -> Node {
+        let (mut server, mut client) = tls(&creds(ca, name, 30));
+        server.alpn_protocols = vec![crate::identity::ALPN_V1.to_vec()];
+        client.alpn_protocols = vec![crate::identity::ALPN_V1.to_vec()];
+        let cfg = TunnelConfig {
+            udp_buffer: 1 << 20,
+            ..TunnelConfig::default()
+        };
+        let tunnels = Arc::new(
+            Tunnels::bind(
+                SocketAddr::from(([127, 0, 0, 1], 0)),
+                name,
+                &cfg,
+                server,
+                client,
+            )
+            .expect("bind"),
+        );
+        let addr = tunnels.endpoint().local_addr().expect("addr");
+        Node { tunnels, addr }
+    }
+
+    impl Node {
+        /// Serves like the daemon: accepted tunnels are registered and, like
+        /// the ones this node dials, have every stream the peer opens echoed.
+        fn serve(&self) {
+            self.serve_accepted();
+            let mut dialled = self.tunnels.dialled().expect("first taker");
+            tokio::spawn(async move {
+                while let Some(t) = dialled.recv().await {
+                    tokio::spawn(serve_echo(t));
+                }
+            });
+        }
+
+        fn serve_accepted(&self) {
+            let tunnels = self.tunnels.clone();
+            tokio::spawn(async move {
+                while let Some(incoming) = tunnels.endpoint().accept().await {
+                    let tunnels = tunnels.clone();
+                    tokio::spawn(async move {
+                        if let Ok(t) = tunnels.accept(incoming, TD).await {
+                            serve_echo(t).await;
+                        }
+                    });
+                }
+            });
+        }
+
+        /// The live pooled connections, as `(direction, state)`.
+        fn tunnels(&self) -> Vec<(Direction, &'static str)> {
+            self.tunnels
+                .snapshot()
+                .iter()
+                .map(|t| (t.direction, t.state))
+                .collect()
+        }
+
+        /// The pooled connections of `direction`, open or not yet forgotten.
+        fn pooled(&self, peer: &str, direction: Direction) -> Vec<Connection> {
+            self.tunnels
+                .pool(peer)
+                .lock()
+                .iter()
+                .filter(|e| e.direction == direction)
+                .map(|e| e.conn.clone())
+                .collect()
+        }
+    }
+
+    async fn serve_echo(tunnel: Tunnel) {
+        while let Ok((mut send, mut recv, guard)) = tunnel.accept_bi().await {
+            tokio::spawn(async move {
+                let _guard = guard;
+                if let Ok(data) = recv.read_to_end(1 << 16).await {
+                    let _ = send.write_all(&data).await;
+                    let _ = send.finish();
+                }
+            });
+        }
+    }
+
+    async fn echo_on(lease: Lease, msg: &[u8]) {
+        let (mut send, mut recv, _guard) = lease.open_bi().await.expect("open stream");
+        send.write_all(msg).await.expect("write");
+        send.finish().expect("finish");
+        assert_eq!(recv.read_to_end(1 << 16).await.expect("read"), msg);
+    }
+
+    /// `n` echoes from `from` to `peer` at once, each on a new stream.
+    async fn echoes(from: &Arc<Tunnels>, peer: &'static str, addr: SocketAddr, n: usize) {
+        let mut set = tokio::task::JoinSet::new();
+        for i in 0..n {
+            let from = from.clone();
+            set.spawn(async move {
+                let lease = from.connection(peer, addr).await.expect("connection");
+                echo_on(lease, format!("{peer} #{i}").as_bytes()).await;
+            });
+        }
+        while let Some(r) = set.join_next().await {
+            r.expect("echo task");
+        }
+    }
+
+    const BOUND: Duration = Duration::from_secs(20);
+
+    #[tokio::test]
+    async fn a_tunnel_either_side_dialled_carries_streams_both_ways_with_one_handshake() {
+        let ca = generate_ca(TD, 30).expect("ca");
+        let (a, b) = (node(&ca, "n1"), node(&ca, "n2"));
+        a.serve();
+        b.serve();
+        let run = async {
+            // n2 dials n1 (n2 sorts higher: the dialling side does not matter).
+            let first = b.tunnels.connection("n1", a.addr).await.expect("dial");
+            assert_eq!(first.direction(), Direction::Dialled);
+            echo_on(first, b"hello n1").await;
+            // n1 registered the connection when it accepted it (before
+            // serving the stream just echoed): its streams to n2 use it.
+            let back = a.tunnels.connection("n2", b.addr).await.expect("pooled");
+            assert_eq!(back.direction(), Direction::Accepted);
+            echo_on(back, b"hello n2").await;
+            // Concurrent streams both ways on the one connection.
+            tokio::join!(
+                echoes(&a.tunnels, "n2", b.addr, 50),
+                echoes(&b.tunnels, "n1", a.addr, 50),
+            );
+
+            for (n, dialled, accepted) in [(&a, 0, 1), (&b, 1, 0)] {
+                let stats = n.tunnels.stats();
+                assert_eq!((stats.dialled, stats.accepted), (dialled, accepted));
+                assert_eq!(stats.duplicates_closed, 0);
+                assert_eq!(n.tunnels.open_count(), 1);
+                assert_eq!(n.tunnels.endpoint().open_connections(), 1);
+            }
+            assert_eq!(a.tunnels(), vec![(Direction::Accepted, "in_use")]);
+            assert_eq!(b.tunnels(), vec![(Direction::Dialled, "in_use")]);
+            let dump = a.tunnels.snapshot();
+            assert_eq!(dump[0].dialled_by, "n2");
+            assert!(dump[0].shared);
+            let held = a.tunnels.connection("n2", b.addr).await.expect("pooled");
+            assert!(a.tunnels.snapshot()[0].open_streams >= 1, "a lease counts");
+            drop(held);
+        };
+        tokio::time::timeout(BOUND, run)
+            .await
+            .expect("bounded test");
+    }
+
+    #[tokio::test]
+    async fn a_duplicate_from_a_dial_race_keeps_its_open_stream_then_closes() {
+        let ca = generate_ca(TD, 30).expect("ca");
+        let (a, b) = (node(&ca, "n1"), node(&ca, "n2"));
+        a.serve();
+        b.serve();
+        let run = async {
+            // n2 (higher) dials n1 and streams on it, unfinished.
+            let lease = b.tunnels.connection("n1", a.addr).await.expect("dial");
+            let dup = lease.connection().clone();
+            let (mut send, mut recv, guard) = lease.open_bi().await.expect("open");
+            send.write_all(b"opened during the race, ")
+                .await
+                .expect("write");
+
+            // n1's own dial, started before n2's connection reached it.
+            let pool = a.tunnels.pool("n2");
+            let dialling = pool.dial.lock().await;
+            let conn = a.tunnels.dial("n2", b.addr).await.expect("n1 dials");
+            let t = a.tunnels.register(&pool, conn, Direction::Dialled);
+            a.tunnels.dialled_tx.send(t).expect("served");
+            drop(dialling);
+
+            // n1 prefers the connection it dialled (n1 < n2) ...
+            let preferred = a.tunnels.connection("n2", b.addr).await.expect("pooled");
+            assert_eq!(preferred.direction(), Direction::Dialled);
+            // ... and n2 does too, once it has accepted it (it has: the
+            // stream was served).
+            echo_on(preferred, b"n1 -> n2").await;
+            let now = b.tunnels.connection("n1", a.addr).await.expect("pooled");
+            assert_eq!(now.direction(), Direction::Accepted);
+            echo_on(now, b"n2 -> n1").await;
+
+            // The duplicate is no longer used, but the stream on it goes on.
+            assert!(dup.close_reason().is_none(), "closed under an open stream");
+            let draining: Vec<_> = b
+                .tunnels
+                .snapshot()
+                .into_iter()
+                .filter(|t| t.direction == Direction::Dialled)
+                .collect();
+            assert_eq!(draining.len(), 1);
+            assert_eq!(
+                (draining[0].state, draining[0].open_streams),
+                ("draining", 1)
+            );
+            send.write_all(b"finished after it").await.expect("write");
+            send.finish().expect("finish");
+            assert_eq!(
+                recv.read_to_end(1 << 16).await.expect("read"),
+                b"opened during the race, finished after it"
+            );
+            // n1 served that stream on the connection it accepted from n2.
+            let at_n1 = a.pooled("n2", Direction::Accepted);
+            assert_eq!(at_n1.len(), 1);
+            drop(guard);
+
+            // Then n2 closes it, with the duplicate code.
+            assert!(matches!(dup.closed().await, ConnectionError::LocallyClosed));
+            for conn in at_n1 {
+                match conn.closed().await {
+                    ConnectionError::ApplicationClosed(close) => {
+                        assert_eq!(close.error_code, DUPLICATE_CLOSE_CODE);
+                        assert_eq!(&close.reason[..], DUPLICATE_CLOSE_REASON);
+                    }
+                    other => panic!("n1 saw {other:?}"),
+                }
+            }
+            a.tunnels.until(|t| t.open_count() == 1).await;
+            b.tunnels.until(|t| t.open_count() == 1).await;
+            assert_eq!(a.tunnels(), vec![(Direction::Dialled, "in_use")]);
+            assert_eq!(b.tunnels(), vec![(Direction::Accepted, "in_use")]);
+            assert_eq!(b.tunnels.stats().duplicates_closed, 1);
+            assert_eq!(a.tunnels.stats().duplicates_closed, 0);
+        };
+        tokio::time::timeout(BOUND, run)
+            .await
+            .expect("bounded test");
+    }
+
+    #[tokio::test]
+    async fn simultaneous_first_use_from_both_sides_converges_on_one_connection() {
+        let ca = generate_ca(TD, 30).expect("ca");
+        let (a, b) = (node(&ca, "n1"), node(&ca, "n2"));
+        a.serve();
+        b.serve();
+        let run = async {
+            // Both futures start their dial before either handshake can finish.
+            let (la, lb) = tokio::join!(
+                a.tunnels.connection("n2", b.addr),
+                b.tunnels.connection("n1", a.addr)
+            );
+            let (la, lb) = (la.expect("n1 -> n2"), lb.expect("n2 -> n1"));
+            assert_eq!(a.tunnels.stats().dialled, 1);
+            assert_eq!(b.tunnels.stats().dialled, 1);
+            // Streams opened during the race all complete, plus more at once.
+            tokio::join!(
+                echo_on(la, b"raced from n1"),
+                echo_on(lb, b"raced from n2"),
+                echoes(&a.tunnels, "n2", b.addr, 20),
+                echoes(&b.tunnels, "n1", a.addr, 20),
+            );
+            // One connection is left: the one n1 (lower) dialled.
+            a.tunnels.until(|t| t.open_count() == 1).await;
+            b.tunnels.until(|t| t.open_count() == 1).await;
+            assert_eq!(a.tunnels(), vec![(Direction::Dialled, "in_use")]);
+            assert_eq!(b.tunnels(), vec![(Direction::Accepted, "in_use")]);
+            assert_eq!(b.tunnels.stats().duplicates_closed, 1);
+            assert_eq!(a.tunnels.stats().duplicates_closed, 0);
+            echoes(&b.tunnels, "n1", a.addr, 5).await;
+            assert_eq!(b.tunnels.stats().dialled, 1, "no new dial after converging");
+        };
+        tokio::time::timeout(BOUND, run)
+            .await
+            .expect("bounded test");
+    }
+
+    #[tokio::test]
+    async fn a_node_whose_peer_is_already_dialling_it_waits_instead_of_dialling() {
+        let ca = generate_ca(TD, 30).expect("ca");
+        let (a, b) = (node(&ca, "n1"), node(&ca, "n2"));
+        a.serve();
+        b.serve();
+        let run = async {
+            let dialling = tokio::spawn({
+                let (tunnels, addr) = (b.tunnels.clone(), a.addr);
+                async move {
+                    let lease = tunnels.connection("n1", addr).await.expect("n2 dials");
+                    echo_on(lease, b"n2 -> n1").await;
+                }
+            });
+            // n2's handshake has reached n1 (or is done already).
+            a.tunnels
+                .until(|t| t.open_count() > 0 || !t.handshaking.lock().expect("lock").is_empty())
+                .await;
+            let lease = a.tunnels.connection("n2", b.addr).await.expect("pooled");
+            assert_eq!(lease.direction(), Direction::Accepted);
+            echo_on(lease, b"n1 -> n2").await;
+            dialling.await.expect("n2 task");
+            assert_eq!(a.tunnels.stats().dialled, 0, "n1 did not dial");
+            assert_eq!(b.tunnels.stats().dialled, 1);
+            assert_eq!(b.tunnels.stats().duplicates_closed, 0);
+            assert_eq!(a.tunnels(), vec![(Direction::Accepted, "in_use")]);
+        };
+        tokio::time::timeout(BOUND, run)
+            .await
+            .expect("bounded test");
+    }
+
+    #[tokio::test]
+    async fn a_peer_on_the_older_alpn_keeps_one_connection_per_direction() {
+        let ca = generate_ca(TD, 30).expect("ca");
+        let (old, new) = (legacy_node(&ca, "n1"), node(&ca, "n2"));
+        old.serve_accepted();
+        new.serve();
+        let run = async {
+            let lease = old.tunnels.connection("n2", new.addr).await.expect("dial");
+            echo_on(lease, b"from the old node").await;
+            // n2 may not open streams on a `nodemesh/1` connection it accepted.
+            assert_eq!(new.tunnels(), vec![(Direction::Accepted, "peer_only")]);
+            let own = new.tunnels.connection("n1", old.addr).await.expect("dial");
+            assert_eq!(own.direction(), Direction::Dialled);
+            echo_on(own, b"from the new node").await;
+            assert_eq!(new.tunnels.stats().dialled, 1);
+            let mut states = new.tunnels();
+            states.sort_by_key(|(d, _)| d.as_str());
+            assert_eq!(
+                states,
+                vec![
+                    (Direction::Accepted, "peer_only"),
+                    (Direction::Dialled, "in_use")
+                ]
+            );
+        };
+        tokio::time::timeout(BOUND, run)
             .await
             .expect("bounded test");
     }
