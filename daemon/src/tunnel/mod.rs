@@ -6,10 +6,19 @@
 //! lock held across the dial); a closed connection is replaced on next use.
 //! The stream header codec lives in [`header`].
 //!
+//! The UDP socket is bound with `SO_REUSEPORT`, and every connection ID
+//! this endpoint issues starts with its tag ([`cid`]): during a hand-over the
+//! successor binds beside its predecessor and attaches a steering program
+//! (`reuseport::tunnel_program`) so each datagram reaches the process that
+//! owns its connection. A peer answering `unavailable`/`draining` on a
+//! pooled connection gets it retired ([`Tunnels::retire`]): streams in
+//! flight finish there, new ones go on a new connection.
+//!
 //! TLS configurations are swappable (certificate rotation, see
 //! `identity::reload`): [`Tunnels::set_tls`] installs new ones for new
 //! handshakes on both sides; open connections keep theirs.
 
+pub mod cid;
 pub mod header;
 
 use std::net::SocketAddr;
@@ -23,6 +32,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 use tokio::sync::Mutex;
 use tracing::{debug, info, warn};
 
+use self::cid::{Tag, TaggedCids};
 use crate::config::TunnelConfig;
 use crate::metrics as m;
 
@@ -120,6 +130,16 @@ pub fn transport_config(cfg: &TunnelConfig) -> Result<TransportConfig, TunnelErr
     Ok(t)
 }
 
+/// Which connection IDs this endpoint issues, and whom the UDP port is shared with.
+#[derive(Debug, Clone, Copy)]
+pub struct Steering {
+    /// This endpoint's CID tag.
+    pub tag: Tag,
+    /// The predecessor's tag when binding beside it during a hand-over:
+    /// then the steering program is attached to the port's group.
+    pub predecessor: Option<Tag>,
+}
+
 impl Tunnels {
     /// Binds the endpoint on `addr` with the given TLS configurations.
     pub fn bind(
@@ -127,17 +147,34 @@ impl Tunnels {
         cfg: &TunnelConfig,
         server_tls: rustls::ServerConfig,
         client_tls: rustls::ClientConfig,
+        steering: Steering,
     ) -> Result<Self, TunnelError> {
         let transport = Arc::new(transport_config(cfg)?);
         let (server, client) = quic_configs(&transport, server_tls, client_tls)?;
 
         let socket = udp_socket(addr, cfg.udp_buffer)
             .map_err(|source| TunnelError::Bind { addr, source })?;
+        if let Some(predecessor) = steering.predecessor {
+            // From here on the kernel gives the predecessor's datagrams to
+            // it and everything else to this socket. Until this call (a few
+            // microseconds after bind) it hashed: a predecessor datagram that
+            // landed here meanwhile is dropped (its CID is unknown here, and
+            // a stateless reset from this endpoint would not carry the
+            // predecessor's token) and retransmitted by the peer.
+            crate::reuseport::attach(
+                &socket,
+                &crate::reuseport::tunnel_program(predecessor.get()),
+            )
+            .map_err(|source| TunnelError::Bind { addr, source })?;
+        }
         let runtime = quinn::default_runtime().ok_or_else(|| TunnelError::Bind {
             addr,
             source: std::io::Error::other("no async runtime"),
         })?;
-        let endpoint = Endpoint::new(EndpointConfig::default(), Some(server), socket, runtime)
+        let mut endpoint_config = EndpointConfig::default();
+        let tag = steering.tag;
+        endpoint_config.cid_generator(move || Box::new(TaggedCids::new(tag)));
+        let endpoint = Endpoint::new(endpoint_config, Some(server), socket, runtime)
             .map_err(|source| TunnelError::Bind { addr, source })?;
         Ok(Self {
             endpoint,
@@ -237,6 +274,24 @@ impl Tunnels {
         Ok(conn)
     }
 
+    /// Takes `conn` out of the pool if it still is `peer`'s pooled
+    /// connection: the peer said it is draining. Streams open on it carry
+    /// on; the next stream to `peer` dials a new connection.
+    pub async fn retire(&self, peer: &str, conn: &Connection) {
+        let Some(slot) = self.peers.get(peer).map(|s| s.value().clone()) else {
+            return;
+        };
+        let mut guard = slot.lock().await;
+        if guard
+            .as_ref()
+            .is_some_and(|c| c.stable_id() == conn.stable_id())
+        {
+            *guard = None;
+            metrics::counter!(m::TUNNELS_RETIRED, "peer" => peer.to_owned()).increment(1);
+            info!(peer, remote.addr = %conn.remote_address(), "peer is draining this tunnel; new streams go on a new one");
+        }
+    }
+
     /// Number of live outbound connections.
     pub fn open_count(&self) -> usize {
         self.peers
@@ -275,6 +330,9 @@ fn quic_configs(
         QuicClientConfig::try_from(client_tls).map_err(|e| TunnelError::Tls(e.to_string()))?;
     let mut client = quinn::ClientConfig::new(Arc::new(client_crypto));
     client.transport_config(transport.clone());
+    // Never a tag: a new connection's Initials are told apart from the
+    // packets of connections a daemon owns (see `cid`).
+    client.initial_dst_cid_provider(cid::initial_dcid_provider());
     Ok((server, client))
 }
 
@@ -299,6 +357,8 @@ pub fn track_open(conn: &Connection, peer: &str, direction: &'static str) {
 
 fn udp_socket(addr: SocketAddr, buffer: usize) -> std::io::Result<std::net::UdpSocket> {
     let sock = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    // A successor daemon binds beside this one during a hand-over.
+    sock.set_reuse_port(true)?;
     // Raise buffers past net.core.{r,w}mem_max when privileged (DESIGN §10:
     // quinn drops thousands of packets per second on small buffers).
     let fd = std::os::fd::AsFd::as_fd(&sock);
@@ -354,7 +414,18 @@ mod tests {
             udp_buffer: 1 << 20,
             ..TunnelConfig::default()
         };
-        Tunnels::bind(SocketAddr::from(([127, 0, 0, 1], 0)), &cfg, server, client).expect("bind")
+        let steering = Steering {
+            tag: Tag::random_except(None),
+            predecessor: None,
+        };
+        Tunnels::bind(
+            SocketAddr::from(([127, 0, 0, 1], 0)),
+            &cfg,
+            server,
+            client,
+            steering,
+        )
+        .expect("bind")
     }
 
     /// The expiry of the certificate the peer of `conn` presented, in Unix seconds.
