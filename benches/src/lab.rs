@@ -7,6 +7,9 @@
 //! removes a lab from its recorded state *and* anything left matching its
 //! prefix (namespaces, processes), so it also works when the state is missing
 //! or partial. [`leftovers`] lists what remains, for tests asserting cleanup.
+//! [`Lab::start_successor`] / [`Lab::stop_predecessor`] upgrade a node's
+//! daemon the way a DaemonSet rolling update does (a second process takes
+//! over, the first drains); teardown stops both.
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream};
