@@ -496,6 +496,30 @@ fn a_successor_that_dies_mid_hand_over_leaves_the_old_daemon_serving_and_ready()
     let old = lab.pod(1, 1).expect("n1-p1");
     lab.transfer(&old, &remote, 8082, MIB)
         .expect("existing pod -> n2");
+
+    // A second successor dies right after renaming its socket over cni.sock,
+    // before it could ask the old daemon to stop: the path is dead, and the
+    // old daemon binds it again all the same.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let _link = nodemesh::handover::join(&socket)
+            .await
+            .expect("hello")
+            .expect("the n1 daemon answers again");
+        let _successor_cni =
+            nodemesh::handover::bind_replacing(&paths.cni_socket).expect("successor cni socket");
+    });
+    drop(rt);
+    wait_until("the old daemon to be ready again", || {
+        lab.admin_get(1, "/ready").is_ok_and(|r| r.status == 200)
+    });
+    let another = lab.add_pod(1).expect("registered by the old daemon again");
+    lab.transfer(&another, &remote, 8083, MIB)
+        .expect("second new pod -> n2");
+
     let m = metrics(&lab, 1);
     assert_eq!(
         sum(
@@ -503,7 +527,12 @@ fn a_successor_that_dies_mid_hand_over_leaves_the_old_daemon_serving_and_ready()
             "nodemesh_handover_total",
             &[("role", "predecessor"), ("result", "successor_lost")]
         ),
-        1.0
+        2.0
     );
-    assert!(log_of(&lab, 1).contains("hand-over reverted: serving the CNI socket again"));
+    assert_eq!(
+        log_of(&lab, 1)
+            .matches("hand-over reverted: serving the CNI socket again")
+            .count(),
+        2
+    );
 }

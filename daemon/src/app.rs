@@ -124,7 +124,9 @@ impl handover::Predecessor for Node {
     }
 
     async fn revert(&self, cni_stopped: bool) {
-        if cni_stopped {
+        // The successor may also have renamed its socket over cni.sock and
+        // died before asking us to stop: then the path is dead too.
+        if cni_stopped || !self.cni.serves_the_path().await {
             match cni_server::bind(&self.cni_socket) {
                 Ok((listener, file)) => {
                     self.cni.start(listener, file).await;

@@ -99,6 +99,16 @@ impl CniServer {
         }
     }
 
+    /// Whether this server runs and `cni.sock` still names its socket (a
+    /// successor may have renamed its own over it).
+    pub async fn serves_the_path(&self) -> bool {
+        self.running
+            .lock()
+            .await
+            .as_ref()
+            .is_some_and(|r| r.file.is_still_ours())
+    }
+
     /// Removes the socket file if it still is the one this server bound (a
     /// successor's socket renamed over it is left alone).
     pub async fn remove_socket_file(&self) {

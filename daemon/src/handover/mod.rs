@@ -325,7 +325,8 @@ pub trait Predecessor: Send + Sync + 'static {
     /// answer new tunnel streams `unavailable`/`draining`.
     fn take_over(&self, successor: u32) -> impl Future<Output = ()> + Send;
     /// The successor vanished before `take_over`: serve as before (bind the
-    /// CNI socket again if `cni_stopped`, and pick up its registrations).
+    /// CNI socket again if `cni_stopped` or the path is no longer ours, and
+    /// pick up the successor's registrations).
     fn revert(&self, cni_stopped: bool) -> impl Future<Output = ()> + Send;
 }
 
