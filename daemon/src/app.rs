@@ -358,6 +358,11 @@ impl Daemon {
             admin: tokio::sync::Mutex::new(Some(admin_task)),
         });
 
+        // New tunnel connections come to this daemon from now on (it was
+        // bound beside a predecessor; nothing to do otherwise).
+        if let Err(e) = proxy.tunnels.steer_new_connections_here() {
+            warn!(error = %e, "hand-over: cannot steer new tunnel connections here; the kernel spreads them");
+        }
         if let Some(link) = predecessor.take() {
             let pid = link.pid;
             status.set(Phase::TakingOver, Some(pid));

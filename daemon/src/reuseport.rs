@@ -14,8 +14,8 @@
 //! one setsockopt that attaches them:
 //!
 //! - [`tunnel_program`]: QUIC datagrams whose destination connection ID starts
-//!   with the predecessor's tag go to index 0 (the predecessor, which bound
-//!   first), everything else to index 1 (the successor).
+//!   with a given daemon's tag go to that daemon's index (the predecessor
+//!   bound first: index 0; the successor: 1), everything else to the other.
 //! - [`successor_program`]: everything to index 1, for TCP listener groups
 //!   whose predecessor socket is about to close.
 //!
@@ -67,8 +67,9 @@ const fn jump(code: u16, k: u32, jt: u8, jf: u8) -> sock_filter {
     sock_filter { code, jt, jf, k }
 }
 
-/// The program for a tunnel (UDP) group: the predecessor's datagrams to it,
-/// the rest to the successor.
+/// The program for a tunnel (UDP) group: datagrams whose destination
+/// connection ID starts with `tag` go to the socket at index `tagged`,
+/// everything else to `rest`.
 ///
 /// For UDP the program sees the UDP payload at offset 0, i.e. the QUIC packet.
 /// - Short header (`byte0 & 0x80 == 0`): the destination connection ID starts
@@ -76,29 +77,34 @@ const fn jump(code: u16, k: u32, jt: u8, jf: u8) -> sock_filter {
 /// - Long header: the DCID length is at offset 5 and the DCID at offset 6.
 ///   Initial packets of *new* connections carry a DCID the client chose;
 ///   nodemesh clients start it with a byte that is never a tag
-///   ([`crate::tunnel::cid::INITIAL_DCID_FIRST_BYTE`]), so they go to the
-///   successor. Initial packets answering a dial of the predecessor carry the
-///   predecessor's own (tagged) CID and reach it, so it can still dial.
-/// - Too short to hold the byte looked at, or a zero-length DCID: successor
-///   (such a datagram is not a packet of an existing connection of ours).
+///   ([`crate::tunnel::cid::INITIAL_DCID_FIRST_BYTE`]), so they go to `rest`.
+///   Initial packets answering a dial of the tag's owner carry its own
+///   (tagged) CID and reach it, so it can still dial.
+/// - Too short to hold the byte looked at, or a zero-length DCID: `rest`
+///   (such a datagram is not a packet of a connection of ours).
 ///
-/// Returns [`PREDECESSOR`] when `DCID[0] == predecessor_tag`, else [`SUCCESSOR`].
-pub fn tunnel_program(predecessor_tag: u8) -> Vec<sock_filter> {
-    const RET_NEW: usize = 13;
+/// A successor uses it twice: while it starts, `tunnel_program(own tag,
+/// SUCCESSOR, PREDECESSOR)` (new connections still reach the predecessor,
+/// which is ready; only answers to the successor's own dials reach it);
+/// once ready, right before taking over, `tunnel_program(predecessor's tag,
+/// PREDECESSOR, SUCCESSOR)` (the predecessor keeps its connections, every
+/// new one comes to the successor).
+pub fn tunnel_program(tag: u8, tagged: u32, rest: u32) -> Vec<sock_filter> {
+    const RET_REST: usize = 13;
     const SHORT: usize = 10;
     const CMP: usize = 11;
     // Jump offsets are relative to the next instruction.
     let off = |from: usize, to: usize| -> u8 { (to - from - 1) as u8 };
     vec![
         /* 0 */ stmt(BPF_LD | BPF_W | BPF_LEN, 0),
-        /* 1 */ jump(BPF_JMP | BPF_JGE | BPF_K, 2, 0, off(1, RET_NEW)),
+        /* 1 */ jump(BPF_JMP | BPF_JGE | BPF_K, 2, 0, off(1, RET_REST)),
         /* 2 */ stmt(BPF_LD | BPF_B | BPF_ABS, 0),
         /* 3 */ jump(BPF_JMP | BPF_JSET | BPF_K, 0x80, 0, off(3, SHORT)),
         // Long header.
         /* 4 */ stmt(BPF_LD | BPF_W | BPF_LEN, 0),
-        /* 5 */ jump(BPF_JMP | BPF_JGE | BPF_K, 7, 0, off(5, RET_NEW)),
+        /* 5 */ jump(BPF_JMP | BPF_JGE | BPF_K, 7, 0, off(5, RET_REST)),
         /* 6 */ stmt(BPF_LD | BPF_B | BPF_ABS, 5),
-        /* 7 */ jump(BPF_JMP | BPF_JEQ | BPF_K, 0, off(7, RET_NEW), 0),
+        /* 7 */ jump(BPF_JMP | BPF_JEQ | BPF_K, 0, off(7, RET_REST), 0),
         /* 8 */ stmt(BPF_LD | BPF_B | BPF_ABS, 6),
         /* 9 */ stmt(BPF_JMP | BPF_JA, (CMP - 9 - 1) as u32),
         // Short header.
@@ -106,12 +112,12 @@ pub fn tunnel_program(predecessor_tag: u8) -> Vec<sock_filter> {
         /* 11 */
         jump(
             BPF_JMP | BPF_JEQ | BPF_K,
-            u32::from(predecessor_tag),
+            u32::from(tag),
             0,
-            off(CMP, RET_NEW),
+            off(CMP, RET_REST),
         ),
-        /* 12 */ stmt(BPF_RET | BPF_K, PREDECESSOR),
-        /* 13 */ stmt(BPF_RET | BPF_K, SUCCESSOR),
+        /* 12 */ stmt(BPF_RET | BPF_K, tagged),
+        /* 13 */ stmt(BPF_RET | BPF_K, rest),
     ]
 }
 
@@ -242,6 +248,11 @@ mod tests {
 
     const TAG: u8 = 0x5a;
 
+    /// The successor's final program: the predecessor (TAG) keeps its own.
+    fn taken_over() -> Vec<sock_filter> {
+        tunnel_program(TAG, PREDECESSOR, SUCCESSOR)
+    }
+
     fn short(dcid0: u8) -> Vec<u8> {
         let mut p = vec![0x40, dcid0];
         p.extend_from_slice(&[1, 2, 3, 4, 5, 6, 7, 0xaa, 0xbb, 0xcc]);
@@ -260,7 +271,7 @@ mod tests {
 
     #[test]
     fn short_header_packets_follow_the_first_dcid_byte() {
-        let prog = tunnel_program(TAG);
+        let prog = taken_over();
         assert_eq!(run(&prog, &short(TAG)), PREDECESSOR);
         assert_eq!(run(&prog, &short(TAG + 1)), SUCCESSOR);
         assert_eq!(run(&prog, &short(0)), SUCCESSOR);
@@ -273,7 +284,7 @@ mod tests {
 
     #[test]
     fn long_header_packets_follow_the_first_dcid_byte() {
-        let prog = tunnel_program(TAG);
+        let prog = taken_over();
         for kind in 0..4 {
             assert_eq!(
                 run(&prog, &long(kind, &[TAG, 1, 2, 3, 4, 5, 6, 7])),
@@ -289,19 +300,28 @@ mod tests {
     }
 
     #[test]
-    fn initials_of_new_nodemesh_clients_go_to_the_successor() {
+    fn new_connections_reach_the_predecessor_until_the_successor_is_ready() {
         let first = crate::tunnel::cid::INITIAL_DCID_FIRST_BYTE;
         for tag in 1..=u8::MAX {
-            let prog = tunnel_program(tag);
-            let mut dcid = vec![first];
-            dcid.extend_from_slice(&[tag; 19]);
-            assert_eq!(run(&prog, &long(0, &dcid)), SUCCESSOR, "tag {tag}");
+            let mut initial = vec![first];
+            initial.extend_from_slice(&[tag; 19]);
+            let initial = long(0, &initial);
+            // Starting: tagged with the successor's own tag → successor, rest → predecessor.
+            let joining = tunnel_program(tag, SUCCESSOR, PREDECESSOR);
+            assert_eq!(run(&joining, &initial), PREDECESSOR, "tag {tag}");
+            assert_eq!(run(&joining, &short(tag)), SUCCESSOR, "tag {tag}");
+            assert_eq!(run(&joining, &long(2, &[tag, 0, 0, 0])), SUCCESSOR);
+            assert_eq!(run(&joining, &short(tag ^ 0x80)), PREDECESSOR);
+            // Taken over: tagged with the predecessor's tag → predecessor, rest → successor.
+            let final_ = tunnel_program(tag, PREDECESSOR, SUCCESSOR);
+            assert_eq!(run(&final_, &initial), SUCCESSOR, "tag {tag}");
+            assert_eq!(run(&final_, &short(tag)), PREDECESSOR, "tag {tag}");
         }
     }
 
     #[test]
-    fn too_short_or_cid_less_packets_go_to_the_successor() {
-        let prog = tunnel_program(TAG);
+    fn too_short_or_cid_less_packets_go_to_the_rest() {
+        let prog = taken_over();
         assert_eq!(run(&prog, &[]), SUCCESSOR);
         assert_eq!(run(&prog, &[0x40]), SUCCESSOR);
         // Long header cut before DCID[0].
@@ -313,6 +333,10 @@ mod tests {
         // Exactly long enough.
         assert_eq!(run(&prog, &[0xc0, 0, 0, 0, 1, 1, TAG]), PREDECESSOR);
         assert_eq!(run(&prog, &[0x40, TAG]), PREDECESSOR);
+        // The other orientation sends them to its `rest`, the predecessor.
+        let joining = tunnel_program(TAG, SUCCESSOR, PREDECESSOR);
+        assert_eq!(run(&joining, &[]), PREDECESSOR);
+        assert_eq!(run(&joining, &[0xc0, 0, 0, 0, 1, 8]), PREDECESSOR);
     }
 
     #[test]
@@ -363,7 +387,7 @@ mod tests {
         let s = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP)).expect("socket");
         s.set_reuse_port(true).expect("reuseport");
         s.bind(&addr.into()).expect("bind");
-        attach(&s, &tunnel_program(TAG)).expect("attach tunnel program");
+        attach(&s, &taken_over()).expect("attach tunnel program");
         let t = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP)).expect("socket");
         t.set_reuse_port(true).expect("reuseport");
         t.bind(&"127.0.0.1:0".parse::<SocketAddr>().expect("addr").into())

@@ -8,14 +8,15 @@
 //!  ── hello{pid} ───────────────────────────►  /ready = 503 "successor starting"
 //!  ◄─────────────────── welcome{pid,cid_tag}
 //!  bind UDP tunnel (SO_REUSEPORT), attach the
-//!  steering program (O's tag → O, rest → N);
+//!  steering program (N's tag → N, rest → O);
 //!  wait for discovery; listeners in every
 //!  pod (SO_REUSEPORT, beside O's)
 //!  bind tmp socket, rename(2) over cni.sock
 //!  ── stop_cni ─────────────────────────────►  stop accepting on cni.sock, serve
 //!  ◄───────────────────────────── cni_stopped  what is queued, finish requests
 //!  re-read state_dir (pods O registered
-//!  meanwhile); wait until ready; bind admin
+//!  meanwhile); wait until ready; bind admin;
+//!  switch the program (O's tag → O, rest → N)
 //!  ── take_over ────────────────────────────►  streams on O's tunnels: `unavailable`
 //!                                              `draining` (peers retry on a new
 //!                                              tunnel → N); in-pod and admin

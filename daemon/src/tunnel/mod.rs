@@ -10,7 +10,8 @@
 //! this endpoint issues starts with its tag ([`cid`]): during a hand-over the
 //! successor binds beside its predecessor and attaches a steering program
 //! (`reuseport::tunnel_program`) so each datagram reaches the process that
-//! owns its connection. A peer answering `unavailable`/`draining` on a
+//! owns its connection; new connections reach the predecessor until the
+//! successor is ready ([`Tunnels::steer_new_connections_here`]). A peer answering `unavailable`/`draining` on a
 //! pooled connection gets it retired ([`Tunnels::retire`]): streams in
 //! flight finish there, new ones go on a new connection.
 //!
@@ -101,6 +102,9 @@ pub struct Tunnels {
     client: RwLock<quinn::ClientConfig>,
     peers: DashMap<String, Slot>,
     handshake_timeout: Duration,
+    /// Bound beside a predecessor: a handle on the UDP socket and the
+    /// predecessor's tag, until [`Tunnels::steer_new_connections_here`].
+    pending_steering: std::sync::Mutex<Option<(std::net::UdpSocket, Tag)>>,
 }
 
 /// The transport settings both sides use (DESIGN §10).
@@ -154,19 +158,30 @@ impl Tunnels {
 
         let socket = udp_socket(addr, cfg.udp_buffer)
             .map_err(|source| TunnelError::Bind { addr, source })?;
-        if let Some(predecessor) = steering.predecessor {
-            // From here on the kernel gives the predecessor's datagrams to
-            // it and everything else to this socket. Until this call (a few
-            // microseconds after bind) it hashed: a predecessor datagram that
-            // landed here meanwhile is dropped (its CID is unknown here, and
-            // a stateless reset from this endpoint would not carry the
-            // predecessor's token) and retransmitted by the peer.
-            crate::reuseport::attach(
-                &socket,
-                &crate::reuseport::tunnel_program(predecessor.get()),
-            )
-            .map_err(|source| TunnelError::Bind { addr, source })?;
-        }
+        let pending_steering = match steering.predecessor {
+            Some(predecessor) => {
+                // While this daemon starts, only answers to its own dials
+                // reach it; the predecessor keeps everything else, new
+                // connections included. Until this call (a few microseconds
+                // after bind) the kernel hashed: a predecessor datagram that
+                // landed here meanwhile is dropped (its CID is unknown here,
+                // and a stateless reset from this endpoint would not carry the
+                // predecessor's token) and retransmitted by the peer.
+                let joining = crate::reuseport::tunnel_program(
+                    steering.tag.get(),
+                    crate::reuseport::SUCCESSOR,
+                    crate::reuseport::PREDECESSOR,
+                );
+                crate::reuseport::attach(&socket, &joining)
+                    .map_err(|source| TunnelError::Bind { addr, source })?;
+                // A handle on the socket for the switch at the take-over.
+                let handle = socket
+                    .try_clone()
+                    .map_err(|source| TunnelError::Bind { addr, source })?;
+                Some((handle, predecessor))
+            }
+            None => None,
+        };
         let runtime = quinn::default_runtime().ok_or_else(|| TunnelError::Bind {
             addr,
             source: std::io::Error::other("no async runtime"),
@@ -182,7 +197,29 @@ impl Tunnels {
             client: RwLock::new(client),
             peers: DashMap::new(),
             handshake_timeout: Duration::from_millis(cfg.handshake_timeout_ms),
+            pending_steering: std::sync::Mutex::new(pending_steering),
         })
+    }
+
+    /// When this endpoint was bound beside a predecessor: from now on new
+    /// connections come here, and only the predecessor's own packets (its
+    /// CID tag) go to it. Call once ready, right before the take-over (or
+    /// when the predecessor is gone). Does nothing otherwise, or twice.
+    pub fn steer_new_connections_here(&self) -> std::io::Result<()> {
+        let pending = match self.pending_steering.lock() {
+            Ok(mut g) => g.take(),
+            Err(poisoned) => poisoned.into_inner().take(),
+        };
+        let Some((socket, predecessor)) = pending else {
+            return Ok(());
+        };
+        let program = crate::reuseport::tunnel_program(
+            predecessor.get(),
+            crate::reuseport::PREDECESSOR,
+            crate::reuseport::SUCCESSOR,
+        );
+        // `socket` (a second handle on the endpoint's socket) closes here.
+        crate::reuseport::attach(&socket, &program)
     }
 
     /// Installs new TLS configurations: `server_tls` for handshakes the
