@@ -237,6 +237,30 @@ impl DaemonProcess {
     /// Waits until `/ready` answers 200; fails with the log's tail if the
     /// daemon exits or `timeout` passes.
     pub fn wait_ready(&mut self, timeout: Duration) -> Result<(), LabError> {
+        self.wait_for("/ready", timeout, |r| r.status == 200)
+    }
+
+    /// Waits until this very process answers the node's admin address as
+    /// the daemon serving alone: `/config_dump` reports its pid with
+    /// hand-over phase `serving` (after a start beside a predecessor: once
+    /// it has taken over). Fails like [`DaemonProcess::wait_ready`].
+    pub fn wait_serving(&mut self, timeout: Duration) -> Result<(), LabError> {
+        let pid = self.pid();
+        self.wait_for("/config_dump", timeout, move |r| {
+            r.status == 200
+                && serde_json::from_str::<serde_json::Value>(&r.body).is_ok_and(|v| {
+                    v["handover"]["pid"] == pid && v["handover"]["phase"] == "serving"
+                })
+        })
+    }
+
+    /// Polls `path` on the admin address until `done` accepts an answer.
+    fn wait_for(
+        &mut self,
+        path: &str,
+        timeout: Duration,
+        done: impl Fn(&http::Response) -> bool,
+    ) -> Result<(), LabError> {
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(status) = self
@@ -251,13 +275,8 @@ impl DaemonProcess {
                     tail: log_tail(&self.paths.log, 20),
                 });
             }
-            if let Ok(r) = http::get(
-                &self.netns,
-                self.paths.admin,
-                "/ready",
-                Duration::from_secs(1),
-            ) {
-                if r.status == 200 {
+            if let Ok(r) = http::get(&self.netns, self.paths.admin, path, Duration::from_secs(1)) {
+                if done(&r) {
                     return Ok(());
                 }
             }

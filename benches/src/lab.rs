@@ -7,6 +7,9 @@
 //! removes a lab from its recorded state *and* anything left matching its
 //! prefix (namespaces, processes), so it also works when the state is missing
 //! or partial. [`leftovers`] lists what remains, for tests asserting cleanup.
+//! [`Lab::start_successor`] / [`Lab::stop_predecessor`] upgrade a node's
+//! daemon the way a DaemonSet rolling update does (a second process takes
+//! over, the first drains); teardown stops both.
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream};
@@ -350,6 +353,9 @@ pub fn service(
 pub struct Lab {
     state: LabState,
     daemons: BTreeMap<usize, DaemonProcess>,
+    /// Daemons a successor took over from (see [`Lab::start_successor`]),
+    /// still draining until [`Lab::stop_predecessor`].
+    predecessors: BTreeMap<usize, DaemonProcess>,
     nodemesh: Option<PathBuf>,
     detached: bool,
     /// Appended to the generated discovery model (extra nodes and pods,
@@ -420,6 +426,7 @@ impl Lab {
                 services: Vec::new(),
             },
             daemons: BTreeMap::new(),
+            predecessors: BTreeMap::new(),
             nodemesh,
             detached: false,
             discovery_extra: ClusterModel::default(),
@@ -915,6 +922,65 @@ impl Lab {
         Ok(status)
     }
 
+    /// Upgrades node `node`'s daemon the way a DaemonSet rolling update
+    /// does: starts a second daemon process with the same config beside the
+    /// running one, and waits until it has taken over (it answers the
+    /// node's admin address as the daemon serving). The old process keeps
+    /// draining its open connections until [`Lab::stop_predecessor`];
+    /// returns its pid.
+    pub fn start_successor(&mut self, node: usize) -> Result<u32, LabError> {
+        let idx = self.node_index(node)?;
+        let n = &self.state.nodes[idx];
+        let (Some(nodemesh), Some(paths)) = (self.nodemesh.clone(), n.daemon.clone()) else {
+            return Err(LabError::NoDaemon {
+                node: n.name.clone(),
+            });
+        };
+        if !self.daemons.contains_key(&node) || self.predecessors.contains_key(&node) {
+            return Err(LabError::BadOption {
+                option: "successor",
+                problem: format!(
+                    "node {} needs exactly one running daemon to take over from",
+                    n.name
+                ),
+            });
+        }
+        let mut successor = DaemonProcess::spawn(&nodemesh, &n.name, &n.netns, &paths)?;
+        if let Err(e) = successor.wait_serving(daemon::READY_TIMEOUT) {
+            let _ = successor.stop(daemon::STOP_TIMEOUT);
+            return Err(e);
+        }
+        let pid = successor.pid();
+        let old = self
+            .daemons
+            .insert(node, successor)
+            .ok_or_else(|| LabError::NoDaemon {
+                node: self.state.nodes[idx].name.clone(),
+            })?;
+        let old_pid = old.pid();
+        self.predecessors.insert(node, old);
+        self.state.nodes[idx].daemon_pid = Some(pid);
+        self.state.save()?;
+        Ok(old_pid)
+    }
+
+    /// Stops (SIGTERM, SIGKILL after `timeout`) the daemon node `node`'s
+    /// successor took over from, and returns its exit status.
+    pub fn stop_predecessor(
+        &mut self,
+        node: usize,
+        timeout: Duration,
+    ) -> Result<ExitStatus, LabError> {
+        let idx = self.node_index(node)?;
+        let process = self
+            .predecessors
+            .remove(&node)
+            .ok_or_else(|| LabError::NoDaemon {
+                node: format!("{} (predecessor)", self.state.nodes[idx].name),
+            })?;
+        process.stop(timeout)
+    }
+
     /// Rewrites node `node`'s daemon config through `edit` (takes effect at
     /// the next [`Lab::start_daemon`] / [`Lab::restart_daemon`]), e.g. to
     /// point it at certificates from another CA.
@@ -1003,6 +1069,9 @@ impl Lab {
         for (_, process) in std::mem::take(&mut self.daemons) {
             process.detach();
         }
+        for (_, process) in std::mem::take(&mut self.predecessors) {
+            process.detach();
+        }
         self.state.clone()
     }
 
@@ -1016,7 +1085,9 @@ impl Lab {
             return Vec::new();
         }
         self.detached = true;
-        let daemons = std::mem::take(&mut self.daemons);
+        let mut daemons: Vec<DaemonProcess> =
+            std::mem::take(&mut self.daemons).into_values().collect();
+        daemons.extend(std::mem::take(&mut self.predecessors).into_values());
         teardown(&self.state.prefix, Some(&self.state), daemons)
     }
 }
@@ -1112,20 +1183,16 @@ pub fn teardown_prefix(prefix: &str) -> Vec<String> {
         return vec![e.to_string()];
     }
     match LabState::load(prefix) {
-        Ok(state) => teardown(prefix, state.as_ref(), BTreeMap::new()),
+        Ok(state) => teardown(prefix, state.as_ref(), Vec::new()),
         Err(e) => {
             let mut problems = vec![e.to_string()];
-            problems.extend(teardown(prefix, None, BTreeMap::new()));
+            problems.extend(teardown(prefix, None, Vec::new()));
             problems
         }
     }
 }
 
-fn teardown(
-    prefix: &str,
-    state: Option<&LabState>,
-    daemons: BTreeMap<usize, DaemonProcess>,
-) -> Vec<String> {
+fn teardown(prefix: &str, state: Option<&LabState>, daemons: Vec<DaemonProcess>) -> Vec<String> {
     let mut problems = Vec::new();
     let dir = lab_dir(prefix);
     let dir_text = format!("{}/", dir.display());
@@ -1152,7 +1219,7 @@ fn teardown(
         }
     }
     // 2. Daemons: ours as children, others by recorded pid.
-    for (_, process) in daemons {
+    for process in daemons {
         if let Err(e) = process.stop(daemon::STOP_TIMEOUT) {
             problems.push(e.to_string());
         }

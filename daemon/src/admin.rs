@@ -4,10 +4,13 @@
 //! - `GET /metrics`: Prometheus text exposition.
 //! - `GET /healthz`: 200 while the process serves.
 //! - `GET /ready`: 200 `ready` once credentials, tunnel, CNI socket and the
-//!   first discovery sync are in place and the daemon is not draining;
-//!   otherwise 503 with one reason per line.
-//! - `GET /config_dump`: JSON of the node, its registered pods and tunnels
-//!   (each pooled connection: peer, who dialled it, state, open streams).
+//!   first discovery sync are in place and the daemon is not draining nor
+//!   handing over (`handover: successor starting (pid N)`); otherwise 503
+//!   with one reason per line.
+//! - `GET /config_dump`: JSON of the node, its registered pods, its tunnels
+//!   (each pooled connection: peer, who dialled it, state, open streams)
+//!   and its hand-over state (`handover`: `pid`, `cid_tag`, `phase`,
+//!   `peer_pid`).
 //!
 //! Owns [`Readiness`], the flags those conditions are read from.
 
@@ -26,6 +29,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
+use crate::handover;
 use crate::registry::Registry;
 use crate::tunnel::{TunnelInfo, Tunnels};
 
@@ -38,6 +42,8 @@ pub struct Readiness {
     draining: AtomicBool,
     discovery_error: Mutex<Option<String>>,
     credentials_error: Mutex<Option<String>>,
+    handover: Mutex<Option<String>>,
+    synced: tokio::sync::Notify,
 }
 
 impl Readiness {
@@ -52,6 +58,25 @@ impl Readiness {
     /// Discovery applied a first good model.
     pub fn mark_discovery_synced(&self) {
         self.discovery.store(true, Ordering::SeqCst);
+        self.synced.notify_waiters();
+    }
+    /// Resolves once discovery has synced once.
+    pub async fn discovery_synced_wait(&self) {
+        loop {
+            let notified = self.synced.notified();
+            if self.discovery_synced() {
+                return;
+            }
+            notified.await;
+        }
+    }
+    /// A hand-over makes this daemon unfit to be reported ready: a successor
+    /// is starting (its readiness probes land here too), or this daemon has
+    /// handed over. `None` clears it.
+    pub fn set_handover(&self, reason: Option<String>) {
+        if let Ok(mut g) = self.handover.lock() {
+            *g = reason;
+        }
     }
     /// Whether discovery has synced once.
     pub fn discovery_synced(&self) -> bool {
@@ -79,6 +104,11 @@ impl Readiness {
         let mut r = Vec::new();
         if self.draining.load(Ordering::SeqCst) {
             r.push("draining: the daemon is shutting down".to_owned());
+        }
+        if let Ok(g) = self.handover.lock() {
+            if let Some(reason) = g.as_ref() {
+                r.push(format!("handover: {reason}"));
+            }
         }
         if let Ok(g) = self.credentials_error.lock() {
             if let Some(e) = g.as_ref() {
@@ -115,36 +145,50 @@ pub struct AdminState {
     pub registry: Arc<Registry>,
     /// Tunnel pool, for `/config_dump`.
     pub tunnels: Arc<Tunnels>,
+    /// Hand-over state, for `/config_dump`.
+    pub handover: Arc<handover::Status>,
 }
 
-/// Serves the admin endpoints on `listener` until `shutdown`.
-pub async fn serve(listener: TcpListener, state: AdminState, shutdown: CancellationToken) {
+/// Serves the admin endpoints on `listener` until `shutdown`, or until
+/// `hand_off`: then new connections are steered to the successor's admin
+/// listener, this one lingers and closes (see `reuseport::hand_off`).
+pub async fn serve(
+    listener: TcpListener,
+    state: AdminState,
+    shutdown: CancellationToken,
+    hand_off: CancellationToken,
+) {
     loop {
         let accepted = tokio::select! {
-            _ = shutdown.cancelled() => break,
+            _ = shutdown.cancelled() => return,
+            _ = hand_off.cancelled() => break,
             a = listener.accept() => a,
         };
-        let (stream, peer) = match accepted {
-            Ok(a) => a,
-            Err(e) => {
-                warn!(error = %e, "admin accept failed");
-                continue;
-            }
-        };
-        let state = state.clone();
-        tokio::spawn(async move {
-            let svc = service_fn(move |req| {
-                let state = state.clone();
-                async move { Ok::<_, std::convert::Infallible>(route(&state, req)) }
-            });
-            if let Err(e) = http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), svc)
-                .await
-            {
-                debug!(%peer, error = %e, "admin connection error");
-            }
-        });
+        match accepted {
+            Ok((stream, peer)) => serve_connection(stream, peer, state.clone()),
+            Err(e) => warn!(error = %e, "admin accept failed"),
+        }
     }
+    crate::reuseport::hand_off(listener, handover::LISTENER_LINGER, |stream, peer| {
+        serve_connection(stream, peer, state.clone())
+    })
+    .await;
+    tracing::info!("admin listener handed over and closed");
+}
+
+fn serve_connection(stream: tokio::net::TcpStream, peer: SocketAddr, state: AdminState) {
+    tokio::spawn(async move {
+        let svc = service_fn(move |req| {
+            let state = state.clone();
+            async move { Ok::<_, std::convert::Infallible>(route(&state, req)) }
+        });
+        if let Err(e) = http1::Builder::new()
+            .serve_connection(TokioIo::new(stream), svc)
+            .await
+        {
+            debug!(%peer, error = %e, "admin connection error");
+        }
+    });
 }
 
 fn text(
@@ -187,7 +231,7 @@ fn route<B>(state: &AdminState, req: Request<B>) -> Response<Full<Bytes>> {
         }
         "/config_dump" => text(
             StatusCode::OK,
-            config_dump(&state.registry, &state.tunnels),
+            config_dump(&state.registry, &state.tunnels, &state.handover),
             "application/json",
         ),
         _ => text(
@@ -198,7 +242,7 @@ fn route<B>(state: &AdminState, req: Request<B>) -> Response<Full<Bytes>> {
     }
 }
 
-fn config_dump(registry: &Registry, tunnels: &Tunnels) -> String {
+fn config_dump(registry: &Registry, tunnels: &Tunnels, handover: &handover::Status) -> String {
     let snap = registry.snapshot();
     let (nodes, pod_ips) = snap.counts();
     let pods: Vec<serde_json::Value> = registry
@@ -219,6 +263,7 @@ fn config_dump(registry: &Registry, tunnels: &Tunnels) -> String {
         "discovery": {"generation": snap.generation, "nodes": nodes, "pod_ips": pod_ips},
         "local_pods": pods,
         "tunnels": tunnels_json(&tunnels.snapshot()),
+        "handover": handover.to_json(),
     })
     .to_string()
 }
@@ -241,9 +286,10 @@ fn tunnels_json(tunnels: &[TunnelInfo]) -> serde_json::Value {
         .collect()
 }
 
-/// Binds the admin listener.
-pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    TcpListener::bind(addr).await
+/// Binds the admin listener, with `SO_REUSEPORT` so that a successor daemon
+/// can bind beside this one during a hand-over.
+pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    crate::reuseport::tcp_listener(addr)
 }
 
 #[cfg(test)]

@@ -1,11 +1,17 @@
 //! The daemon's lifecycle: start every component, run until a signal, drain.
 //!
-//! Owns the start order (credentials → registry and discovery → tunnel →
-//! restored pods → CNI socket → admin → ready) and graceful shutdown: on
-//! SIGTERM or SIGINT the daemon becomes not-ready, stops accepting (pod
-//! listeners, CNI socket, new tunnel streams get `UNAVAILABLE`), waits for open
-//! connections up to `drain_timeout_ms`, closes its tunnels and returns.
-//! Registrations stay on disk, so a restarted daemon serves the same pods.
+//! Owns the start order (hand-over hello → credentials → registry and
+//! discovery → tunnel → restored pods → CNI socket → admin → take-over →
+//! hand-over socket) and graceful shutdown: on SIGTERM or SIGINT the daemon
+//! becomes not-ready, stops accepting (pod listeners, CNI socket, new tunnel
+//! streams get `UNAVAILABLE`/`draining`), waits for open connections up to
+//! `drain_timeout_ms`, closes its tunnels and returns. Registrations stay on
+//! disk, so a restarted daemon serves the same pods.
+//!
+//! When another daemon already runs on the node (a rolling upgrade), this one
+//! starts beside it and takes over without a refused connection; the steps
+//! and who does what are in `handover`. [`Node`] is what a hand-over acts on
+//! when this daemon is the one handing over.
 //!
 //! An expired node certificate does not stop the start: the daemon serves,
 //! reports itself not ready with the reason, and its peers refuse it until
@@ -16,14 +22,18 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use std::path::PathBuf;
+
 use metrics_exporter_prometheus::PrometheusHandle;
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::admin::{self, AdminState, Readiness};
-use crate::cni_server;
+use crate::cni_server::{self, CniServer};
 use crate::config::Config;
 use crate::discovery;
+use crate::handover::{self, Phase, PredecessorLink, SocketFile};
 use crate::identity::reload::{self, Reloader};
 use crate::identity::{self, KnownNodes};
 use crate::inbound;
@@ -31,7 +41,8 @@ use crate::netns::{NetnsWorker, SocketFactory};
 use crate::pods::PodManager;
 use crate::proxy::{ConnTracker, Proxy};
 use crate::registry::Registry;
-use crate::tunnel::Tunnels;
+use crate::tunnel::cid::Tag;
+use crate::tunnel::{Steering, Tunnels};
 
 /// Why the daemon could not start.
 #[derive(Debug, thiserror::Error)]
@@ -70,6 +81,72 @@ pub struct Daemon {
     ready: Arc<Readiness>,
     drain_timeout: Duration,
     stopped: CancellationToken,
+    node: Arc<Node>,
+    handover_file: SocketFile,
+}
+
+/// The parts of a running daemon a hand-over acts on, when this daemon is
+/// the predecessor.
+#[derive(Debug)]
+struct Node {
+    ready: Arc<Readiness>,
+    proxy: Arc<Proxy>,
+    pods: Arc<PodManager>,
+    cni: CniServer,
+    cni_socket: PathBuf,
+    admin_hand_off: CancellationToken,
+    admin: tokio::sync::Mutex<Option<JoinHandle<()>>>,
+}
+
+impl handover::Predecessor for Node {
+    async fn successor_starting(&self, pid: u32) {
+        self.ready
+            .set_handover(Some(format!("successor starting (pid {pid})")));
+    }
+
+    async fn stop_cni(&self) {
+        self.cni.stop().await;
+    }
+
+    async fn take_over(&self, successor: u32) {
+        self.ready
+            .set_handover(Some(format!("handed over to pid {successor}")));
+        // Peers move their new streams to a new tunnel, which reaches the
+        // successor (its steering program sends new connections there).
+        self.proxy.handed_over.cancel();
+        self.admin_hand_off.cancel();
+        let admin = self.admin.lock().await.take();
+        tokio::join!(self.pods.hand_off_listeners(), self.cni.stop(), async {
+            if let Some(task) = admin {
+                let _ = task.await;
+            }
+        });
+    }
+
+    async fn revert(&self, cni_stopped: bool) {
+        // The successor may also have renamed its socket over cni.sock and
+        // died before asking us to stop: then the path is dead too.
+        if cni_stopped || !self.cni.serves_the_path().await {
+            match cni_server::bind(&self.cni_socket) {
+                Ok((listener, file)) => {
+                    self.cni.start(listener, file).await;
+                    let (registered, forgotten) = self.pods.resync().await;
+                    info!(
+                        cni_socket = %self.cni_socket.display(),
+                        registered,
+                        forgotten,
+                        "hand-over reverted: serving the CNI socket again"
+                    );
+                }
+                Err(e) => warn!(
+                    cni_socket = %self.cni_socket.display(),
+                    error = %e,
+                    "hand-over reverted, but the CNI socket cannot be bound again"
+                ),
+            }
+        }
+        self.ready.set_handover(None);
+    }
 }
 
 impl Daemon {
@@ -78,6 +155,38 @@ impl Daemon {
         let ready = Arc::new(Readiness::default());
         let shutdown = CancellationToken::new();
         let stopped = CancellationToken::new();
+
+        // Another daemon on this node? Say so first: it reports not ready
+        // from now on, so readiness probes that reach it (hostNetwork: the
+        // same port) cannot mark this daemon's pod ready early.
+        let handover_path = config.handover_socket();
+        let mut predecessor = match handover::join(&handover_path).await {
+            Ok(Some(link)) => {
+                info!(
+                    predecessor.pid = link.pid,
+                    predecessor.cid_tag = link.tag.get(),
+                    socket = %handover_path.display(),
+                    "hand-over: predecessor found; starting beside it"
+                );
+                Some(link)
+            }
+            Ok(None) => None,
+            Err(e) => {
+                warn!(
+                    socket = %handover_path.display(),
+                    error = %e,
+                    "hand-over: the running daemon refused; starting alone"
+                );
+                handover::count_successor("refused");
+                None
+            }
+        };
+        let predecessor_tag = predecessor.as_ref().map(|p| p.tag);
+        let tag = Tag::random_except(predecessor_tag);
+        let status = Arc::new(handover::Status::new(std::process::id(), tag));
+        if let Some(p) = &predecessor {
+            status.set(Phase::Joining, Some(p.pid));
+        }
 
         let (tls_files, creds) =
             reload::load_initial(&config.tls, &config.trust_domain, &config.node_name)?;
@@ -115,6 +224,10 @@ impl Daemon {
             &config.tunnel,
             server_tls,
             client_tls,
+            Steering {
+                tag,
+                predecessor: predecessor_tag,
+            },
         )?);
         let tunnel_addr = tunnels
             .endpoint()
@@ -150,6 +263,7 @@ impl Daemon {
             connect_timeout: config.connect_timeout(),
             tracker: ConnTracker::default(),
             shutdown: shutdown.clone(),
+            handed_over: CancellationToken::new(),
         });
         tokio::spawn(inbound::serve_tunnels(proxy.clone()));
 
@@ -159,6 +273,12 @@ impl Daemon {
             config.ports.outbound,
             config.ports.inbound,
         ));
+        if predecessor.is_some() {
+            // Listeners made from here on share the pods' connections with the
+            // predecessor's at once: know the cluster before serving any.
+            info!("hand-over: waiting for the first discovery sync");
+            ready.discovery_synced_wait().await;
+        }
         let dequeued = pods.drain_cni_queue(&config.cni_queue_dir).await;
         if dequeued > 0 {
             info!(dequeued, "queued CNI unregisters delivered");
@@ -171,36 +291,53 @@ impl Daemon {
                 config.state_dir.display()
             );
         }
-        let cni = cni_server::bind(&config.cni_socket).map_err(io_err(format!(
-            "binding the CNI socket {}",
-            config.cni_socket.display()
-        )))?;
-        tokio::spawn(cni_server::serve(
-            cni,
-            pods,
-            ready.clone(),
-            shutdown.clone(),
-        ));
+        let cni = CniServer::new(pods.clone(), ready.clone(), shutdown.clone());
+        let (cni_listener, cni_file) = cni_server::bind(&config.cni_socket).map_err(io_err(
+            format!("binding the CNI socket {}", config.cni_socket.display()),
+        ))?;
+        cni.start(cni_listener, cni_file).await;
+        if let Some(link) = predecessor.as_mut() {
+            // The path is ours now; registrations the predecessor took until
+            // it stopped are in state_dir.
+            let pid = link.pid;
+            match link.stop_cni().await {
+                Ok(()) => {
+                    let (registered, forgotten) = pods.resync().await;
+                    info!(
+                        registered,
+                        forgotten,
+                        "hand-over: predecessor stopped serving CNI; registrations re-read"
+                    );
+                }
+                Err(e) => predecessor = lost(pid, &e),
+            }
+        }
         ready.mark_cni();
 
-        let admin_listener = admin::bind(config.admin_addr)
-            .await
-            .map_err(io_err(format!(
-                "binding the admin server on {}",
-                config.admin_addr
-            )))?;
+        if predecessor.is_some() {
+            // The admin listener is bound only once ready: every probe that
+            // reaches it from now on may see this daemon as it will serve.
+            wait_ready(&ready).await;
+        }
+        let admin_listener = admin::bind(config.admin_addr).map_err(io_err(format!(
+            "binding the admin server on {}",
+            config.admin_addr
+        )))?;
         let admin_addr = admin_listener
             .local_addr()
             .map_err(io_err("admin address"))?;
-        tokio::spawn(admin::serve(
+        let admin_hand_off = CancellationToken::new();
+        let admin_task = tokio::spawn(admin::serve(
             admin_listener,
             AdminState {
                 metrics: metrics.clone(),
                 ready: ready.clone(),
                 registry,
                 tunnels: proxy.tunnels.clone(),
+                handover: status.clone(),
             },
             stopped.clone(),
+            admin_hand_off.clone(),
         ));
         tokio::spawn({
             let stopped = stopped.clone();
@@ -213,6 +350,51 @@ impl Daemon {
                 }
             }
         });
+        let node = Arc::new(Node {
+            ready: ready.clone(),
+            proxy: proxy.clone(),
+            pods,
+            cni,
+            cni_socket: config.cni_socket.clone(),
+            admin_hand_off,
+            admin: tokio::sync::Mutex::new(Some(admin_task)),
+        });
+
+        // New tunnel connections come to this daemon from now on (it was
+        // bound beside a predecessor; nothing to do otherwise).
+        if let Err(e) = proxy.tunnels.steer_new_connections_here() {
+            warn!(error = %e, "hand-over: cannot steer new tunnel connections here; the kernel spreads them");
+        }
+        if let Some(link) = predecessor.take() {
+            let pid = link.pid;
+            status.set(Phase::TakingOver, Some(pid));
+            info!(predecessor.pid = pid, "hand-over: ready; taking over");
+            match link.take_over().await {
+                Ok(()) => {
+                    handover::count_successor("ok");
+                    info!(
+                        predecessor.pid = pid,
+                        "hand-over: complete; the predecessor drains its open connections"
+                    );
+                }
+                Err(e) => {
+                    lost(pid, &e);
+                }
+            }
+        }
+        status.set(Phase::Serving, None);
+        // Ready for the next upgrade: the successor will find us here.
+        let (handover_listener, handover_file) =
+            handover::bind_replacing(&handover_path).map_err(io_err(format!(
+                "binding the hand-over socket {}",
+                handover_path.display()
+            )))?;
+        tokio::spawn(handover::serve(
+            handover_listener,
+            node.clone(),
+            status,
+            stopped.clone(),
+        ));
 
         info!(
             node = %config.node_name,
@@ -229,6 +411,8 @@ impl Daemon {
             ready,
             drain_timeout: config.drain_timeout(),
             stopped,
+            node,
+            handover_file,
         })
     }
 
@@ -250,28 +434,78 @@ impl Daemon {
         let endpoint = self.proxy.tunnels.endpoint();
         endpoint.close(quinn::VarInt::from_u32(0), b"shutdown");
         let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
+        // Only our own socket files: a successor's renamed over them stay.
+        self.node.cni.remove_socket_file().await;
+        self.handover_file.remove_if_still_ours();
         self.stopped.cancel();
         info!("nodemesh stopped");
     }
 }
 
-/// Runs the daemon until SIGTERM or SIGINT, then drains and returns.
+/// The predecessor went away mid-hand-over (or broke the protocol): serve
+/// alone. Its sockets, if it still runs, are closed when it exits.
+fn lost(pid: u32, e: &handover::proto::ProtoError) -> Option<PredecessorLink> {
+    warn!(
+        predecessor.pid = pid,
+        error = %e,
+        "hand-over: predecessor lost; serving alone"
+    );
+    handover::count_successor("predecessor_lost");
+    None
+}
+
+/// Waits until nothing keeps the daemon from being ready, logging what it
+/// waits for now and then.
+async fn wait_ready(ready: &Readiness) {
+    let mut logged = tokio::time::Instant::now();
+    loop {
+        let reasons = ready.not_ready_reasons();
+        if reasons.is_empty() {
+            return;
+        }
+        if logged.elapsed() >= Duration::from_secs(10) {
+            info!(waiting_for = ?reasons, "hand-over: not ready to take over yet");
+            logged = tokio::time::Instant::now();
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Runs the daemon until SIGTERM or SIGINT, then drains and returns. A
+/// signal during the start (a successor may wait long to be ready) ends it
+/// at once; a predecessor it was talking to then serves on.
 pub async fn run(config: Config, metrics: PrometheusHandle) -> Result<(), StartError> {
-    let daemon = Daemon::start(config, metrics).await?;
-    wait_for_signal()
-        .await
-        .map_err(io_err("installing signal handlers"))?;
+    let mut signals = Signals::install().map_err(io_err("installing signal handlers"))?;
+    let daemon = tokio::select! {
+        d = Daemon::start(config, metrics) => d?,
+        () = signals.recv() => {
+            info!("stopping before the start completed");
+            return Ok(());
+        }
+    };
+    signals.recv().await;
     daemon.stop().await;
     Ok(())
 }
 
-async fn wait_for_signal() -> std::io::Result<()> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    tokio::select! {
-        _ = term.recv() => info!("SIGTERM received"),
-        _ = int.recv() => info!("SIGINT received"),
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> std::io::Result<Self> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Self {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+        })
     }
-    Ok(())
+
+    async fn recv(&mut self) {
+        tokio::select! {
+            _ = self.term.recv() => info!("SIGTERM received"),
+            _ = self.int.recv() => info!("SIGINT received"),
+        }
+    }
 }

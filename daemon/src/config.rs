@@ -418,6 +418,14 @@ impl Config {
         self.node_address.unwrap_or(IpAddr::from([0, 0, 0, 0]))
     }
 
+    /// The hand-over socket (zero-downtime upgrade, `handover`):
+    /// `handover.sock` in the directory of `cni_socket`. Not a setting of its
+    /// own: both daemons of a hand-over must agree on it, and they share the
+    /// run directory anyway.
+    pub fn handover_socket(&self) -> PathBuf {
+        crate::handover::socket_path(&self.cni_socket)
+    }
+
     /// Drain deadline.
     pub fn drain_timeout(&self) -> Duration {
         Duration::from_millis(self.drain_timeout_ms)

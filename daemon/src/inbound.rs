@@ -31,7 +31,7 @@ use crate::policy::{
     parse_workload_identity, verify_source, Client, Decision, LiveConn, LiveGuard, Peer,
     REASON_PLAINTEXT_REFUSED, REASON_POLICY_DENIED,
 };
-use crate::proxy::Proxy;
+use crate::proxy::{Proxy, REASON_DRAINING};
 use crate::relay::{self, reset_tcp};
 use crate::tunnel::header::{read_header, Status, StatusCode};
 use crate::tunnel::{reset_code, StreamGuard, Tunnel};
@@ -158,16 +158,12 @@ pub async fn handle_stream(
         tls: true,
         route: RouteLabel::Tunnel,
     };
-    if proxy.shutdown.is_cancelled() {
-        return answer(
-            &peer,
-            &edge,
-            send,
-            recv,
-            StatusCode::Unavailable,
-            "draining",
-        )
-        .await;
+    if proxy.is_draining() {
+        // Not a failed connection: L1 retries it on a new tunnel (counted
+        // only in `nodemesh_streams_rejected_total{status="unavailable"}`).
+        debug!("draining: stream refused, the peer retries on a new tunnel");
+        reject(&peer, StatusCode::Unavailable);
+        return write_status(send, recv, StatusCode::Unavailable, REASON_DRAINING).await;
     }
     // 1. The peer may speak only for its own pods, as who they run as.
     let snap = proxy.registry.snapshot();
@@ -415,13 +411,23 @@ fn reject(peer: &str, code: StatusCode) {
 async fn answer(
     peer: &str,
     edge: &Edge,
-    mut send: SendStream,
-    mut recv: RecvStream,
+    send: SendStream,
+    recv: RecvStream,
     code: StatusCode,
     reason: &'static str,
 ) {
     reject(peer, code);
     edge.failed(reason);
+    write_status(send, recv, code, reason).await;
+}
+
+/// Writes a refusal status, finishes, and stops the peer's side.
+async fn write_status(
+    mut send: SendStream,
+    mut recv: RecvStream,
+    code: StatusCode,
+    reason: &'static str,
+) {
     let mut buf = Vec::with_capacity(8 + reason.len());
     Status {
         code,

@@ -6,6 +6,8 @@
 //! the destination pod (L2, [`inbound`]). Pods are registered by the CNI plugin
 //! over [`cni_server`]; the cluster model comes from [`discovery`] into the
 //! [`registry`]. [`app`] wires it together; `main` is only argument parsing.
+//! A new daemon takes over from a running one without a refused connection
+//! ([`handover`], over `SO_REUSEPORT` groups steered by [`reuseport`]).
 
 pub mod admin;
 pub mod app;
@@ -14,6 +16,7 @@ pub mod cli;
 pub mod cni_server;
 pub mod config;
 pub mod discovery;
+pub mod handover;
 pub mod identity;
 pub mod inbound;
 pub mod metrics;
@@ -26,4 +29,5 @@ pub mod proxy;
 pub mod registry;
 pub mod relay;
 pub mod relay_splice;
+pub mod reuseport;
 pub mod tunnel;

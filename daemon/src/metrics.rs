@@ -59,6 +59,18 @@ pub const ENDPOINT_EJECTIONS: &str = "nodemesh_endpoint_ejections_total";
 /// failure; label `service`.
 pub const SERVICE_RETRIES: &str = "nodemesh_service_retries_total";
 
+/// Counter: daemon hand-overs (zero-downtime upgrades, see `handover`);
+/// labels `role` (`successor`: this daemon took over; `predecessor`: this
+/// daemon handed over) and `result` (`ok`; `refused`; `successor_lost`: the
+/// successor went away before taking over, the predecessor serves on;
+/// `predecessor_lost`: the predecessor went away mid-way, the successor
+/// serves alone).
+pub const HANDOVER: &str = "nodemesh_handover_total";
+/// Counter: tunnel connections a peer said are draining (`unavailable` /
+/// `draining` status): taken out of the pool and the stream retried on a new
+/// connection; label `peer`.
+pub const TUNNELS_RETIRED: &str = "nodemesh_tunnels_retired_total";
+
 /// Placeholder for an unknown namespace or workload.
 pub const UNKNOWN: &str = "unknown";
 

@@ -164,7 +164,10 @@ impl SocketFactory for CurrentNetns {
     }
 }
 
-/// Binds and listens on `addr` inside `ns`.
+/// Binds and listens on `addr` inside `ns`, with `SO_REUSEPORT` so that a
+/// successor daemon can listen beside this one during a hand-over (the pod's
+/// own processes cannot join the group unless they run as the daemon's user
+/// and set `SO_REUSEPORT` themselves).
 pub async fn listen_in(
     factory: &dyn SocketFactory,
     ns: &Netns,
@@ -172,6 +175,7 @@ pub async fn listen_in(
 ) -> io::Result<TcpListener> {
     let sock = factory.tcp_socket(ns, addr).await?;
     sock.set_reuse_address(true)?;
+    sock.set_reuse_port(true)?;
     if addr.is_ipv6() {
         // `[::]:p` must not also claim IPv4 `0.0.0.0:p`, which has its own listener.
         sock.set_only_v6(true)?;

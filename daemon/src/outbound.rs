@@ -18,11 +18,11 @@ use tracing::{debug, info_span, warn, Instrument};
 use crate::metrics::{self as m, Edge, Reporter, Route as RouteLabel};
 use crate::netns::{original_dst, set_nodelay};
 use crate::pods::LocalPod;
-use crate::proxy::{Proxy, Workload};
+use crate::proxy::{Proxy, Workload, REASON_DRAINING};
 use crate::registry::Route;
 use crate::relay::{self, reset_tcp, RelayError, RelayStats};
 use crate::tunnel::header::{read_status, StatusCode, StreamHeader};
-use crate::tunnel::{reset_code, StreamGuard};
+use crate::tunnel::{reset_code, Lease, StreamGuard};
 use crate::{inbound, policy};
 
 /// Serves one connection accepted on a pod's outbound listener.
@@ -135,6 +135,14 @@ impl Failure {
 }
 
 /// Opens a tunnel stream to `dst` on peer `node` and waits for L2's status.
+///
+/// When the pooled tunnel connection turns out to be going away — L2
+/// answers `unavailable` with reason `draining` (its daemon is shutting down
+/// or has handed over to a successor), or the connection is closed under
+/// the stream — that connection is retired and the stream is retried once on
+/// a new connection. Nothing of the client's was sent yet (L1 reads the
+/// client only after an `ok`), so the retry is invisible to it.
+///
 /// The guard counts the stream open on its tunnel: hold it until the relay ends.
 pub(crate) async fn open_stream(
     proxy: &Proxy,
@@ -144,15 +152,6 @@ pub(crate) async fn open_stream(
     node: &str,
     addr: SocketAddr,
 ) -> Result<(SendStream, RecvStream, StreamGuard), Failure> {
-    let lease = proxy
-        .tunnels
-        .connection(node, addr)
-        .await
-        .map_err(|e| Failure::retryable("tunnel_unavailable", e))?;
-    let (mut send, mut recv, stream) = lease
-        .open_bi()
-        .await
-        .map_err(|e| Failure::retryable("tunnel_unavailable", e))?;
     let header = StreamHeader {
         dst,
         src: client,
@@ -164,16 +163,61 @@ pub(crate) async fn open_stream(
     header
         .encode(&mut buf)
         .map_err(|e| Failure::fatal("bad_header", e))?;
-    send.write_all(&buf)
-        .await
-        .map_err(|e| Failure::retryable("tunnel_unavailable", e))?;
+    let mut retried = false;
+    loop {
+        let lease = proxy
+            .tunnels
+            .connection(node, addr)
+            .await
+            .map_err(|e| Failure::retryable("tunnel_unavailable", e))?;
+        let conn = lease.connection().clone();
+        match attempt(proxy, lease, &buf).await {
+            Attempt::Open(send, recv, guard) => return Ok((send, recv, guard)),
+            Attempt::GoingAway(why) if !retried => {
+                debug!(why, "tunnel going away; retrying the stream on a new one");
+                proxy.tunnels.retire(node, &conn);
+                retried = true;
+            }
+            Attempt::GoingAway(why) => {
+                return Err(Failure::retryable(
+                    "tunnel_unavailable",
+                    format_args!("{why}, twice"),
+                ))
+            }
+            Attempt::Failed(f) => return Err(f),
+        }
+    }
+}
+
+/// How one try at opening a stream went.
+enum Attempt {
+    /// L2 answered `ok`.
+    Open(SendStream, RecvStream, StreamGuard),
+    /// The connection takes no new streams; another one may.
+    GoingAway(&'static str),
+    /// Anything else.
+    Failed(Failure),
+}
+
+async fn attempt(proxy: &Proxy, lease: Lease, header: &[u8]) -> Attempt {
+    let (mut send, mut recv, guard) = match lease.open_bi().await {
+        Ok(s) => s,
+        Err(_) => return Attempt::GoingAway("tunnel connection closed"),
+    };
+    match send.write_all(header).await {
+        Ok(()) => {}
+        Err(quinn::WriteError::ConnectionLost(_)) => {
+            return Attempt::GoingAway("tunnel connection closed")
+        }
+        Err(e) => return Attempt::Failed(Failure::retryable("tunnel_unavailable", e)),
+    }
     let status = match tokio::time::timeout(proxy.connect_timeout * 2, read_status(&mut recv)).await
     {
         Ok(Ok(s)) => s,
-        Ok(Err(e)) => return Err(Failure::fatal("bad_status", e)),
+        Ok(Err(e)) => return Attempt::Failed(Failure::fatal("bad_status", e)),
         Err(_) => {
             let _ = send.reset(reset_code(StatusCode::Internal));
-            return Err(Failure::retryable(
+            return Attempt::Failed(Failure::retryable(
                 "status_timeout",
                 "no status from the peer in time",
             ));
@@ -184,14 +228,17 @@ pub(crate) async fn open_stream(
             .increment(1);
     }
     match status.code {
-        StatusCode::Ok => Ok((send, recv, stream)),
+        StatusCode::Ok => Attempt::Open(send, recv, guard),
+        StatusCode::Unavailable if status.reason == REASON_DRAINING => {
+            Attempt::GoingAway("peer is draining the tunnel")
+        }
         code @ (StatusCode::ConnectFailed | StatusCode::NoRoute | StatusCode::Unavailable) => {
-            Err(Failure::retryable(
+            Attempt::Failed(Failure::retryable(
                 code.as_str(),
                 format_args!("peer: {} {}", code.as_str(), status.reason),
             ))
         }
-        code => Err(Failure::fatal(
+        code => Attempt::Failed(Failure::fatal(
             code.as_str(),
             format_args!("peer: {} {}", code.as_str(), status.reason),
         )),

@@ -6,6 +6,10 @@
 //! and only then answers; `unregister` closes them and every connection of the
 //! pod. Registrations are written to `state_dir/<container_id>.json` so a
 //! restarted daemon re-creates the listeners without the CNI being called.
+//! Listeners use `SO_REUSEPORT`: during a hand-over the successor listens
+//! beside this daemon, which then hands them over
+//! ([`PodManager::hand_off_listeners`]); the successor picks up what this one
+//! registered meanwhile with [`PodManager::resync`].
 
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -13,16 +17,17 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use nodemesh_cni::proto::{PodRegistration, Request};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::field::Empty;
 use tracing::{debug, info, info_span, warn, Instrument};
 
 use crate::metrics as m;
 use crate::netns::{listen_in, Netns};
 use crate::proxy::Proxy;
-use crate::{inbound, outbound};
+use crate::{handover, inbound, outbound, reuseport};
 
 /// A pod registered on this node.
 #[derive(Debug)]
@@ -83,6 +88,11 @@ pub struct PodManager {
     inbound_port: u16,
     /// Serializes register/unregister so a pod's state is never half-applied.
     lock: Mutex<()>,
+    /// Cancelled when a successor daemon takes over: every listener is
+    /// handed to it and closed (open connections carry on).
+    hand_off: CancellationToken,
+    /// The accept loops, so a hand-off can wait for every listener to close.
+    listeners: TaskTracker,
 }
 
 impl PodManager {
@@ -94,7 +104,43 @@ impl PodManager {
             outbound_port,
             inbound_port,
             lock: Mutex::new(()),
+            hand_off: CancellationToken::new(),
+            listeners: TaskTracker::new(),
         }
+    }
+
+    /// Hands every pod's listeners to the successor daemon (which listens
+    /// beside them): new connections are steered to its sockets, these
+    /// linger briefly, serve what is queued, and close. Returns once all are
+    /// closed; registering is refused from then on. Open connections go on.
+    pub async fn hand_off_listeners(&self) {
+        let _g = self.lock.lock().await;
+        self.hand_off.cancel();
+        self.listeners.close();
+        self.listeners.wait().await;
+        info!(
+            pods = self.proxy.registry.local_count(),
+            "in-pod listeners handed over and closed"
+        );
+    }
+
+    /// Brings the registrations in line with `state_dir` after another
+    /// daemon served the CNI socket for a while (hand-over): registers what
+    /// is there and not here, forgets what is here and no longer there.
+    /// Returns (registered, forgotten).
+    pub async fn resync(&self) -> (usize, usize) {
+        let mut forgotten = 0;
+        for pod in self.proxy.registry.locals() {
+            if !self.state_path(&pod.container_id).exists()
+                && self.unregister(&pod.container_id).await
+            {
+                forgotten += 1;
+            }
+        }
+        let before = self.proxy.registry.local_count();
+        self.restore().await;
+        let registered = self.proxy.registry.local_count().saturating_sub(before);
+        (registered, forgotten)
     }
 
     /// Ports and mark the capture rules must use.
@@ -120,7 +166,7 @@ impl PodManager {
     pub async fn register(&self, reg: PodRegistration) -> Result<(), RegisterError> {
         validate(&reg)?;
         let _g = self.lock.lock().await;
-        if self.proxy.shutdown.is_cancelled() {
+        if self.proxy.shutdown.is_cancelled() || self.hand_off.is_cancelled() {
             return Err(RegisterError::ShuttingDown);
         }
         if let Some(existing) = self.proxy.registry.local(&reg.container_id) {
@@ -206,20 +252,17 @@ impl PodManager {
             cancel: CancellationToken::new(),
             registration: reg,
         });
-        for l in outs {
-            tokio::spawn(serve_listener(
+        let listeners = outs
+            .into_iter()
+            .map(|l| (l, Listener::Outbound))
+            .chain(ins.into_iter().map(|l| (l, Listener::Plaintext)));
+        for (l, kind) in listeners {
+            self.listeners.spawn(serve_listener(
                 self.proxy.clone(),
                 pod.clone(),
                 l,
-                Listener::Outbound,
-            ));
-        }
-        for l in ins {
-            tokio::spawn(serve_listener(
-                self.proxy.clone(),
-                pod.clone(),
-                l,
-                Listener::Plaintext,
+                kind,
+                self.hand_off.clone(),
             ));
         }
         self.proxy.registry.insert_local(pod.clone());
@@ -376,55 +419,72 @@ enum Listener {
 /// Accepts on one of a pod's listeners until the pod is unregistered or the
 /// daemon stops accepting. Each connection runs in its own task and span, and
 /// is closed when the pod is unregistered; a failed accept is logged and the
-/// loop goes on.
+/// loop goes on. On `hand_off` the listener is handed to the successor daemon
+/// (`reuseport::hand_off`) and closed.
 async fn serve_listener(
     proxy: Arc<Proxy>,
     pod: Arc<LocalPod>,
     listener: TcpListener,
     kind: Listener,
+    hand_off: CancellationToken,
 ) {
     loop {
         let accepted = tokio::select! {
-            _ = pod.cancel.cancelled() => break,
-            _ = proxy.shutdown.cancelled() => break,
+            _ = pod.cancel.cancelled() => return,
+            _ = proxy.shutdown.cancelled() => return,
+            _ = hand_off.cancelled() => break,
             a = listener.accept() => a,
         };
-        let (tcp, client) = match accepted {
-            Ok(a) => a,
+        match accepted {
+            Ok((tcp, client)) => spawn_connection(&proxy, &pod, tcp, client, kind),
             Err(e) => {
                 warn!(pod = %pod.name, listener = ?kind, error = %e, "accept failed");
                 // EMFILE and friends: give the system a moment rather than spin.
                 tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-                continue;
             }
-        };
-        let name = format_args!("{}/{}", pod.namespace, pod.name);
-        let span = match kind {
-            Listener::Outbound => {
-                info_span!("outbound", pod = %name, client.addr = %client, server.addr = Empty)
-            }
-            Listener::Plaintext => {
-                info_span!("inbound_plaintext", pod = %name, client.addr = %client, server.addr = Empty)
-            }
-        };
-        let (proxy, pod) = (proxy.clone(), pod.clone());
-        tokio::spawn(
-            async move {
-                let cancel = pod.cancel.clone();
-                let serve = async {
-                    match kind {
-                        Listener::Outbound => outbound::handle(&proxy, &pod, tcp, client).await,
-                        Listener::Plaintext => inbound::plaintext(&proxy, &pod, tcp, client).await,
-                    }
-                };
-                tokio::select! {
-                    _ = cancel.cancelled() => debug!("pod unregistered; connection closed"),
-                    _ = serve => {}
-                }
-            }
-            .instrument(span),
-        );
+        }
     }
+    reuseport::hand_off(listener, handover::LISTENER_LINGER, |tcp, client| {
+        spawn_connection(&proxy, &pod, tcp, client, kind)
+    })
+    .await;
+    debug!(pod = %pod.name, listener = ?kind, "listener handed over and closed");
+}
+
+/// Serves one accepted connection in its own task and span.
+fn spawn_connection(
+    proxy: &Arc<Proxy>,
+    pod: &Arc<LocalPod>,
+    tcp: TcpStream,
+    client: SocketAddr,
+    kind: Listener,
+) {
+    let name = format_args!("{}/{}", pod.namespace, pod.name);
+    let span = match kind {
+        Listener::Outbound => {
+            info_span!("outbound", pod = %name, client.addr = %client, server.addr = Empty)
+        }
+        Listener::Plaintext => {
+            info_span!("inbound_plaintext", pod = %name, client.addr = %client, server.addr = Empty)
+        }
+    };
+    let (proxy, pod) = (proxy.clone(), pod.clone());
+    tokio::spawn(
+        async move {
+            let cancel = pod.cancel.clone();
+            let serve = async {
+                match kind {
+                    Listener::Outbound => outbound::handle(&proxy, &pod, tcp, client).await,
+                    Listener::Plaintext => inbound::plaintext(&proxy, &pod, tcp, client).await,
+                }
+            };
+            tokio::select! {
+                _ = cancel.cancelled() => debug!("pod unregistered; connection closed"),
+                _ = serve => {}
+            }
+        }
+        .instrument(span),
+    );
 }
 
 /// Container ids become file names: keep them to a safe alphabet.

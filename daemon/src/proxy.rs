@@ -41,7 +41,16 @@ pub struct Proxy {
     pub tracker: ConnTracker,
     /// Cancelled when the daemon stops accepting.
     pub shutdown: CancellationToken,
+    /// Cancelled when a successor daemon has taken over (`handover`): new
+    /// tunnel streams are answered `unavailable`/`draining`, so peers move
+    /// to a new tunnel, which reaches the successor.
+    pub handed_over: CancellationToken,
 }
+
+/// The status reason telling L1 that this tunnel connection takes no new
+/// streams (the daemon is shutting down or handed over): L1 retires the
+/// connection and retries once on a new one (docs/protocol.md §3).
+pub const REASON_DRAINING: &str = "draining";
 
 /// Who a local pod is, for headers and metric labels.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -55,6 +64,11 @@ pub struct Workload {
 }
 
 impl Proxy {
+    /// Whether new tunnel streams must be refused with `draining`.
+    pub fn is_draining(&self) -> bool {
+        self.shutdown.is_cancelled() || self.handed_over.is_cancelled()
+    }
+
     /// The identity of a local pod: discovery's view of it when it has one
     /// (service account, workload labels), else what the CNI registered.
     pub fn workload_of(&self, pod: &LocalPod) -> Workload {

@@ -107,6 +107,16 @@ fn hand_written_seeds_are_valid_inputs() {
         decode_line::<Response>(&seed("cni_request", name)).expect(name);
     }
 
+    for name in [
+        "seed-hello",
+        "seed-welcome",
+        "seed-stop_cni",
+        "seed-take_over",
+        "seed-error_escapes",
+    ] {
+        nodemesh::handover::proto::decode(&seed("handover_message", name)).expect(name);
+    }
+
     for name in ["seed-add", "seed-gc"] {
         nodemesh_cni::config::NetConf::parse(&seed("cni_netconf", name))
             .unwrap_or_else(|e| panic!("{name}: {e:?}"));

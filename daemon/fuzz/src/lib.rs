@@ -8,6 +8,7 @@
 
 use std::path::Path;
 
+use nodemesh::handover::proto as handover;
 use nodemesh::tunnel::header::{Decoded, Status, StreamHeader};
 use nodemesh_cni::proto::{self, FrameError, Request, Response};
 
@@ -18,6 +19,7 @@ pub type Check = fn(&[u8]);
 pub const TARGETS: &[(&str, Check)] = &[
     ("stream_header", stream_header),
     ("cni_request", cni_request),
+    ("handover_message", handover_message),
     ("cni_netconf", cni_netconf),
     ("discovery_file", discovery_file),
     ("config_file", config_file),
@@ -72,6 +74,16 @@ pub fn cni_request(data: &[u8]) {
     }
     if let Ok(resp) = proto::decode_line::<Response>(data) {
         round_trip_line(&resp, data.len());
+    }
+}
+
+/// The hand-over socket's JSON-line messages (`nodemesh::handover::proto`):
+/// no panic, and a decoded message re-encodes to a line that decodes to
+/// itself (never longer than its source, which was within the limit).
+pub fn handover_message(data: &[u8]) {
+    if let Ok(msg) = handover::decode(data) {
+        let line = handover::encode(&msg).expect("a decoded hand-over message re-encodes");
+        assert_eq!(handover::decode(&line).expect("re-encoded decodes"), msg);
     }
 }
 

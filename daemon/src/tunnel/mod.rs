@@ -32,10 +32,20 @@
 //! The pieces of the pool (per-peer connection sets, the preference rule,
 //! stream guards) live in `pool`; the stream header codec in [`header`].
 //!
+//! The UDP socket is bound with `SO_REUSEPORT`, and every connection ID
+//! this endpoint issues starts with its tag ([`cid`]): during a hand-over the
+//! successor binds beside its predecessor and attaches a steering program
+//! (`reuseport::tunnel_program`) so each datagram reaches the process that
+//! owns its connection; new connections reach the predecessor until the
+//! successor is ready ([`Tunnels::steer_new_connections_here`]). A peer answering `unavailable`/`draining` on a
+//! pooled connection gets it retired ([`Tunnels::retire`]): streams in
+//! flight finish there, new ones go on a new connection.
+//!
 //! TLS configurations are swappable (certificate rotation, see
 //! `identity::reload`): [`Tunnels::set_tls`] installs new ones for new
 //! handshakes on both sides; open connections keep theirs.
 
+pub mod cid;
 pub mod header;
 mod pool;
 
@@ -52,6 +62,7 @@ use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use self::cid::{Tag, TaggedCids};
 use crate::config::TunnelConfig;
 use crate::identity::{is_shared, peer_node};
 use crate::metrics as m;
@@ -176,6 +187,9 @@ pub struct Tunnels {
     /// Incoming handshakes in flight, by source address; each token is
     /// cancelled when its handshake has ended (registered or failed).
     handshaking: Mutex<Vec<(SocketAddr, CancellationToken)>>,
+    /// Bound beside a predecessor: a handle on the UDP socket and the
+    /// predecessor's tag, until [`Tunnels::steer_new_connections_here`].
+    pending_steering: std::sync::Mutex<Option<(std::net::UdpSocket, Tag)>>,
 }
 
 /// The transport settings both sides use (DESIGN §10).
@@ -205,6 +219,16 @@ pub fn transport_config(cfg: &TunnelConfig) -> Result<TransportConfig, TunnelErr
     Ok(t)
 }
 
+/// Which connection IDs this endpoint issues, and whom the UDP port is shared with.
+#[derive(Debug, Clone, Copy)]
+pub struct Steering {
+    /// This endpoint's CID tag.
+    pub tag: Tag,
+    /// The predecessor's tag when binding beside it during a hand-over:
+    /// then the steering program is attached to the port's group.
+    pub predecessor: Option<Tag>,
+}
+
 impl Tunnels {
     /// Binds the endpoint on `addr` with the given TLS configurations, for
     /// node `local_node` (its name decides which of two simultaneously
@@ -215,17 +239,45 @@ impl Tunnels {
         cfg: &TunnelConfig,
         server_tls: rustls::ServerConfig,
         client_tls: rustls::ClientConfig,
+        steering: Steering,
     ) -> Result<Self, TunnelError> {
         let transport = Arc::new(transport_config(cfg)?);
         let (server, client) = quic_configs(&transport, server_tls, client_tls)?;
 
         let socket = udp_socket(addr, cfg.udp_buffer)
             .map_err(|source| TunnelError::Bind { addr, source })?;
+        let pending_steering = match steering.predecessor {
+            Some(predecessor) => {
+                // While this daemon starts, only answers to its own dials
+                // reach it; the predecessor keeps everything else, new
+                // connections included. Until this call (a few microseconds
+                // after bind) the kernel hashed: a predecessor datagram that
+                // landed here meanwhile is dropped (its CID is unknown here,
+                // and a stateless reset from this endpoint would not carry the
+                // predecessor's token) and retransmitted by the peer.
+                let joining = crate::reuseport::tunnel_program(
+                    steering.tag.get(),
+                    crate::reuseport::SUCCESSOR,
+                    crate::reuseport::PREDECESSOR,
+                );
+                crate::reuseport::attach(&socket, &joining)
+                    .map_err(|source| TunnelError::Bind { addr, source })?;
+                // A handle on the socket for the switch at the take-over.
+                let handle = socket
+                    .try_clone()
+                    .map_err(|source| TunnelError::Bind { addr, source })?;
+                Some((handle, predecessor))
+            }
+            None => None,
+        };
         let runtime = quinn::default_runtime().ok_or_else(|| TunnelError::Bind {
             addr,
             source: std::io::Error::other("no async runtime"),
         })?;
-        let endpoint = Endpoint::new(EndpointConfig::default(), Some(server), socket, runtime)
+        let mut endpoint_config = EndpointConfig::default();
+        let tag = steering.tag;
+        endpoint_config.cid_generator(move || Box::new(TaggedCids::new(tag)));
+        let endpoint = Endpoint::new(endpoint_config, Some(server), socket, runtime)
             .map_err(|source| TunnelError::Bind { addr, source })?;
         let (dialled_tx, dialled_rx) = mpsc::unbounded_channel();
         Ok(Self {
@@ -242,7 +294,29 @@ impl Tunnels {
             dialled_rx: Mutex::new(Some(dialled_rx)),
             changed: Arc::new(Notify::new()),
             handshaking: Mutex::new(Vec::new()),
+            pending_steering: std::sync::Mutex::new(pending_steering),
         })
+    }
+
+    /// When this endpoint was bound beside a predecessor: from now on new
+    /// connections come here, and only the predecessor's own packets (its
+    /// CID tag) go to it. Call once ready, right before the take-over (or
+    /// when the predecessor is gone). Does nothing otherwise, or twice.
+    pub fn steer_new_connections_here(&self) -> std::io::Result<()> {
+        let pending = match self.pending_steering.lock() {
+            Ok(mut g) => g.take(),
+            Err(poisoned) => poisoned.into_inner().take(),
+        };
+        let Some((socket, predecessor)) = pending else {
+            return Ok(());
+        };
+        let program = crate::reuseport::tunnel_program(
+            predecessor.get(),
+            crate::reuseport::PREDECESSOR,
+            crate::reuseport::SUCCESSOR,
+        );
+        // `socket` (a second handle on the endpoint's socket) closes here.
+        crate::reuseport::attach(&socket, &program)
     }
 
     /// Installs new TLS configurations: `server_tls` for handshakes the
@@ -470,6 +544,7 @@ impl Tunnels {
             streams: AtomicUsize::new(0),
             superseded: AtomicBool::new(false),
             closing: AtomicBool::new(false),
+            retired: AtomicBool::new(false),
         });
         {
             let mut conns = pool.lock();
@@ -498,6 +573,25 @@ impl Tunnels {
             entry,
             pool: pool.clone(),
         }
+    }
+
+    /// Stops using `conn` for new streams to `peer`: the peer said it is
+    /// draining (shutting down, or handed over to a successor). Streams open
+    /// on it carry on, and it is left for the peer to close; the next stream
+    /// to `peer` uses another connection, dialling one if there is none.
+    pub fn retire(&self, peer: &str, conn: &Connection) {
+        let Some(pool) = self.peers.get(peer).map(|p| p.value().clone()) else {
+            return;
+        };
+        let mut conns = pool.lock();
+        let id = conn.stable_id();
+        if let Some(e) = conns.iter().find(|e| e.conn.stable_id() == id) {
+            if !e.retired.swap(true, Ordering::SeqCst) {
+                metrics::counter!(m::TUNNELS_RETIRED, "peer" => peer.to_owned()).increment(1);
+                info!(peer, tunnel.id = id, remote.addr = %conn.remote_address(), "peer is draining this tunnel; new streams go on another one");
+            }
+        }
+        pool.settle(&mut conns);
     }
 
     /// Number of live pooled connections, both directions.
@@ -546,6 +640,8 @@ impl Tunnels {
                 }
                 let state = if e.closing.load(Ordering::SeqCst) {
                     "closing"
+                } else if e.retired.load(Ordering::SeqCst) {
+                    "retired"
                 } else if !e.usable() {
                     "peer_only"
                 } else if e.superseded.load(Ordering::SeqCst) {
@@ -597,6 +693,9 @@ fn quic_configs(
         QuicClientConfig::try_from(client_tls).map_err(|e| TunnelError::Tls(e.to_string()))?;
     let mut client = quinn::ClientConfig::new(Arc::new(client_crypto));
     client.transport_config(transport.clone());
+    // Never a tag: a new connection's Initials are told apart from the
+    // packets of connections a daemon owns (see `cid`).
+    client.initial_dst_cid_provider(cid::initial_dcid_provider());
     Ok((server, client))
 }
 
@@ -607,6 +706,8 @@ pub fn reset_code(code: header::StatusCode) -> VarInt {
 
 fn udp_socket(addr: SocketAddr, buffer: usize) -> std::io::Result<std::net::UdpSocket> {
     let sock = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    // A successor daemon binds beside this one during a hand-over.
+    sock.set_reuse_port(true)?;
     // Raise buffers past net.core.{r,w}mem_max when privileged (DESIGN §10:
     // quinn drops thousands of packets per second on small buffers).
     let fd = std::os::fd::AsFd::as_fd(&sock);
@@ -663,12 +764,17 @@ mod tests {
             udp_buffer: 1 << 20,
             ..TunnelConfig::default()
         };
+        let steering = Steering {
+            tag: Tag::random_except(None),
+            predecessor: None,
+        };
         Tunnels::bind(
             SocketAddr::from(([127, 0, 0, 1], 0)),
             node,
             &cfg,
             server,
             client,
+            steering,
         )
         .expect("bind")
     }
@@ -783,6 +889,10 @@ mod tests {
                 &cfg,
                 server,
                 client,
+                Steering {
+                    tag: Tag::random_except(None),
+                    predecessor: None,
+                },
             )
             .expect("bind"),
         );

@@ -63,6 +63,9 @@ pub(super) struct Entry {
     pub(super) superseded: AtomicBool,
     /// Closed (or being closed) as a duplicate.
     pub(super) closing: AtomicBool,
+    /// The peer answered a stream with `unavailable`/`draining` on it: no new
+    /// streams here; the peer closes it when its streams are done.
+    pub(super) retired: AtomicBool,
 }
 
 impl Entry {
@@ -72,7 +75,9 @@ impl Entry {
 
     /// Whether this node may open streams on it.
     pub(super) fn usable(&self) -> bool {
-        self.live() && (self.direction == Direction::Dialled || self.shared)
+        self.live()
+            && !self.retired.load(Ordering::SeqCst)
+            && (self.direction == Direction::Dialled || self.shared)
     }
 }
 
@@ -295,7 +300,8 @@ pub struct TunnelInfo {
     /// Streams open on it.
     pub open_streams: usize,
     /// `in_use` (new streams go here), `draining` (a duplicate: no new
-    /// streams, closed when drained), `closing`, or `peer_only` (a
+    /// streams, closed when drained), `closing`, `retired` (the peer is
+    /// draining it: no new streams, the peer closes it), or `peer_only` (a
     /// `nodemesh/1` connection the peer dialled: it carries only the peer's
     /// streams).
     pub state: &'static str,
