@@ -108,6 +108,16 @@ struct BenchArgs {
     /// Directory holding the `nodemesh` and `nodemesh-cni` binaries.
     #[arg(long, env = "NODEMESH_BIN_DIR")]
     bin_dir: Option<std::path::PathBuf>,
+    /// Data-path paths to measure (comma-separated: direct, stunnel,
+    /// nodemesh-cross, nodemesh-same; default all). For development runs:
+    /// the report then lacks the others.
+    #[arg(long, value_delimiter = ',')]
+    paths: Vec<String>,
+    /// Data-path figures to measure (comma-separated: bulk, latency,
+    /// new-conn, idle-mem; default all). The tuning variants always measure
+    /// bulk and latency.
+    #[arg(long, value_delimiter = ',')]
+    figures: Vec<String>,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -454,7 +464,17 @@ fn demo_run(opts: &LabOptions, mib: u64) -> Result<(), LabError> {
 }
 
 fn bench_run(prefix: &str, args: BenchArgs) -> Result<(), LabError> {
-    use nodemesh_lab::bench::{self, BenchOptions, Parts, Sizes};
+    use nodemesh_lab::bench::{self, BenchOptions, Parts, Selection, Sizes};
+    let only = Selection {
+        paths: args.paths,
+        figures: args.figures,
+    };
+    if let Some(bad) = only.unknown() {
+        return Err(LabError::BadOption {
+            option: "--paths/--figures",
+            problem: format!("unknown name {bad}"),
+        });
+    }
     let mut sizes = if args.quick {
         Sizes::quick()
     } else {
@@ -484,6 +504,7 @@ fn bench_run(prefix: &str, args: BenchArgs) -> Result<(), LabError> {
             .unwrap_or_else(|_| std::env::args().collect::<Vec<_>>().join(" ")),
         note: args.note,
         merge: args.merge,
+        only,
     };
     let start = Instant::now();
     let result = if args.report_only {

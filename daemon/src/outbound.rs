@@ -20,7 +20,9 @@ use crate::netns::{original_dst, set_nodelay};
 use crate::pods::LocalPod;
 use crate::proxy::{Proxy, Workload};
 use crate::registry::Route;
-use crate::relay::{self, reset_tcp, RelayError, RelayStats};
+use crate::relay::{
+    self, reset_tcp, PipelinedError, RelayError, RelayStats, StatusError, StatusRead,
+};
 use crate::tunnel::header::{read_status, StatusCode, StreamHeader};
 use crate::tunnel::reset_code;
 use crate::{inbound, policy};
@@ -86,6 +88,10 @@ pub(crate) async fn handle(proxy: &Proxy, pod: &LocalPod, tcp: TcpStream, client
     }
 }
 
+/// Tunnels a connection to a pod on another node, pipelined: the header
+/// goes out with whatever the client has already sent, the client's bytes
+/// keep flowing, and L2's status is read before any byte goes back to the
+/// client (a refusal resets the client, as when waiting for it first).
 #[allow(clippy::too_many_arguments)]
 async fn tunnel(
     proxy: &Proxy,
@@ -97,14 +103,71 @@ async fn tunnel(
     node: &str,
     addr: SocketAddr,
 ) {
-    let (send, recv) = match open_stream(proxy, src, client, dst, node, addr).await {
+    let (mut send, recv, mut first) = match open(proxy, src, client, dst, node, addr).await {
         Ok(s) => s,
         Err(f) => return fail(edge, tcp, f.reason, &f.error),
     };
-    let counters = edge.opened();
+    let header_len = first.len();
+    // Coalesce the header with the client's first bytes: one stream write,
+    // so one packet for a small request rather than two.
+    if let Err(e) = read_ready(&tcp, &mut first) {
+        let _ = send.reset(reset_code(StatusCode::Internal));
+        return fail(edge, tcp, "client_reset", &e);
+    }
+    if let Err(e) = send.write_all(&first).await {
+        return fail(edge, tcp, "tunnel_unavailable", &e);
+    }
+    let early = (first.len() - header_len) as u64;
+    drop(first);
+    let counters = edge.counters();
     let started = Instant::now();
-    let res = relay::tcp_quic(tcp, send, recv, counters.src_to_dst, counters.dst_to_src).await;
-    finish(edge, started, res);
+    let res = relay::tcp_quic_pipelined(
+        tcp,
+        send,
+        recv,
+        early,
+        counters.src_to_dst,
+        counters.dst_to_src,
+        proxy.connect_timeout * 2,
+        |status| {
+            let code = match &status {
+                Ok(s) => reset_code(s.code),
+                Err(_) => reset_code(StatusCode::Internal),
+            };
+            admit(status).map_err(|f| (f, code))?;
+            edge.count_opened();
+            Ok(())
+        },
+    )
+    .await;
+    match res {
+        Ok(stats) => finish(edge, started, Ok(stats)),
+        Err(PipelinedError::Relay(e)) => finish(edge, started, Err(e)),
+        Err(PipelinedError::Refused(f)) => {
+            warn!(reason = f.reason, error = %f.error, "connection refused by the peer; client reset");
+            edge.failed(f.reason);
+        }
+    }
+}
+
+/// Appends to `buf`, without waiting, what the client has already sent (up
+/// to the buffer's spare capacity). EOF and "nothing yet" append nothing:
+/// the relay sees them next. Errors are the client's (a reset).
+fn read_ready(tcp: &TcpStream, buf: &mut Vec<u8>) -> std::io::Result<()> {
+    let len = buf.len();
+    buf.resize(buf.capacity(), 0);
+    let res = tcp.try_read(&mut buf[len..]);
+    match res {
+        Ok(n) => {
+            buf.truncate(len + n);
+            Ok(())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+            buf.truncate(len);
+            Ok(())
+        }
+        Err(e) => Err(e),
+    }
 }
 
 /// Why connecting to an endpoint failed.
@@ -134,21 +197,25 @@ impl Failure {
     }
 }
 
-/// Opens a tunnel stream to `dst` on peer `node` and waits for L2's status.
-pub(crate) async fn open_stream(
+/// Bytes of client data the first stream write may carry after the header.
+const FIRST_WRITE: usize = 4096;
+
+/// Opens a tunnel stream to `dst` on peer `node` and encodes its header,
+/// not yet written, in a buffer with [`FIRST_WRITE`] spare bytes.
+async fn open(
     proxy: &Proxy,
     src: &Workload,
     client: SocketAddr,
     dst: SocketAddr,
     node: &str,
     addr: SocketAddr,
-) -> Result<(SendStream, RecvStream), Failure> {
+) -> Result<(SendStream, RecvStream, Vec<u8>), Failure> {
     let conn = proxy
         .tunnels
         .connection(node, addr)
         .await
         .map_err(|e| Failure::retryable("tunnel_unavailable", e))?;
-    let (mut send, mut recv) = conn
+    let (send, recv) = conn
         .open_bi()
         .await
         .map_err(|e| Failure::retryable("tunnel_unavailable", e))?;
@@ -159,31 +226,54 @@ pub(crate) async fn open_stream(
         flags: 0,
         trace_id: None,
     };
-    let mut buf = Vec::with_capacity(128);
+    let mut buf = Vec::with_capacity(header.encoded_len() + FIRST_WRITE);
     header
         .encode(&mut buf)
         .map_err(|e| Failure::fatal("bad_header", e))?;
-    send.write_all(&buf)
+    Ok((send, recv, buf))
+}
+
+/// Opens a tunnel stream to `dst` on peer `node`, writes the header and
+/// waits for L2's status before returning (the service path, which may
+/// retry another endpoint on a refusal, so sends nothing before it).
+pub(crate) async fn open_stream(
+    proxy: &Proxy,
+    src: &Workload,
+    client: SocketAddr,
+    dst: SocketAddr,
+    node: &str,
+    addr: SocketAddr,
+) -> Result<(SendStream, RecvStream), Failure> {
+    let (mut send, mut recv, header) = open(proxy, src, client, dst, node, addr).await?;
+    send.write_all(&header)
         .await
         .map_err(|e| Failure::retryable("tunnel_unavailable", e))?;
-    let status = match tokio::time::timeout(proxy.connect_timeout * 2, read_status(&mut recv)).await
-    {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => return Err(Failure::fatal("bad_status", e)),
-        Err(_) => {
-            let _ = send.reset(reset_code(StatusCode::Internal));
-            return Err(Failure::retryable(
-                "status_timeout",
-                "no status from the peer in time",
-            ));
-        }
+    let timeout = proxy.connect_timeout * 2;
+    let status = match tokio::time::timeout(timeout, read_status(&mut recv)).await {
+        Ok(Ok(s)) => Ok(s),
+        Ok(Err(e)) => Err(StatusError::Malformed(e)),
+        Err(_) => Err(StatusError::Timeout(timeout)),
+    };
+    if let Err(StatusError::Timeout(_)) = status {
+        let _ = send.reset(reset_code(StatusCode::Internal));
+    }
+    admit(status).map(|()| (send, recv))
+}
+
+/// L2's answer to a header, as L1 acts on it: OK admits; anything else is
+/// the failure to report (a `DENIED` is counted in `nodemesh_denied_total`).
+fn admit(status: StatusRead) -> Result<(), Failure> {
+    let status = match status {
+        Ok(s) => s,
+        Err(e @ StatusError::Malformed(_)) => return Err(Failure::fatal("bad_status", e)),
+        Err(e @ StatusError::Timeout(_)) => return Err(Failure::retryable("status_timeout", e)),
     };
     if status.code == StatusCode::Denied {
         metrics::counter!(m::DENIED, "reporter" => "source", "reason" => policy::reason_label(&status.reason))
             .increment(1);
     }
     match status.code {
-        StatusCode::Ok => Ok((send, recv)),
+        StatusCode::Ok => Ok(()),
         code @ (StatusCode::ConnectFailed | StatusCode::NoRoute | StatusCode::Unavailable) => {
             Err(Failure::retryable(
                 code.as_str(),

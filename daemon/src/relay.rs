@@ -24,13 +24,15 @@
 //! Setting `TCP_NODELAY` is the caller's job.
 
 use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use metrics::Counter;
 use quinn::VarInt;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::tunnel::header::StatusCode;
+use crate::tunnel::header::{read_status, HeaderError, Status, StatusCode};
 
 /// Bytes of the buffer each relay direction owns for the life of the
 /// connection (64 KiB: one TCP receive-window's worth of reads per syscall on
@@ -167,6 +169,52 @@ fn write_error(e: quinn::WriteError) -> RelayError {
     }
 }
 
+/// Counts the bytes of one relay direction into a [`Counter`], holding them
+/// back while a pipelined stream's status is not known yet (so a refused
+/// stream's early bytes are never counted as relayed).
+#[derive(Debug)]
+struct Tally<'a> {
+    counter: &'a Counter,
+    /// Bytes held back; [`Tally::RELEASED`] once they go straight to the counter.
+    held: AtomicU64,
+}
+
+impl<'a> Tally<'a> {
+    const RELEASED: u64 = u64::MAX;
+
+    /// Counts straight away.
+    fn open(counter: &'a Counter) -> Self {
+        Self {
+            counter,
+            held: AtomicU64::new(Self::RELEASED),
+        }
+    }
+
+    /// Holds bytes back until [`Tally::release`], starting with `n`.
+    fn held(counter: &'a Counter, n: u64) -> Self {
+        Self {
+            counter,
+            held: AtomicU64::new(n),
+        }
+    }
+
+    fn add(&self, n: u64) {
+        // One task owns both directions: no concurrent updates, so Relaxed
+        // load-then-store is enough.
+        match self.held.load(Ordering::Relaxed) {
+            Self::RELEASED => self.counter.increment(n),
+            h => self.held.store(h + n, Ordering::Relaxed),
+        }
+    }
+
+    fn release(&self) {
+        let h = self.held.swap(Self::RELEASED, Ordering::Relaxed);
+        if h != Self::RELEASED && h > 0 {
+            self.counter.increment(h);
+        }
+    }
+}
+
 fn relay_buffer() -> Box<[u8]> {
     vec![0u8; RELAY_BUFFER_SIZE].into_boxed_slice()
 }
@@ -183,10 +231,11 @@ pub async fn tcp_quic(
     tcp_to_quic: Counter,
     quic_to_tcp: Counter,
 ) -> Result<RelayStats, RelayError> {
+    let tally = Tally::open(&tcp_to_quic);
     let result = {
         let (mut tcp_r, mut tcp_w) = tcp.split();
         tokio::try_join!(
-            tcp_to_stream(&mut tcp_r, &mut send, &tcp_to_quic),
+            tcp_to_stream(&mut tcp_r, &mut send, &tally),
             stream_to_tcp(&mut recv, &mut tcp_w, &quic_to_tcp),
         )
     };
@@ -205,11 +254,124 @@ pub async fn tcp_quic(
     }
 }
 
+/// L2's status as [`tcp_quic_pipelined`] read it: the status, or why there
+/// is none.
+pub type StatusRead = Result<Status, StatusError>;
+
+/// Why no usable status arrived on a pipelined stream.
+#[derive(Debug, thiserror::Error)]
+pub enum StatusError {
+    /// The status could not be read or decoded (including the stream or
+    /// tunnel closing before it was complete).
+    #[error("malformed or missing status from the peer: {0}")]
+    Malformed(#[source] HeaderError),
+    /// No status within the timeout.
+    #[error("no status from the peer within {0:?}")]
+    Timeout(Duration),
+}
+
+/// How a pipelined relay ([`tcp_quic_pipelined`]) ended abnormally.
+#[derive(Debug, thiserror::Error)]
+pub enum PipelinedError<E> {
+    /// `admit` refused the status: nothing from the stream reached the TCP
+    /// connection, which has been reset, and the stream reset and stopped.
+    #[error("stream refused")]
+    Refused(E),
+    /// The relay failed after the stream was admitted (see [`RelayError`]).
+    #[error(transparent)]
+    Relay(RelayError),
+}
+
+/// [`tcp_quic`] for L1 with the status pipelined: the stream header has been
+/// written (with the client's first bytes, if any), and the client's bytes
+/// flow to the stream at once, while the stream → TCP direction first reads
+/// L2's status (within `status_timeout`) and passes it to `admit`.
+///
+/// `admit` returning `Err((e, code))` refuses the stream: the TCP connection
+/// is reset, the stream reset and stopped with `code`, and
+/// [`PipelinedError::Refused`] returned. The status is always awaited before
+/// anything is decided, even if the client side fails first, so a refusal is
+/// reported as one. `early` is how many of the client's bytes the caller
+/// already wrote with the header; they and the bytes sent before the status
+/// are counted in `tcp_to_quic` (and the returned stats) only once the
+/// stream is admitted.
+#[allow(clippy::too_many_arguments)]
+pub async fn tcp_quic_pipelined<E>(
+    mut tcp: TcpStream,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+    early: u64,
+    tcp_to_quic: Counter,
+    quic_to_tcp: Counter,
+    status_timeout: Duration,
+    admit: impl FnOnce(StatusRead) -> Result<(), (E, VarInt)>,
+) -> Result<RelayStats, PipelinedError<E>> {
+    let tally = Tally::held(&tcp_to_quic, early);
+    let result = {
+        let (mut tcp_r, mut tcp_w) = tcp.split();
+        let up = tcp_to_stream(&mut tcp_r, &mut send, &tally);
+        tokio::pin!(up);
+        let mut up_done = None;
+        let status = {
+            let status = tokio::time::timeout(status_timeout, read_status(&mut recv));
+            tokio::pin!(status);
+            loop {
+                tokio::select! {
+                    biased;
+                    s = &mut status => break s,
+                    r = &mut up, if up_done.is_none() => up_done = Some(r),
+                }
+            }
+        };
+        let status = match status {
+            Ok(Ok(s)) => Ok(s),
+            Ok(Err(e)) => Err(StatusError::Malformed(e)),
+            Err(_) => Err(StatusError::Timeout(status_timeout)),
+        };
+        match admit(status) {
+            Err(refusal) => Err(refusal),
+            Ok(()) => {
+                tally.release();
+                Ok(match up_done {
+                    Some(Err(e)) => Err(e),
+                    Some(Ok(a_to_b)) => stream_to_tcp(&mut recv, &mut tcp_w, &quic_to_tcp)
+                        .await
+                        .map(|b_to_a| (a_to_b, b_to_a)),
+                    None => tokio::try_join!(
+                        &mut up,
+                        stream_to_tcp(&mut recv, &mut tcp_w, &quic_to_tcp)
+                    ),
+                })
+            }
+        }
+    };
+    match result {
+        Ok(Ok((a_to_b, b_to_a))) => Ok(RelayStats {
+            a_to_b: early + a_to_b,
+            b_to_a,
+        }),
+        Ok(Err(e)) => {
+            let code = e.stream_code();
+            let _ = send.reset(code);
+            let _ = recv.stop(code);
+            reset_tcp(tcp);
+            tracing::debug!(error = %e, code = code.into_inner(), "relay reset");
+            Err(PipelinedError::Relay(e))
+        }
+        Err((e, code)) => {
+            let _ = send.reset(code);
+            let _ = recv.stop(code);
+            reset_tcp(tcp);
+            Err(PipelinedError::Refused(e))
+        }
+    }
+}
+
 /// TCP → stream until TCP EOF, then finish the stream.
 async fn tcp_to_stream<R: AsyncRead + Unpin>(
     tcp: &mut R,
     send: &mut quinn::SendStream,
-    counter: &Counter,
+    tally: &Tally<'_>,
 ) -> Result<u64, RelayError> {
     let mut buf = relay_buffer();
     let mut total = 0u64;
@@ -222,7 +384,7 @@ async fn tcp_to_stream<R: AsyncRead + Unpin>(
             break;
         };
         send.write_all(chunk).await.map_err(write_error)?;
-        counter.increment(n as u64);
+        tally.add(n as u64);
         total += n as u64;
     }
     // Fails only if already finished or reset: nothing left to do then.
@@ -325,13 +487,14 @@ pub async fn tcp_quic_cancellable(
     cancel: &tokio_util::sync::CancellationToken,
     code: VarInt,
 ) -> Option<Result<RelayStats, RelayError>> {
+    let tally = Tally::open(&tcp_to_quic);
     let result = {
         let (mut tcp_r, mut tcp_w) = tcp.split();
         tokio::select! {
             _ = cancel.cancelled() => None,
             r = async {
                 tokio::try_join!(
-                    tcp_to_stream(&mut tcp_r, &mut send, &tcp_to_quic),
+                    tcp_to_stream(&mut tcp_r, &mut send, &tally),
                     stream_to_tcp(&mut recv, &mut tcp_w, &quic_to_tcp),
                 )
             } => Some(r),
@@ -889,6 +1052,134 @@ mod tests {
             assert!(matches!(e, RelayError::TunnelLost(_)), "{e:?}");
         })
         .await;
+    }
+
+    /// L1's pipelined relay with the test as L2: returns the client, the
+    /// relay, the L2 ends of the stream (header already read) and L1's
+    /// tcp→quic counter.
+    async fn pipelined(
+        quic: &QuicPair,
+    ) -> (
+        TcpStream,
+        JoinHandle<Result<RelayStats, PipelinedError<String>>>,
+        quinn::SendStream,
+        quinn::RecvStream,
+        Arc<TestCounter>,
+    ) {
+        let (client, l1_tcp) = tcp_pair().await;
+        let (mut send, recv) = quic.client.open_bi().await.expect("open stream");
+        let header = StreamHeader {
+            dst: loopback(),
+            src: client.local_addr().expect("client addr"),
+            src_identity: "spiffe://cluster.local/ns/default/sa/client".to_owned(),
+            flags: 0,
+            trace_id: None,
+        };
+        // The header goes out with 3 early bytes, as `outbound` coalesces them.
+        let mut first = Vec::new();
+        header.encode(&mut first).expect("encode");
+        first.extend_from_slice(b">> ");
+        send.write_all(&first).await.expect("header");
+        let (c1, v1) = counter();
+        let l1 = tokio::spawn(tcp_quic_pipelined(
+            l1_tcp,
+            send,
+            recv,
+            3,
+            c1,
+            Counter::noop(),
+            Duration::from_secs(30),
+            |status: StatusRead| match status {
+                Ok(s) if s.code == StatusCode::Ok => Ok(()),
+                Ok(s) => Err((s.code.as_str().to_owned(), VarInt::from_u32(s.code as u32))),
+                Err(e) => Err((e.to_string(), VarInt::from_u32(StatusCode::Internal as u32))),
+            },
+        ));
+        let (l2_send, mut l2_recv) = quic.server.accept_bi().await.expect("accept stream");
+        assert_eq!(read_header(&mut l2_recv).await.expect("header"), header);
+        let mut early = [0u8; 3];
+        l2_recv.read_exact(&mut early).await.expect("early bytes");
+        assert_eq!(&early, b">> ");
+        (client, l1, l2_send, l2_recv, v1)
+    }
+
+    #[tokio::test]
+    async fn pipelined_client_bytes_cross_before_the_status_and_count_once_admitted() {
+        within(async {
+            let quic = quic_pair().await;
+            let (mut client, l1, mut send, mut recv, sent) = pipelined(&quic).await;
+            client.write_all(b"hello").await.expect("write");
+            // L2 sees the request before it has answered.
+            let mut got = [0u8; 5];
+            recv.read_exact(&mut got).await.expect("early bytes");
+            assert_eq!(&got, b"hello");
+            assert_eq!(value(&sent), 0, "not counted before the status");
+
+            write_status(&mut send, &Status::new(StatusCode::Ok))
+                .await
+                .expect("status");
+            send.write_all(b"world").await.expect("reply");
+            send.finish().expect("finish");
+            let mut reply = [0u8; 5];
+            client.read_exact(&mut reply).await.expect("reply");
+            assert_eq!(&reply, b"world");
+            client.shutdown().await.expect("client fin");
+            let mut eof = [0u8; 1];
+            assert_eq!(client.read(&mut eof).await.expect("eof"), 0);
+            assert_eq!(recv.read_to_end(64).await.expect("fin"), b"");
+            let stats = l1.await.expect("task").expect("relay");
+            assert_eq!(
+                stats,
+                RelayStats {
+                    a_to_b: 3 + 5,
+                    b_to_a: 5
+                }
+            );
+            assert_eq!(value(&sent), 3 + 5);
+        })
+        .await;
+    }
+
+    #[tokio::test]
+    async fn pipelined_refusal_resets_the_client_and_relays_nothing_back() {
+        within(async {
+            let quic = quic_pair().await;
+            let (mut client, l1, mut send, mut recv, sent) = pipelined(&quic).await;
+            client.write_all(b"early").await.expect("write");
+            let mut got = [0u8; 5];
+            recv.read_exact(&mut got).await.expect("early bytes");
+            // L2 refuses as `inbound::answer` does; the bytes after the
+            // status must not reach the client.
+            let _ = recv.stop(VarInt::from_u32(StatusCode::Denied as u32));
+            let mut refusal = Vec::new();
+            Status {
+                code: StatusCode::Denied,
+                reason: "policy_denied".into(),
+            }
+            .encode(&mut refusal);
+            refusal.extend_from_slice(b"leak");
+            send.write_all(&refusal).await.expect("status");
+            send.finish().expect("finish");
+            assert_reset(&read_until_error(&mut client).await);
+            match l1.await.expect("task") {
+                Err(PipelinedError::Refused(reason)) => assert_eq!(reason, "denied"),
+                other => panic!("expected a refusal, got {other:?}"),
+            }
+            assert_eq!(value(&sent), 0, "a refused stream's bytes are not counted");
+        })
+        .await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn pipelined_without_a_status_times_out_and_resets_the_client() {
+        let quic = quic_pair().await;
+        let (mut client, l1, _send, _recv, _) = pipelined(&quic).await;
+        let res = l1.await.expect("task");
+        assert!(
+            matches!(&res, Err(PipelinedError::Refused(e)) if e.contains("no status")),
+            "{res:?}"
+        );
+        assert_reset(&read_until_error(&mut client).await);
     }
 
     /// client ─TCP─ tcp_tcp relay ─TCP─ server.
