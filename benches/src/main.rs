@@ -118,6 +118,14 @@ struct BenchArgs {
     /// bulk and latency.
     #[arg(long, value_delimiter = ',')]
     figures: Vec<String>,
+    /// MTU of every link of the benchmark labs, for all paths alike (direct,
+    /// stunnel and nodemesh), e.g. 9000 for jumbo frames. Default 1500.
+    #[arg(long)]
+    underlay_mtu: Option<u32>,
+    /// Tuning variants to run (comma-separated substrings of their names;
+    /// default all).
+    #[arg(long, value_delimiter = ',')]
+    variants: Vec<String>,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -138,6 +146,11 @@ struct Shape {
     /// (default: next to this program, or its parent directory).
     #[arg(long, env = "NODEMESH_BIN_DIR")]
     bin_dir: Option<std::path::PathBuf>,
+    /// MTU of every lab link (underlay, node uplinks, pod veths), e.g. 9000
+    /// for jumbo frames; the daemons' tunnel.max_udp_payload follows.
+    /// Default: the kernel's 1500.
+    #[arg(long)]
+    underlay_mtu: Option<u32>,
 }
 
 impl Shape {
@@ -149,6 +162,7 @@ impl Shape {
             mesh: !self.no_mesh,
             log_level: self.log_level.clone(),
             bin_dir: self.bin_dir.clone(),
+            underlay_mtu: self.underlay_mtu,
         }
     }
 }
@@ -505,6 +519,8 @@ fn bench_run(prefix: &str, args: BenchArgs) -> Result<(), LabError> {
         note: args.note,
         merge: args.merge,
         only,
+        underlay_mtu: args.underlay_mtu,
+        variants: args.variants,
     };
     let start = Instant::now();
     let result = if args.report_only {

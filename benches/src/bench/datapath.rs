@@ -362,6 +362,7 @@ fn lab_options(opts: &BenchOptions, suffix: &str, nodes: usize, pods: usize) -> 
     let mut o = LabOptions::new(format!("{}{suffix}", opts.prefix), nodes, pods);
     o.bin_dir = opts.bin_dir.clone();
     o.log_level = "warn".into();
+    o.underlay_mtu = opts.underlay_mtu;
     o
 }
 
@@ -474,7 +475,7 @@ fn run_mesh(
         paths.push(measure(&same, sizes, only, progress));
     }
     if opts.parts.tuning {
-        tuning = tune(lab, &cross, sizes, progress)?;
+        tuning = tune(lab, &cross, opts, progress)?;
     }
     Ok((paths, tuning))
 }
@@ -515,6 +516,30 @@ fn variants() -> Vec<Variant> {
             false,
         ),
         ("runtime: 4 worker threads", false, |c| c.worker_threads = 4, false),
+        (
+            "congestion: new_reno",
+            false,
+            |c| c.tunnel.congestion = nodemesh::config::Congestion::NewReno,
+            false,
+        ),
+        (
+            "congestion: bbr",
+            false,
+            |c| c.tunnel.congestion = nodemesh::config::Congestion::Bbr,
+            false,
+        ),
+        (
+            "max_udp_payload 1452 (no MTU raise on a jumbo underlay)",
+            false,
+            |c| c.tunnel.max_udp_payload = 1452,
+            false,
+        ),
+        (
+            "initial_mtu = max_udp_payload (no discovery ramp)",
+            false,
+            |c| c.tunnel.initial_mtu = c.tunnel.max_udp_payload,
+            false,
+        ),
         ("same node, tcp_relay: copy (64 KiB buffer, epoll)", true, |c| {
             c.tcp_relay = TcpRelay::Copy;
         }, true),
@@ -527,17 +552,27 @@ fn variants() -> Vec<Variant> {
 fn tune(
     mut lab: Lab,
     cross: &Target,
-    sizes: &Sizes,
+    opts: &BenchOptions,
     progress: &mut dyn FnMut(&str),
 ) -> Result<Vec<TuningResult>, BenchError> {
+    let sizes = &opts.sizes;
     let ticks = procfs::clock_ticks();
     let mut out = Vec::new();
-    for (variant, default, edit, same_node) in variants() {
+    let chosen = |name: &str| {
+        opts.variants.is_empty() || opts.variants.iter().any(|v| name.contains(v.as_str()))
+    };
+    for (variant, default, edit, same_node) in variants().into_iter().filter(|v| chosen(v.0)) {
         progress(&format!("tuning: {variant}"));
         let mut errors = Vec::new();
         for node in [1, 2] {
             lab.update_config(node, |c| {
                 c.tunnel = nodemesh::config::TunnelConfig::default();
+                if let Some(mtu) = opts.underlay_mtu {
+                    // As the lab sets it (IPv4 underlay).
+                    c.tunnel.max_udp_payload = u16::try_from(mtu.saturating_sub(28))
+                        .unwrap_or(65527)
+                        .min(65527);
+                }
                 c.tcp_relay = nodemesh::relay_splice::TcpRelay::default();
                 c.worker_threads = nodemesh::config::Config::default().worker_threads;
                 edit(c);

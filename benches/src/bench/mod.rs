@@ -137,6 +137,10 @@ pub struct BenchOptions {
     pub merge: bool,
     /// Which data-path paths and figures to measure (development runs).
     pub only: Selection,
+    /// MTU of every lab link, for all paths alike (`None`: 1500).
+    pub underlay_mtu: Option<u32>,
+    /// Tuning variants to run: substrings of their names (empty: all).
+    pub variants: Vec<String>,
 }
 
 /// A subset of the data-path figures, for short development runs

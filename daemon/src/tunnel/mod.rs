@@ -18,12 +18,15 @@ use std::time::Duration;
 
 use dashmap::DashMap;
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
-use quinn::{Connection, Endpoint, EndpointConfig, IdleTimeout, TransportConfig, VarInt};
+use quinn::{
+    congestion, Connection, Endpoint, EndpointConfig, IdleTimeout, MtuDiscoveryConfig,
+    TransportConfig, VarInt,
+};
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::sync::Mutex;
 use tracing::{debug, info, warn};
 
-use crate::config::TunnelConfig;
+use crate::config::{Congestion, TunnelConfig};
 use crate::metrics as m;
 
 /// Tunnel failures on the dialling side.
@@ -116,8 +119,30 @@ pub fn transport_config(cfg: &TunnelConfig) -> Result<TransportConfig, TunnelErr
                 }
             })?,
         ))
-        .enable_segmentation_offload(true);
+        .enable_segmentation_offload(true)
+        .initial_mtu(cfg.initial_mtu);
+    let mut mtu = MtuDiscoveryConfig::default();
+    mtu.upper_bound(cfg.max_udp_payload);
+    t.mtu_discovery_config(Some(mtu));
+    let factory: Arc<dyn congestion::ControllerFactory + Send + Sync> = match cfg.congestion {
+        Congestion::Cubic => Arc::new(congestion::CubicConfig::default()),
+        Congestion::NewReno => Arc::new(congestion::NewRenoConfig::default()),
+        Congestion::Bbr => Arc::new(congestion::BbrConfig::default()),
+    };
+    t.congestion_controller_factory(factory);
     Ok(t)
+}
+
+/// The endpoint settings (DESIGN §10: a larger MTU needs
+/// `max_udp_payload_size` raised too).
+pub fn endpoint_config(cfg: &TunnelConfig) -> Result<EndpointConfig, TunnelError> {
+    let mut e = EndpointConfig::default();
+    e.max_udp_payload_size(cfg.max_udp_payload)
+        .map_err(|err| TunnelError::Setting {
+            field: "tunnel.max_udp_payload",
+            problem: err.to_string(),
+        })?;
+    Ok(e)
 }
 
 impl Tunnels {
@@ -137,7 +162,7 @@ impl Tunnels {
             addr,
             source: std::io::Error::other("no async runtime"),
         })?;
-        let endpoint = Endpoint::new(EndpointConfig::default(), Some(server), socket, runtime)
+        let endpoint = Endpoint::new(endpoint_config(cfg)?, Some(server), socket, runtime)
             .map_err(|source| TunnelError::Bind { addr, source })?;
         Ok(Self {
             endpoint,
@@ -436,6 +461,24 @@ mod tests {
         tokio::time::timeout(deadline, run)
             .await
             .expect("bounded test");
+    }
+
+    #[test]
+    fn jumbo_payload_reaches_the_endpoint_and_every_congestion_controller_builds() {
+        use crate::config::Congestion;
+        let jumbo = TunnelConfig {
+            max_udp_payload: 8972,
+            ..TunnelConfig::default()
+        };
+        let e = endpoint_config(&jumbo).expect("endpoint config");
+        assert_eq!(e.get_max_udp_payload_size(), 8972);
+        for congestion in [Congestion::Cubic, Congestion::NewReno, Congestion::Bbr] {
+            transport_config(&TunnelConfig {
+                congestion,
+                ..jumbo.clone()
+            })
+            .expect("transport config");
+        }
     }
 
     #[test]
