@@ -44,6 +44,15 @@ pub fn bridge_plugin(subnet: &str, ipam_dir: &Path) -> Value {
     })
 }
 
+/// `plugin` (a `bridge` entry) with its `mtu` set, when one is given: the
+/// bridge plugin applies it to the pod's veth and the node's bridge.
+pub fn with_mtu(mut plugin: Value, mtu: Option<u32>) -> Value {
+    if let (Some(mtu), Some(obj)) = (mtu, plugin.as_object_mut()) {
+        obj.insert("mtu".into(), json!(mtu));
+    }
+    plugin
+}
+
 /// The `nodemesh-cni` entry.
 pub fn nodemesh_plugin(daemon_socket: &Path, log_file: &Path, state_dir: &Path) -> Value {
     json!({

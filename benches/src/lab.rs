@@ -100,6 +100,10 @@ pub struct LabOptions {
     /// Directory of the `nodemesh` and `nodemesh-cni` binaries; `None`:
     /// `NODEMESH_BIN_DIR`, else next to the running executable or its parent.
     pub bin_dir: Option<PathBuf>,
+    /// MTU of every link (underlay bridge, node uplinks, pod veths and the
+    /// pods' bridge), as jumbo frames in a datacenter; the daemons' tunnel
+    /// `max_udp_payload` follows (MTU - 28). `None`: the kernel default (1500).
+    pub underlay_mtu: Option<u32>,
 }
 
 impl LabOptions {
@@ -112,6 +116,7 @@ impl LabOptions {
             mesh: true,
             log_level: "info".into(),
             bin_dir: None,
+            underlay_mtu: None,
         }
     }
 
@@ -206,6 +211,9 @@ pub struct LabState {
     /// Services published in discovery (see [`Lab::set_services`]).
     #[serde(default)]
     pub services: Vec<Service>,
+    /// Link MTU ([`LabOptions::underlay_mtu`]).
+    #[serde(default)]
+    pub underlay_mtu: Option<u32>,
 }
 
 impl LabState {
@@ -424,6 +432,7 @@ impl Lab {
                 nodes: Vec::new(),
                 pods: Vec::new(),
                 services: Vec::new(),
+                underlay_mtu: opts.underlay_mtu,
             },
             daemons: BTreeMap::new(),
             predecessors: BTreeMap::new(),
@@ -458,6 +467,9 @@ impl Lab {
             check_interrupt()?;
             lab.add_node_state(i)?;
             topology::create_node(&prefix, i, n)?;
+            if let Some(mtu) = opts.underlay_mtu {
+                topology::set_node_mtu(&prefix, i, mtu)?;
+            }
         }
         if let Some(nodemesh) = lab.nodemesh.clone() {
             tick("writing certificates and discovery".into());
@@ -504,9 +516,9 @@ impl Lab {
         let prefix = &self.state.prefix;
         let node_dir = self.state.dir.join(topology::node_name(i));
         std::fs::create_dir_all(&node_dir).map_err(|e| LabError::io(&node_dir, e))?;
-        let mut plugins = vec![cni::bridge_plugin(
-            &topology::pod_cidr(i),
-            &node_dir.join("ipam"),
+        let mut plugins = vec![cni::with_mtu(
+            cni::bridge_plugin(&topology::pod_cidr(i), &node_dir.join("ipam")),
+            self.state.underlay_mtu,
         )];
         let daemon = if self.state.mesh {
             let paths = DaemonPaths {
@@ -640,7 +652,7 @@ impl Lab {
         if let Some(log_level) = log_level {
             std::fs::create_dir_all(&paths.state_dir)
                 .map_err(|e| LabError::io(&paths.state_dir, e))?;
-            let config = daemon::node_config(
+            let mut config = daemon::node_config(
                 &n.name,
                 IpAddr::V4(n.address),
                 &self.cert_dir(),
@@ -648,6 +660,12 @@ impl Lab {
                 &self.state.discovery_file(),
                 log_level,
             );
+            if let Some(mtu) = self.state.underlay_mtu {
+                // IPv4 underlay: 20 bytes of IP and 8 of UDP header.
+                config.tunnel.max_udp_payload = u16::try_from(mtu.saturating_sub(28))
+                    .unwrap_or(u16::MAX)
+                    .min(65527);
+            }
             daemon::write_config(&paths.config, &config)?;
         }
         let process = DaemonProcess::spawn(&nodemesh, &n.name, &n.netns, &paths)?;
@@ -775,9 +793,9 @@ impl Lab {
             + 1;
         self.node_index(node)?;
         let node_dir = self.state.dir.join(topology::node_name(node));
-        let conflist = cni::conflist(vec![cni::bridge_plugin(
-            &topology::pod_cidr(node),
-            &node_dir.join("ipam"),
+        let conflist = cni::conflist(vec![cni::with_mtu(
+            cni::bridge_plugin(&topology::pod_cidr(node), &node_dir.join("ipam")),
+            self.state.underlay_mtu,
         )]);
         let pod = self.create_pod_with(node, k, Some(conflist))?;
         if self.state.mesh {

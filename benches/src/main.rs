@@ -108,6 +108,24 @@ struct BenchArgs {
     /// Directory holding the `nodemesh` and `nodemesh-cni` binaries.
     #[arg(long, env = "NODEMESH_BIN_DIR")]
     bin_dir: Option<std::path::PathBuf>,
+    /// Data-path paths to measure (comma-separated: direct, stunnel,
+    /// nodemesh-cross, nodemesh-same; default all). For development runs:
+    /// the report then lacks the others.
+    #[arg(long, value_delimiter = ',')]
+    paths: Vec<String>,
+    /// Data-path figures to measure (comma-separated: bulk, latency,
+    /// new-conn, idle-mem; default all). The tuning variants always measure
+    /// bulk and latency.
+    #[arg(long, value_delimiter = ',')]
+    figures: Vec<String>,
+    /// MTU of every link of the benchmark labs, for all paths alike (direct,
+    /// stunnel and nodemesh), e.g. 9000 for jumbo frames. Default 1500.
+    #[arg(long)]
+    underlay_mtu: Option<u32>,
+    /// Tuning variants to run (comma-separated substrings of their names;
+    /// default all).
+    #[arg(long, value_delimiter = ',')]
+    variants: Vec<String>,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -128,6 +146,11 @@ struct Shape {
     /// (default: next to this program, or its parent directory).
     #[arg(long, env = "NODEMESH_BIN_DIR")]
     bin_dir: Option<std::path::PathBuf>,
+    /// MTU of every lab link (underlay, node uplinks, pod veths), e.g. 9000
+    /// for jumbo frames; the daemons' tunnel.max_udp_payload follows.
+    /// Default: the kernel's 1500.
+    #[arg(long)]
+    underlay_mtu: Option<u32>,
 }
 
 impl Shape {
@@ -139,6 +162,7 @@ impl Shape {
             mesh: !self.no_mesh,
             log_level: self.log_level.clone(),
             bin_dir: self.bin_dir.clone(),
+            underlay_mtu: self.underlay_mtu,
         }
     }
 }
@@ -460,7 +484,17 @@ fn demo_run(opts: &LabOptions, mib: u64) -> Result<(), LabError> {
 }
 
 fn bench_run(prefix: &str, args: BenchArgs) -> Result<(), LabError> {
-    use nodemesh_lab::bench::{self, BenchOptions, Parts, Sizes};
+    use nodemesh_lab::bench::{self, BenchOptions, Parts, Selection, Sizes};
+    let only = Selection {
+        paths: args.paths,
+        figures: args.figures,
+    };
+    if let Some(bad) = only.unknown() {
+        return Err(LabError::BadOption {
+            option: "--paths/--figures",
+            problem: format!("unknown name {bad}"),
+        });
+    }
     let mut sizes = if args.quick {
         Sizes::quick()
     } else {
@@ -490,6 +524,9 @@ fn bench_run(prefix: &str, args: BenchArgs) -> Result<(), LabError> {
             .unwrap_or_else(|_| std::env::args().collect::<Vec<_>>().join(" ")),
         note: args.note,
         merge: args.merge,
+        only,
+        underlay_mtu: args.underlay_mtu,
+        variants: args.variants,
     };
     let start = Instant::now();
     let result = if args.report_only {

@@ -108,6 +108,18 @@ pub fn create_underlay(prefix: &str) -> Result<(), LabError> {
     Ok(())
 }
 
+/// Sets the MTU of node `node`'s uplink, both ends, and of the underlay
+/// bridge (jumbo frames: `LabOptions::underlay_mtu`).
+pub fn set_node_mtu(prefix: &str, node: usize, mtu: u32) -> Result<(), LabError> {
+    let ul = underlay_netns(prefix);
+    let ns = node_netns(prefix, node);
+    let mtu = mtu.to_string();
+    ip(["-n", &ul, "link", "set", &node_name(node), "mtu", &mtu])?;
+    ip(["-n", &ul, "link", "set", UNDERLAY_BRIDGE, "mtu", &mtu])?;
+    ip(["-n", &ns, "link", "set", NODE_UPLINK, "mtu", &mtu])?;
+    Ok(())
+}
+
 /// Creates node `node` of `nodes`: namespace, uplink, address, forwarding, routes.
 pub fn create_node(prefix: &str, node: usize, nodes: usize) -> Result<(), LabError> {
     let ul = underlay_netns(prefix);

@@ -158,8 +158,19 @@ impl Edge {
 
     /// Counts the opening and returns the byte counters.
     pub fn opened(&self) -> EdgeCounters {
+        self.count_opened();
+        self.counters()
+    }
+
+    /// Counts the opening only (with [`Edge::counters`], for a connection
+    /// whose bytes may flow before it is known to be admitted).
+    pub fn count_opened(&self) {
+        metrics::counter!(CONNECTIONS_OPENED, self.labels().iter()).increment(1);
+    }
+
+    /// The byte counters, without counting an opening.
+    pub fn counters(&self) -> EdgeCounters {
         let labels = self.labels();
-        metrics::counter!(CONNECTIONS_OPENED, labels.iter()).increment(1);
         let mut l = labels.clone();
         l.push(Label::new("direction", "src_to_dst"));
         let src_to_dst = metrics::counter!(TCP_BYTES, l.iter());

@@ -7,6 +7,13 @@
 //! `socket(2)` (bind, listen, connect, IO) happens on ordinary tokio tasks.
 //! Tokio worker threads never change namespace.
 //!
+//! The hop to the worker thread (two cross-thread wake-ups) is off the
+//! connect path once a namespace has been used: each [`Netns`] keeps up to
+//! [`SPARE_SOCKETS`] spare sockets per address family, made ahead by the
+//! worker; taking one asks for a replacement without waiting for it. Spares
+//! live as long as the `Netns` handle (the pod), so they never keep a
+//! departed pod's namespace alive.
+//!
 //! Also owns the small socket helpers the data path needs (original
 //! destination, marks, `TCP_NODELAY`), so no other module calls socket2.
 
@@ -26,11 +33,56 @@ use socket2::{Domain, Protocol, SockRef, Socket, Type};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::oneshot;
 
-/// An open handle on a network namespace (an `nsfs` file).
+/// Spare sockets a [`Netns`] keeps per address family (made ahead by the
+/// [`NetnsWorker`], so a connect does not wait for the thread hop). Two: a
+/// replacement is on its way while the second serves the next connect.
+pub const SPARE_SOCKETS: usize = 2;
+
+/// An open handle on a network namespace (an `nsfs` file), with its spare
+/// sockets.
 #[derive(Debug, Clone)]
 pub struct Netns {
     path: PathBuf,
     file: Option<Arc<File>>,
+    spares: Arc<Spares>,
+}
+
+/// Sockets made ahead in one namespace, by address family.
+#[derive(Debug, Default)]
+struct Spares {
+    v4: std::sync::Mutex<Vec<Socket>>,
+    v6: std::sync::Mutex<Vec<Socket>>,
+}
+
+impl Spares {
+    fn of(&self, domain: Domain) -> &std::sync::Mutex<Vec<Socket>> {
+        if domain == Domain::IPV6 {
+            &self.v6
+        } else {
+            &self.v4
+        }
+    }
+
+    /// A spare socket of `domain` and how many are left, if there is one.
+    fn take(&self, domain: Domain) -> (Option<Socket>, usize) {
+        let mut v = match self.of(domain).lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        let s = v.pop();
+        (s, v.len())
+    }
+
+    /// Keeps `sock` unless there are enough spares already.
+    fn put(&self, domain: Domain, sock: Socket) {
+        let mut v = match self.of(domain).lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        if v.len() < SPARE_SOCKETS {
+            v.push(sock);
+        }
+    }
 }
 
 impl Netns {
@@ -40,6 +92,7 @@ impl Netns {
         Ok(Self {
             path: path.to_owned(),
             file: Some(Arc::new(file)),
+            spares: Arc::default(),
         })
     }
 
@@ -48,6 +101,7 @@ impl Netns {
         Self {
             path: PathBuf::from("/proc/self/ns/net"),
             file: None,
+            spares: Arc::default(),
         }
     }
 
@@ -69,7 +123,13 @@ pub type SocketFuture = Pin<Box<dyn Future<Output = io::Result<Socket>> + Send +
 struct Job {
     ns: Netns,
     domain: Domain,
-    reply: oneshot::Sender<io::Result<Socket>>,
+    /// Where the socket goes: to a waiting caller, or to the namespace's spares.
+    reply: Reply,
+}
+
+enum Reply {
+    Caller(oneshot::Sender<io::Result<Socket>>),
+    Spare,
 }
 
 /// Production [`SocketFactory`]: a dedicated thread that enters namespaces.
@@ -96,7 +156,18 @@ impl NetnsWorker {
                 while let Ok(job) = rx.recv() {
                     let res = enter(&job.ns, &mut current)
                         .and_then(|()| Socket::new(job.domain, Type::STREAM, Some(Protocol::TCP)));
-                    let _ = job.reply.send(res);
+                    match job.reply {
+                        Reply::Caller(tx) => {
+                            let _ = tx.send(res);
+                        }
+                        Reply::Spare => {
+                            // A failed spare is not an error: the next
+                            // connect asks again and sees it.
+                            if let Ok(sock) = res.and_then(prepare) {
+                                job.ns.spares.put(job.domain, sock);
+                            }
+                        }
+                    }
                 }
             })?;
         Ok(Self { tx })
@@ -129,22 +200,46 @@ impl SocketFactory for NetnsWorker {
         if ns.file.is_none() {
             return Box::pin(async move { new_socket(domain) });
         }
+        let (spare, left) = ns.spares.take(domain);
+        let refill = |n: usize| {
+            for _ in 0..n {
+                let _ = self.tx.send(Job {
+                    ns: ns.clone(),
+                    domain,
+                    reply: Reply::Spare,
+                });
+            }
+        };
+        if let Some(sock) = spare {
+            // Replace the one taken, in the background.
+            refill(usize::from(left < SPARE_SOCKETS));
+            return Box::pin(std::future::ready(Ok(sock)));
+        }
         let (reply, rx) = oneshot::channel();
         let sent = self.tx.send(Job {
             ns: ns.clone(),
             domain,
-            reply,
+            reply: Reply::Caller(reply),
         });
+        // None in stock (first use, or a burst): the full stock, made after
+        // the caller's socket (the worker is FIFO); spares beyond the stock
+        // are closed on arrival.
+        refill(SPARE_SOCKETS);
         Box::pin(async move {
             sent.map_err(|_| io::Error::other("netns worker thread has stopped"))?;
             let sock = rx
                 .await
                 .map_err(|_| io::Error::other("netns worker thread has stopped"))??;
-            sock.set_nonblocking(true)?;
-            sock.set_cloexec(true)?;
-            Ok(sock)
+            prepare(sock)
         })
     }
+}
+
+/// Non-blocking and close-on-exec, as tokio needs it.
+fn prepare(sock: Socket) -> io::Result<Socket> {
+    sock.set_nonblocking(true)?;
+    sock.set_cloexec(true)?;
+    Ok(sock)
 }
 
 fn new_socket(domain: Domain) -> io::Result<Socket> {

@@ -86,6 +86,12 @@ pub(crate) async fn handle(proxy: &Proxy, pod: &LocalPod, tcp: TcpStream, client
     }
 }
 
+/// Tunnels a connection to a pod on another node. The header goes out in
+/// one stream write with whatever the client has already sent (at most
+/// [`FIRST_WRITE`] bytes, typically its whole request), so a small request
+/// reaches L2 in the header's packet: no round trip is spent on the status
+/// before it. Further client bytes wait for L2's `ok`, so the first write is
+/// all there is to replay when the stream is retried on a new tunnel.
 #[allow(clippy::too_many_arguments)]
 async fn tunnel(
     proxy: &Proxy,
@@ -97,14 +103,42 @@ async fn tunnel(
     node: &str,
     addr: SocketAddr,
 ) {
-    let (send, recv, _stream) = match open_stream(proxy, src, client, dst, node, addr).await {
+    let opened = open_stream_with(proxy, src, client, dst, node, addr, Some(&tcp)).await;
+    let (send, recv, _stream, early) = match opened {
         Ok(s) => s,
         Err(f) => return fail(edge, tcp, f.reason, &f.error),
     };
     let counters = edge.opened();
+    counters.src_to_dst.increment(early);
     let started = Instant::now();
     let res = relay::tcp_quic(tcp, send, recv, counters.src_to_dst, counters.dst_to_src).await;
     finish(edge, started, res);
+}
+
+/// Appends to `buf`, without waiting, what the client has already sent (up
+/// to the buffer's spare capacity). EOF and "nothing yet" append nothing:
+/// the relay sees them next. Errors are the client's (a reset).
+fn read_ready(tcp: &TcpStream, buf: &mut Vec<u8>) -> std::io::Result<()> {
+    let len = buf.len();
+    if len == buf.capacity() {
+        return Ok(());
+    }
+    buf.resize(buf.capacity(), 0);
+    let res = tcp.try_read(&mut buf[len..]);
+    match res {
+        Ok(n) => {
+            buf.truncate(len + n);
+            Ok(())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+            buf.truncate(len);
+            Ok(())
+        }
+        Err(e) => {
+            buf.truncate(len);
+            Err(e)
+        }
+    }
 }
 
 /// Why connecting to an endpoint failed.
@@ -140,8 +174,9 @@ impl Failure {
 /// answers `unavailable` with reason `draining` (its daemon is shutting down
 /// or has handed over to a successor), or the connection is closed under
 /// the stream — that connection is retired and the stream is retried once on
-/// a new connection. Nothing of the client's was sent yet (L1 reads the
-/// client only after an `ok`), so the retry is invisible to it.
+/// a new connection. Of the client's bytes only the first write went out
+/// before the status (see [`open_stream_with`]); the retry sends it again, so
+/// it is invisible to the client.
 ///
 /// The guard counts the stream open on its tunnel: hold it until the relay ends.
 pub(crate) async fn open_stream(
@@ -152,6 +187,27 @@ pub(crate) async fn open_stream(
     node: &str,
     addr: SocketAddr,
 ) -> Result<(SendStream, RecvStream, StreamGuard), Failure> {
+    open_stream_with(proxy, src, client, dst, node, addr, None)
+        .await
+        .map(|(send, recv, guard, _)| (send, recv, guard))
+}
+
+/// Bytes of client data the first stream write may carry after the header.
+const FIRST_WRITE: usize = 4096;
+
+/// [`open_stream`], with the header's write also carrying what `first_from`
+/// (the client) has already sent, up to [`FIRST_WRITE`] bytes; returns how
+/// many client bytes went out that way (sent again on a retry).
+#[allow(clippy::too_many_arguments)]
+async fn open_stream_with(
+    proxy: &Proxy,
+    src: &Workload,
+    client: SocketAddr,
+    dst: SocketAddr,
+    node: &str,
+    addr: SocketAddr,
+    first_from: Option<&TcpStream>,
+) -> Result<(SendStream, RecvStream, StreamGuard, u64), Failure> {
     let header = StreamHeader {
         dst,
         src: client,
@@ -159,10 +215,12 @@ pub(crate) async fn open_stream(
         flags: 0,
         trace_id: None,
     };
-    let mut buf = Vec::with_capacity(128);
+    let spare = if first_from.is_some() { FIRST_WRITE } else { 0 };
+    let mut buf = Vec::with_capacity(header.encoded_len() + spare);
     header
         .encode(&mut buf)
         .map_err(|e| Failure::fatal("bad_header", e))?;
+    let header_len = buf.len();
     let mut retried = false;
     loop {
         let lease = proxy
@@ -171,8 +229,10 @@ pub(crate) async fn open_stream(
             .await
             .map_err(|e| Failure::retryable("tunnel_unavailable", e))?;
         let conn = lease.connection().clone();
-        match attempt(proxy, lease, &buf).await {
-            Attempt::Open(send, recv, guard) => return Ok((send, recv, guard)),
+        match attempt(proxy, lease, &mut buf, first_from).await {
+            Attempt::Open(send, recv, guard) => {
+                return Ok((send, recv, guard, (buf.len() - header_len) as u64))
+            }
             Attempt::GoingAway(why) if !retried => {
                 debug!(why, "tunnel going away; retrying the stream on a new one");
                 proxy.tunnels.retire(node, &conn);
@@ -199,12 +259,25 @@ enum Attempt {
     Failed(Failure),
 }
 
-async fn attempt(proxy: &Proxy, lease: Lease, header: &[u8]) -> Attempt {
+/// One try: open a stream on `lease`, write `first` (the header, then what
+/// the client has sent by now, read into its spare capacity), read the status.
+async fn attempt(
+    proxy: &Proxy,
+    lease: Lease,
+    first: &mut Vec<u8>,
+    client: Option<&TcpStream>,
+) -> Attempt {
     let (mut send, mut recv, guard) = match lease.open_bi().await {
         Ok(s) => s,
         Err(_) => return Attempt::GoingAway("tunnel connection closed"),
     };
-    match send.write_all(header).await {
+    if let Some(tcp) = client {
+        if let Err(e) = read_ready(tcp, first) {
+            let _ = send.reset(reset_code(StatusCode::Internal));
+            return Attempt::Failed(Failure::fatal("client_reset", e));
+        }
+    }
+    match send.write_all(first).await {
         Ok(()) => {}
         Err(quinn::WriteError::ConnectionLost(_)) => {
             return Attempt::GoingAway("tunnel connection closed")

@@ -13,8 +13,13 @@
 //!   [`StatusCode::Internal`](crate::tunnel::header::StatusCode::Internal)),
 //!   or an RST on the other TCP socket; a QUIC reset, stop or lost connection →
 //!   RST on the TCP socket ([`reset_tcp`]);
-//! - one fixed [`RELAY_BUFFER_SIZE`] buffer per direction, allocated once per
-//!   connection, and byte counters incremented as the bytes are written.
+//! - a [`RELAY_BUFFER_SIZE`] buffer per direction only while that direction
+//!   has data to move: each direction awaits readiness (TCP) or the first
+//!   received chunk (QUIC) without a buffer, borrows one from a small pool,
+//!   moves everything that is ready, and returns it when its source would
+//!   block. An idle connection holds no buffer; a busy one moves up to
+//!   64 KiB per syscall as before;
+//! - byte counters incremented as the bytes are written.
 //!
 //! A reset or stop from the QUIC peer is seen at the next read or write of the
 //! stream: while the stream→TCP direction is still open that is at once; once
@@ -27,15 +32,15 @@ use std::io;
 
 use metrics::Counter;
 use quinn::VarInt;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncWrite, AsyncWriteExt};
+use tokio::net::tcp::ReadHalf;
 use tokio::net::TcpStream;
 
 use crate::tunnel::header::StatusCode;
 
-/// Bytes of the buffer each relay direction owns for the life of the
-/// connection (64 KiB: one TCP receive-window's worth of reads per syscall on
-/// a datacenter path, and two of them per connection keeps 10k connections
-/// under 1.3 GiB).
+/// Bytes of the buffer a relay direction borrows while it has data to move
+/// (64 KiB: one TCP receive-window's worth of reads per syscall on a
+/// datacenter path). Idle connections hold none.
 pub const RELAY_BUFFER_SIZE: usize = 64 * 1024;
 
 /// QUIC stream error code (in `RESET_STREAM` and `STOP_SENDING`) meaning "the
@@ -167,8 +172,62 @@ fn write_error(e: quinn::WriteError) -> RelayError {
     }
 }
 
-fn relay_buffer() -> Box<[u8]> {
-    vec![0u8; RELAY_BUFFER_SIZE].into_boxed_slice()
+/// Counts one direction's bytes as they are written to the other side.
+#[derive(Debug)]
+struct Tally<'a> {
+    counter: &'a Counter,
+}
+
+impl<'a> Tally<'a> {
+    fn open(counter: &'a Counter) -> Self {
+        Self { counter }
+    }
+
+    fn add(&self, n: u64) {
+        self.counter.increment(n);
+    }
+}
+
+/// Free relay buffers kept for reuse (at most [`POOLED_BUFFERS`]), so a
+/// direction that wakes up with data does not zero a fresh 64 KiB.
+static POOL: std::sync::Mutex<Vec<Box<[u8]>>> = std::sync::Mutex::new(Vec::new());
+
+/// Free relay buffers kept at most: 8 x 64 KiB = 512 KiB, enough for a few
+/// busy connections at once; beyond that buffers go back to the allocator.
+pub const POOLED_BUFFERS: usize = 8;
+
+/// A relay buffer lent to one direction while it has data to move; back to
+/// the pool when dropped.
+struct Lent(Option<Box<[u8]>>);
+
+impl Lent {
+    fn take() -> Self {
+        let pooled = match POOL.lock() {
+            Ok(mut p) => p.pop(),
+            Err(p) => p.into_inner().pop(),
+        };
+        Self(Some(pooled.unwrap_or_else(|| {
+            vec![0u8; RELAY_BUFFER_SIZE].into_boxed_slice()
+        })))
+    }
+
+    fn buf(&mut self) -> &mut [u8] {
+        self.0.as_deref_mut().unwrap_or_default()
+    }
+}
+
+impl Drop for Lent {
+    fn drop(&mut self) {
+        if let Some(b) = self.0.take() {
+            let mut pool = match POOL.lock() {
+                Ok(p) => p,
+                Err(p) => p.into_inner(),
+            };
+            if pool.len() < POOLED_BUFFERS {
+                pool.push(b);
+            }
+        }
+    }
 }
 
 /// Relays a TCP connection over a QUIC bidirectional stream.
@@ -183,10 +242,11 @@ pub async fn tcp_quic(
     tcp_to_quic: Counter,
     quic_to_tcp: Counter,
 ) -> Result<RelayStats, RelayError> {
+    let tally = Tally::open(&tcp_to_quic);
     let result = {
-        let (mut tcp_r, mut tcp_w) = tcp.split();
+        let (tcp_r, mut tcp_w) = tcp.split();
         tokio::try_join!(
-            tcp_to_stream(&mut tcp_r, &mut send, &tcp_to_quic),
+            tcp_to_stream(&tcp_r, &mut send, &tally),
             stream_to_tcp(&mut recv, &mut tcp_w, &quic_to_tcp),
         )
     };
@@ -205,25 +265,31 @@ pub async fn tcp_quic(
     }
 }
 
-/// TCP → stream until TCP EOF, then finish the stream.
-async fn tcp_to_stream<R: AsyncRead + Unpin>(
-    tcp: &mut R,
+/// TCP → stream until TCP EOF, then finish the stream. Holds a relay
+/// buffer only while the socket has data ([`Lent`]).
+async fn tcp_to_stream(
+    tcp: &ReadHalf<'_>,
     send: &mut quinn::SendStream,
-    counter: &Counter,
+    tally: &Tally<'_>,
 ) -> Result<u64, RelayError> {
-    let mut buf = relay_buffer();
     let mut total = 0u64;
-    loop {
-        let n = tcp
-            .read(&mut buf)
-            .await
-            .map_err(|e| tcp_error(Side::A, e))?;
-        let Some(chunk) = buf.get(..n).filter(|c| !c.is_empty()) else {
-            break;
-        };
-        send.write_all(chunk).await.map_err(write_error)?;
-        counter.increment(n as u64);
-        total += n as u64;
+    'idle: loop {
+        tcp.readable().await.map_err(|e| tcp_error(Side::A, e))?;
+        let mut lent = Lent::take();
+        let buf = lent.buf();
+        loop {
+            let n = match tcp.try_read(buf) {
+                Ok(0) => break 'idle,
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue 'idle,
+                Err(e) => return Err(tcp_error(Side::A, e)),
+            };
+            send.write_all(buf.get(..n).unwrap_or_default())
+                .await
+                .map_err(write_error)?;
+            tally.add(n as u64);
+            total += n as u64;
+        }
     }
     // Fails only if already finished or reset: nothing left to do then.
     let _ = send.finish();
@@ -232,20 +298,54 @@ async fn tcp_to_stream<R: AsyncRead + Unpin>(
 }
 
 /// Stream → TCP until the stream is finished, then shut down TCP writes.
+/// Waits for data without a buffer (quinn's `read_chunk`), then fills a
+/// lent relay buffer with what is already received, so each TCP write
+/// carries many QUIC frames.
 async fn stream_to_tcp<W: AsyncWrite + Unpin>(
     recv: &mut quinn::RecvStream,
     tcp: &mut W,
     counter: &Counter,
 ) -> Result<u64, RelayError> {
-    let mut buf = relay_buffer();
+    use futures::FutureExt;
     let mut total = 0u64;
-    while let Some(n) = recv.read(&mut buf).await.map_err(read_error)? {
-        let chunk = buf.get(..n).unwrap_or_default();
-        tcp.write_all(chunk)
-            .await
-            .map_err(|e| tcp_error(Side::A, e))?;
-        counter.increment(n as u64);
-        total += n as u64;
+    'idle: while let Some(chunk) = recv
+        .read_chunk(RELAY_BUFFER_SIZE, true)
+        .await
+        .map_err(read_error)?
+    {
+        let mut lent = Lent::take();
+        let buf = lent.buf();
+        let mut len = chunk.bytes.len().min(buf.len());
+        buf[..len].copy_from_slice(&chunk.bytes[..len]);
+        drop(chunk);
+        loop {
+            // Whatever is already here, without waiting (a pending read
+            // consumes nothing; the next `read_chunk` registers the waker).
+            let mut finished = false;
+            while len < buf.len() {
+                match recv.read(&mut buf[len..]).now_or_never() {
+                    Some(Ok(Some(n))) => len += n,
+                    Some(Ok(None)) => {
+                        finished = true;
+                        break;
+                    }
+                    Some(Err(e)) => return Err(read_error(e)),
+                    None => break,
+                }
+            }
+            tcp.write_all(&buf[..len])
+                .await
+                .map_err(|e| tcp_error(Side::A, e))?;
+            counter.increment(len as u64);
+            total += len as u64;
+            if finished {
+                break 'idle;
+            }
+            if len < buf.len() {
+                continue 'idle;
+            }
+            len = 0;
+        }
     }
     tcp.shutdown().await.map_err(|e| tcp_error(Side::A, e))?;
     tracing::trace!(bytes = total, "stream finished: tcp write shut down");
@@ -267,11 +367,11 @@ pub async fn tcp_tcp(
         return crate::relay_splice::tcp_tcp(a, b, a_to_b, b_to_a).await;
     }
     let result = {
-        let (mut a_r, mut a_w) = a.split();
-        let (mut b_r, mut b_w) = b.split();
+        let (a_r, mut a_w) = a.split();
+        let (b_r, mut b_w) = b.split();
         tokio::try_join!(
-            tcp_to_tcp(&mut a_r, Side::A, &mut b_w, Side::B, &a_to_b),
-            tcp_to_tcp(&mut b_r, Side::B, &mut a_w, Side::A, &b_to_a),
+            tcp_to_tcp(&a_r, Side::A, &mut b_w, Side::B, &a_to_b),
+            tcp_to_tcp(&b_r, Side::B, &mut a_w, Side::A, &b_to_a),
         )
     };
     match result {
@@ -285,29 +385,33 @@ pub async fn tcp_tcp(
     }
 }
 
-/// One direction of a TCP ↔ TCP relay: copy until EOF, then shut down writes.
-async fn tcp_to_tcp<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
-    from: &mut R,
+/// One direction of a TCP ↔ TCP relay: copy until EOF, then shut down
+/// writes. Holds a relay buffer only while `from` has data ([`Lent`]).
+async fn tcp_to_tcp<W: AsyncWrite + Unpin>(
+    from: &ReadHalf<'_>,
     from_side: Side,
     to: &mut W,
     to_side: Side,
     counter: &Counter,
 ) -> Result<u64, RelayError> {
-    let mut buf = relay_buffer();
     let mut total = 0u64;
-    loop {
-        let n = from
-            .read(&mut buf)
-            .await
-            .map_err(|e| tcp_error(from_side, e))?;
-        let Some(chunk) = buf.get(..n).filter(|c| !c.is_empty()) else {
-            break;
-        };
-        to.write_all(chunk)
-            .await
-            .map_err(|e| tcp_error(to_side, e))?;
-        counter.increment(n as u64);
-        total += n as u64;
+    'idle: loop {
+        from.readable().await.map_err(|e| tcp_error(from_side, e))?;
+        let mut lent = Lent::take();
+        let buf = lent.buf();
+        loop {
+            let n = match from.try_read(buf) {
+                Ok(0) => break 'idle,
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue 'idle,
+                Err(e) => return Err(tcp_error(from_side, e)),
+            };
+            to.write_all(buf.get(..n).unwrap_or_default())
+                .await
+                .map_err(|e| tcp_error(to_side, e))?;
+            counter.increment(n as u64);
+            total += n as u64;
+        }
     }
     to.shutdown().await.map_err(|e| tcp_error(to_side, e))?;
     tracing::trace!(from = %from_side, bytes = total, "eof: write side shut down");
@@ -325,13 +429,14 @@ pub async fn tcp_quic_cancellable(
     cancel: &tokio_util::sync::CancellationToken,
     code: VarInt,
 ) -> Option<Result<RelayStats, RelayError>> {
+    let tally = Tally::open(&tcp_to_quic);
     let result = {
-        let (mut tcp_r, mut tcp_w) = tcp.split();
+        let (tcp_r, mut tcp_w) = tcp.split();
         tokio::select! {
             _ = cancel.cancelled() => None,
             r = async {
                 tokio::try_join!(
-                    tcp_to_stream(&mut tcp_r, &mut send, &tcp_to_quic),
+                    tcp_to_stream(&tcp_r, &mut send, &tally),
                     stream_to_tcp(&mut recv, &mut tcp_w, &quic_to_tcp),
                 )
             } => Some(r),
@@ -366,14 +471,14 @@ pub async fn tcp_tcp_cancellable(
     cancel: &tokio_util::sync::CancellationToken,
 ) -> Option<Result<RelayStats, RelayError>> {
     let result = {
-        let (mut a_r, mut a_w) = a.split();
-        let (mut b_r, mut b_w) = b.split();
+        let (a_r, mut a_w) = a.split();
+        let (b_r, mut b_w) = b.split();
         tokio::select! {
             _ = cancel.cancelled() => None,
             r = async {
                 tokio::try_join!(
-                    tcp_to_tcp(&mut a_r, Side::A, &mut b_w, Side::B, &a_to_b),
-                    tcp_to_tcp(&mut b_r, Side::B, &mut a_w, Side::A, &b_to_a),
+                    tcp_to_tcp(&a_r, Side::A, &mut b_w, Side::B, &a_to_b),
+                    tcp_to_tcp(&b_r, Side::B, &mut a_w, Side::A, &b_to_a),
                 )
             } => Some(r),
         }
@@ -409,6 +514,7 @@ mod tests {
 
     use metrics::CounterFn;
     use rustls_pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
+    use tokio::io::AsyncReadExt;
     use tokio::net::TcpListener;
     use tokio::task::JoinHandle;
 

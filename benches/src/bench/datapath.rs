@@ -16,7 +16,7 @@ use super::load::{self, Echo, Holder};
 use super::procfs;
 use super::stats::Spread;
 use super::stunnel;
-use super::{BenchError, BenchOptions, Sizes};
+use super::{BenchError, BenchOptions, Selection, Sizes};
 use crate::daemon;
 use crate::lab::{Lab, LabOptions, PodHandle};
 
@@ -201,8 +201,13 @@ fn throughput(
     (spread_opt(&g), spread_opt(&c))
 }
 
-/// Measures every data-path figure of `t`.
-pub fn measure(t: &Target, sizes: &Sizes, progress: &mut dyn FnMut(&str)) -> PathResult {
+/// Measures the data-path figures of `t` that `only` selects.
+pub fn measure(
+    t: &Target,
+    sizes: &Sizes,
+    only: &Selection,
+    progress: &mut dyn FnMut(&str),
+) -> PathResult {
     let ticks = procfs::clock_ticks();
     let mut r = PathResult {
         key: t.key.clone(),
@@ -231,7 +236,7 @@ pub fn measure(t: &Target, sizes: &Sizes, progress: &mut dyn FnMut(&str)) -> Pat
     // Memory per idle connection, first: on a heap that bulk transfers have
     // not yet grown, RSS growth is the connections' own memory rather than
     // reuse of freed allocations.
-    if !t.proxies.is_empty() {
+    if !t.proxies.is_empty() && only.figure("idle-mem") {
         let idle = idle_memory(t, sizes.idle_conns);
         if let Some((sum, by)) = record(&mut errors, "idle connections", idle) {
             progress(&format!(
@@ -242,18 +247,21 @@ pub fn measure(t: &Target, sizes: &Sizes, progress: &mut dyn FnMut(&str)) -> Pat
             r.bytes_per_idle_conn_by_proxy = by;
         }
     }
-    (r.throughput1_gbps, r.cpu_per_gb1) =
-        throughput(t, sizes, 1, sizes.bulk_bytes, ticks, &mut errors, progress);
-    (r.throughput8_gbps, r.cpu_per_gb8) =
-        throughput(t, sizes, 8, sizes.bulk8_bytes, ticks, &mut errors, progress);
+    if only.figure("bulk") {
+        (r.throughput1_gbps, r.cpu_per_gb1) =
+            throughput(t, sizes, 1, sizes.bulk_bytes, ticks, &mut errors, progress);
+        (r.throughput8_gbps, r.cpu_per_gb8) =
+            throughput(t, sizes, 8, sizes.bulk8_bytes, ticks, &mut errors, progress);
+    }
 
     // Latency at fixed rates.
-    let echo = t
-        .dst
-        .listen(ECHO_PORT)
-        .map_err(BenchError::from)
-        .and_then(|l| Echo::start(l, sizes.msg_len, false));
-    if let Some(_echo) = record(&mut errors, "echo server", echo) {
+    let echo = only.figure("latency").then(|| {
+        t.dst
+            .listen(ECHO_PORT)
+            .map_err(BenchError::from)
+            .and_then(|l| Echo::start(l, sizes.msg_len, false))
+    });
+    if let Some(_echo) = echo.and_then(|e| record(&mut errors, "echo server", e)) {
         for &rate in &sizes.rates {
             let mut p = [Vec::new(), Vec::new(), Vec::new()];
             for run in 1..=sizes.runs.min(3) {
@@ -289,12 +297,13 @@ pub fn measure(t: &Target, sizes: &Sizes, progress: &mut dyn FnMut(&str)) -> Pat
     }
 
     // New connections.
-    let seq = t
-        .dst
-        .listen(SEQ_ECHO_PORT)
-        .map_err(BenchError::from)
-        .and_then(|l| Echo::start(l, sizes.msg_len, true));
-    if let Some(_seq) = record(&mut errors, "sequential echo server", seq) {
+    let seq = only.figure("new-conn").then(|| {
+        t.dst
+            .listen(SEQ_ECHO_PORT)
+            .map_err(BenchError::from)
+            .and_then(|l| Echo::start(l, sizes.msg_len, true))
+    });
+    if let Some(_seq) = seq.and_then(|s| record(&mut errors, "sequential echo server", s)) {
         let _ = load::new_connections(&t.src.netns, t.addr(SEQ_ECHO_PORT), 5, sizes.msg_len);
         let (mut p50, mut p99) = (Vec::new(), Vec::new());
         for run in 1..=sizes.runs.min(3) {
@@ -353,6 +362,7 @@ fn lab_options(opts: &BenchOptions, suffix: &str, nodes: usize, pods: usize) -> 
     let mut o = LabOptions::new(format!("{}{suffix}", opts.prefix), nodes, pods);
     o.bin_dir = opts.bin_dir.clone();
     o.log_level = "warn".into();
+    o.underlay_mtu = opts.underlay_mtu;
     o
 }
 
@@ -374,8 +384,8 @@ pub fn run(
 ) -> Result<(Vec<PathResult>, Vec<TuningResult>), BenchError> {
     let sizes = &opts.sizes;
     let mut paths = Vec::new();
-    let mut tuning = Vec::new();
-    if opts.parts.datapath {
+    let only = &opts.only;
+    if opts.parts.datapath && (only.path("direct") || only.path("stunnel")) {
         let lab = up(lab_options(opts, "d", 2, 1).no_mesh(), progress)?;
         let (a, b) = (lab.pod(1, 1)?, lab.pod(2, 1)?);
         let direct = Target {
@@ -386,8 +396,14 @@ pub fn run(
             via_stunnel: false,
             proxies: Vec::new(),
         };
-        progress("path direct: pod n1-p1 -> pod n2-p1 across the bridge, no proxy");
-        paths.push(measure(&direct, sizes, progress));
+        if only.path("direct") {
+            progress("path direct: pod n1-p1 -> pod n2-p1 across the bridge, no proxy");
+            paths.push(measure(&direct, sizes, only, progress));
+        }
+        if !only.path("stunnel") {
+            drop(lab);
+            return run_mesh(opts, paths, progress);
+        }
         progress(
             "path stunnel: stunnel client in n1-p1 -> TLS 1.3 mTLS -> stunnel server in n2-p1",
         );
@@ -407,9 +423,25 @@ pub fn run(
             via_stunnel: true,
             ..direct
         };
-        paths.push(measure(&st, sizes, progress));
+        paths.push(measure(&st, sizes, only, progress));
         drop(pair);
         drop(lab);
+    }
+    run_mesh(opts, paths, progress)
+}
+
+/// The meshed lab's part of [`run`]: nodemesh paths and tuning.
+fn run_mesh(
+    opts: &BenchOptions,
+    mut paths: Vec<PathResult>,
+    progress: &mut dyn FnMut(&str),
+) -> Result<(Vec<PathResult>, Vec<TuningResult>), BenchError> {
+    let sizes = &opts.sizes;
+    let only = &opts.only;
+    let mut tuning = Vec::new();
+    let meshed = opts.parts.datapath && (only.path("nodemesh-cross") || only.path("nodemesh-same"));
+    if !meshed && !opts.parts.tuning {
+        return Ok((paths, tuning));
     }
     let mut lab = up(lab_options(opts, "m", 2, 2), progress)?;
     let pids = |lab: &Lab, nodes: &[usize]| -> Vec<u32> {
@@ -423,9 +455,11 @@ pub fn run(
         via_stunnel: false,
         proxies: pids(&lab, &[1, 2]),
     };
-    if opts.parts.datapath {
+    if opts.parts.datapath && only.path("nodemesh-cross") {
         progress("path nodemesh-cross: n1-p1 -> n2-p1 through both daemons and the tunnel");
-        paths.push(measure(&cross, sizes, progress));
+        paths.push(measure(&cross, sizes, only, progress));
+    }
+    if opts.parts.datapath && only.path("nodemesh-same") {
         // A fresh daemon, so its memory figures are not those of a heap the
         // cross-node figures already grew (registrations are restored).
         lab.restart_daemon(1)?;
@@ -438,10 +472,10 @@ pub fn run(
             proxies: pids(&lab, &[1]),
         };
         progress("path nodemesh-same: n1-p1 -> n1-p2 through the node's daemon");
-        paths.push(measure(&same, sizes, progress));
+        paths.push(measure(&same, sizes, only, progress));
     }
     if opts.parts.tuning {
-        tuning = tune(lab, &cross, sizes, progress)?;
+        tuning = tune(lab, &cross, opts, progress)?;
     }
     Ok((paths, tuning))
 }
@@ -482,6 +516,30 @@ fn variants() -> Vec<Variant> {
             false,
         ),
         ("runtime: 4 worker threads", false, |c| c.worker_threads = 4, false),
+        (
+            "congestion: new_reno",
+            false,
+            |c| c.tunnel.congestion = nodemesh::config::Congestion::NewReno,
+            false,
+        ),
+        (
+            "congestion: bbr",
+            false,
+            |c| c.tunnel.congestion = nodemesh::config::Congestion::Bbr,
+            false,
+        ),
+        (
+            "max_udp_payload 1452 (no MTU raise on a jumbo underlay)",
+            false,
+            |c| c.tunnel.max_udp_payload = 1452,
+            false,
+        ),
+        (
+            "initial_mtu = max_udp_payload (no discovery ramp)",
+            false,
+            |c| c.tunnel.initial_mtu = c.tunnel.max_udp_payload,
+            false,
+        ),
         ("same node, tcp_relay: copy (64 KiB buffer, epoll)", true, |c| {
             c.tcp_relay = TcpRelay::Copy;
         }, true),
@@ -494,17 +552,27 @@ fn variants() -> Vec<Variant> {
 fn tune(
     mut lab: Lab,
     cross: &Target,
-    sizes: &Sizes,
+    opts: &BenchOptions,
     progress: &mut dyn FnMut(&str),
 ) -> Result<Vec<TuningResult>, BenchError> {
+    let sizes = &opts.sizes;
     let ticks = procfs::clock_ticks();
     let mut out = Vec::new();
-    for (variant, default, edit, same_node) in variants() {
+    let chosen = |name: &str| {
+        opts.variants.is_empty() || opts.variants.iter().any(|v| name.contains(v.as_str()))
+    };
+    for (variant, default, edit, same_node) in variants().into_iter().filter(|v| chosen(v.0)) {
         progress(&format!("tuning: {variant}"));
         let mut errors = Vec::new();
         for node in [1, 2] {
             lab.update_config(node, |c| {
                 c.tunnel = nodemesh::config::TunnelConfig::default();
+                if let Some(mtu) = opts.underlay_mtu {
+                    // As the lab sets it (IPv4 underlay).
+                    c.tunnel.max_udp_payload = u16::try_from(mtu.saturating_sub(28))
+                        .unwrap_or(65527)
+                        .min(65527);
+                }
                 c.tcp_relay = nodemesh::relay_splice::TcpRelay::default();
                 c.worker_threads = nodemesh::config::Config::default().worker_threads;
                 edit(c);

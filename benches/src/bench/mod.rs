@@ -135,6 +135,53 @@ pub struct BenchOptions {
     pub note: Option<String>,
     /// Keep the parts not run from the existing `results.json`.
     pub merge: bool,
+    /// Which data-path paths and figures to measure (development runs).
+    pub only: Selection,
+    /// MTU of every lab link, for all paths alike (`None`: 1500).
+    pub underlay_mtu: Option<u32>,
+    /// Tuning variants to run: substrings of their names (empty: all).
+    pub variants: Vec<String>,
+}
+
+/// A subset of the data-path figures, for short development runs
+/// (`--paths`, `--figures`); the default is everything.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Selection {
+    /// Path keys to measure (`direct`, `stunnel`, `nodemesh-cross`,
+    /// `nodemesh-same`); empty = all.
+    pub paths: Vec<String>,
+    /// Figures to measure (`bulk`, `latency`, `new-conn`, `idle-mem`); empty = all.
+    pub figures: Vec<String>,
+}
+
+/// The path keys [`Selection::paths`] accepts.
+pub const PATH_KEYS: [&str; 4] = ["direct", "stunnel", "nodemesh-cross", "nodemesh-same"];
+/// The figure names [`Selection::figures`] accepts.
+pub const FIGURE_KEYS: [&str; 4] = ["bulk", "latency", "new-conn", "idle-mem"];
+
+impl Selection {
+    /// Whether path `key` is measured.
+    pub fn path(&self, key: &str) -> bool {
+        self.paths.is_empty() || self.paths.iter().any(|p| p == key)
+    }
+
+    /// Whether figure `key` is measured.
+    pub fn figure(&self, key: &str) -> bool {
+        self.figures.is_empty() || self.figures.iter().any(|f| f == key)
+    }
+
+    /// The first unknown path or figure name, if any.
+    pub fn unknown(&self) -> Option<&str> {
+        self.paths
+            .iter()
+            .find(|p| !PATH_KEYS.contains(&p.as_str()))
+            .or_else(|| {
+                self.figures
+                    .iter()
+                    .find(|f| !FIGURE_KEYS.contains(&f.as_str()))
+            })
+            .map(String::as_str)
+    }
 }
 
 /// Which parts of the run to do.

@@ -648,10 +648,11 @@ pub async fn read_header<R: AsyncRead + Unpin>(r: &mut R) -> Result<StreamHeader
     check_version(r.read_u8().await?)?;
     let body_len = usize::from(r.read_u16().await?);
     check_body_len(body_len)?;
-    let mut body = [0u8; MAX_HEADER_BODY];
-    let body = &mut body[..body_len];
-    r.read_exact(body).await?;
-    StreamHeader::decode_body(body)
+    // On the heap, briefly: an array here would sit in the state of every
+    // connection task that awaits this (1 KiB each, for the connection's life).
+    let mut body = vec![0u8; body_len];
+    r.read_exact(&mut body).await?;
+    StreamHeader::decode_body(&body)
 }
 
 /// Reads exactly one status from `r`, never reading past its end.
@@ -661,12 +662,12 @@ pub async fn read_status<R: AsyncRead + Unpin>(r: &mut R) -> Result<Status, Head
     r.read_exact(&mut prefix).await?;
     let [code, reason_len] = prefix;
     let code = parse_code(code)?;
-    let mut reason = [0u8; MAX_REASON];
-    let reason = &mut reason[..usize::from(reason_len)];
-    r.read_exact(reason).await?;
+    // On the heap, as in `read_header`.
+    let mut reason = vec![0u8; usize::from(reason_len)];
+    r.read_exact(&mut reason).await?;
     Ok(Status {
         code,
-        reason: parse_reason(reason)?,
+        reason: parse_reason(&reason)?,
     })
 }
 

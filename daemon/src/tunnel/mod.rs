@@ -56,14 +56,17 @@ use std::time::Duration;
 
 use dashmap::DashMap;
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
-use quinn::{Connection, Endpoint, EndpointConfig, IdleTimeout, TransportConfig, VarInt};
+use quinn::{
+    congestion, Connection, Endpoint, EndpointConfig, IdleTimeout, MtuDiscoveryConfig,
+    TransportConfig, VarInt,
+};
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use self::cid::{Tag, TaggedCids};
-use crate::config::TunnelConfig;
+use crate::config::{Congestion, TunnelConfig};
 use crate::identity::{is_shared, peer_node};
 use crate::metrics as m;
 pub use pool::{
@@ -215,8 +218,30 @@ pub fn transport_config(cfg: &TunnelConfig) -> Result<TransportConfig, TunnelErr
                 }
             })?,
         ))
-        .enable_segmentation_offload(true);
+        .enable_segmentation_offload(true)
+        .initial_mtu(cfg.initial_mtu);
+    let mut mtu = MtuDiscoveryConfig::default();
+    mtu.upper_bound(cfg.max_udp_payload);
+    t.mtu_discovery_config(Some(mtu));
+    let factory: Arc<dyn congestion::ControllerFactory + Send + Sync> = match cfg.congestion {
+        Congestion::Cubic => Arc::new(congestion::CubicConfig::default()),
+        Congestion::NewReno => Arc::new(congestion::NewRenoConfig::default()),
+        Congestion::Bbr => Arc::new(congestion::BbrConfig::default()),
+    };
+    t.congestion_controller_factory(factory);
     Ok(t)
+}
+
+/// The endpoint settings (DESIGN §10: a larger MTU needs
+/// `max_udp_payload_size` raised too).
+pub fn endpoint_config(cfg: &TunnelConfig) -> Result<EndpointConfig, TunnelError> {
+    let mut e = EndpointConfig::default();
+    e.max_udp_payload_size(cfg.max_udp_payload)
+        .map_err(|err| TunnelError::Setting {
+            field: "tunnel.max_udp_payload",
+            problem: err.to_string(),
+        })?;
+    Ok(e)
 }
 
 /// Which connection IDs this endpoint issues, and whom the UDP port is shared with.
@@ -274,7 +299,7 @@ impl Tunnels {
             addr,
             source: std::io::Error::other("no async runtime"),
         })?;
-        let mut endpoint_config = EndpointConfig::default();
+        let mut endpoint_config = endpoint_config(cfg)?;
         let tag = steering.tag;
         endpoint_config.cid_generator(move || Box::new(TaggedCids::new(tag)));
         let endpoint = Endpoint::new(endpoint_config, Some(server), socket, runtime)
@@ -1204,6 +1229,24 @@ mod tests {
         tokio::time::timeout(BOUND, run)
             .await
             .expect("bounded test");
+    }
+
+    #[test]
+    fn jumbo_payload_reaches_the_endpoint_and_every_congestion_controller_builds() {
+        use crate::config::Congestion;
+        let jumbo = TunnelConfig {
+            max_udp_payload: 8972,
+            ..TunnelConfig::default()
+        };
+        let e = endpoint_config(&jumbo).expect("endpoint config");
+        assert_eq!(e.get_max_udp_payload_size(), 8972);
+        for congestion in [Congestion::Cubic, Congestion::NewReno, Congestion::Bbr] {
+            transport_config(&TunnelConfig {
+                congestion,
+                ..jumbo.clone()
+            })
+            .expect("transport config");
+        }
     }
 
     #[test]
