@@ -463,6 +463,43 @@ mod tests {
             .expect("bounded test");
     }
 
+    #[tokio::test]
+    async fn mtu_discovery_climbs_to_max_udp_payload_on_a_jumbo_path() {
+        // Loopback's MTU (65536) carries any datagram: the path MTU must
+        // climb from initial_mtu to the configured ceiling.
+        let ca = generate_ca(TD, 30).expect("ca");
+        let cfg = TunnelConfig {
+            udp_buffer: 1 << 20,
+            max_udp_payload: 8972,
+            ..TunnelConfig::default()
+        };
+        let mk = |c: &Credentials| {
+            let (server, client) = tls(c);
+            Tunnels::bind(SocketAddr::from(([127, 0, 0, 1], 0)), &cfg, server, client)
+                .expect("bind")
+        };
+        let (n1, n2) = (mk(&creds(&ca, "n1", 30)), mk(&creds(&ca, "n2", 30)));
+        let addr2 = n2.endpoint().local_addr().expect("addr");
+        let (seen_tx, _seen) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(echo_server(n2.endpoint().clone(), seen_tx));
+        let run = async {
+            let conn = n1.connection("n2", addr2).await.expect("dial");
+            let mut mtu = conn.stats().path.current_mtu;
+            for _ in 0..200 {
+                echo(&conn, &[7u8; 16 * 1024]).await;
+                mtu = conn.stats().path.current_mtu;
+                if mtu >= 8972 {
+                    break;
+                }
+            }
+            mtu
+        };
+        let mtu = tokio::time::timeout(Duration::from_secs(20), run)
+            .await
+            .expect("bounded test");
+        assert_eq!(mtu, 8972, "path MTU after discovery");
+    }
+
     #[test]
     fn jumbo_payload_reaches_the_endpoint_and_every_congestion_controller_builds() {
         use crate::config::Congestion;
