@@ -886,6 +886,60 @@ mod tests {
             .expect("bounded test");
     }
 
+    #[tokio::test]
+    async fn mtu_discovery_climbs_to_max_udp_payload_on_a_jumbo_path() {
+        // Loopback's MTU (65536) carries any datagram: the path MTU must
+        // climb from initial_mtu to the configured ceiling.
+        let ca = generate_ca(TD, 30).expect("ca");
+        let cfg = TunnelConfig {
+            udp_buffer: 1 << 20,
+            max_udp_payload: 8972,
+            ..TunnelConfig::default()
+        };
+        let mk = |name: &str| {
+            let (server, client) = tls(&creds(&ca, name, 30));
+            let steering = Steering {
+                tag: Tag::random_except(None),
+                predecessor: None,
+            };
+            let tunnels = Arc::new(
+                Tunnels::bind(
+                    SocketAddr::from(([127, 0, 0, 1], 0)),
+                    name,
+                    &cfg,
+                    server,
+                    client,
+                    steering,
+                )
+                .expect("bind"),
+            );
+            let addr = tunnels.endpoint().local_addr().expect("addr");
+            Node { tunnels, addr }
+        };
+        let (n1, n2) = (mk("n1"), mk("n2"));
+        n1.serve();
+        n2.serve();
+        let run = async {
+            let lease = n1.tunnels.connection("n2", n2.addr).await.expect("dial");
+            let conn = lease.connection().clone();
+            drop(lease);
+            let mut mtu = conn.stats().path.current_mtu;
+            for _ in 0..200 {
+                let lease = n1.tunnels.connection("n2", n2.addr).await.expect("pooled");
+                echo_on(lease, &[7u8; 16 * 1024]).await;
+                mtu = conn.stats().path.current_mtu;
+                if mtu >= 8972 {
+                    break;
+                }
+            }
+            mtu
+        };
+        let mtu = tokio::time::timeout(Duration::from_secs(20), run)
+            .await
+            .expect("bounded test");
+        assert_eq!(mtu, 8972, "path MTU after discovery");
+    }
+
     /// A node of the pool tests: its pool, and its address.
     struct Node {
         tunnels: Arc<Tunnels>,
