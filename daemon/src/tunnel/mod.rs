@@ -789,6 +789,16 @@ mod tests {
             udp_buffer: 1 << 20,
             ..TunnelConfig::default()
         };
+        bind_with(node, &cfg, server, client)
+    }
+
+    /// A loopback endpoint for `node` with `cfg` and these TLS configs.
+    fn bind_with(
+        node: &str,
+        cfg: &TunnelConfig,
+        server: rustls::ServerConfig,
+        client: rustls::ClientConfig,
+    ) -> Tunnels {
         let steering = Steering {
             tag: Tag::random_except(None),
             predecessor: None,
@@ -796,7 +806,7 @@ mod tests {
         Tunnels::bind(
             SocketAddr::from(([127, 0, 0, 1], 0)),
             node,
-            &cfg,
+            cfg,
             server,
             client,
             steering,
@@ -898,21 +908,7 @@ mod tests {
         };
         let mk = |name: &str| {
             let (server, client) = tls(&creds(&ca, name, 30));
-            let steering = Steering {
-                tag: Tag::random_except(None),
-                predecessor: None,
-            };
-            let tunnels = Arc::new(
-                Tunnels::bind(
-                    SocketAddr::from(([127, 0, 0, 1], 0)),
-                    name,
-                    &cfg,
-                    server,
-                    client,
-                    steering,
-                )
-                .expect("bind"),
-            );
+            let tunnels = Arc::new(bind_with(name, &cfg, server, client));
             let addr = tunnels.endpoint().local_addr().expect("addr");
             Node { tunnels, addr }
         };
@@ -961,20 +957,7 @@ mod tests {
             udp_buffer: 1 << 20,
             ..TunnelConfig::default()
         };
-        let tunnels = Arc::new(
-            Tunnels::bind(
-                SocketAddr::from(([127, 0, 0, 1], 0)),
-                name,
-                &cfg,
-                server,
-                client,
-                Steering {
-                    tag: Tag::random_except(None),
-                    predecessor: None,
-                },
-            )
-            .expect("bind"),
-        );
+        let tunnels = Arc::new(bind_with(name, &cfg, server, client));
         let addr = tunnels.endpoint().local_addr().expect("addr");
         Node { tunnels, addr }
     }
