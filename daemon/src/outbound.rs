@@ -44,7 +44,10 @@ pub(crate) async fn handle(proxy: &Proxy, pod: &LocalPod, tcp: TcpStream, client
     }
     if let Some(service) = proxy.registry.services().lookup(dst) {
         // A ClusterIP: balanced across the service's endpoints, with a retry.
-        return crate::outbound_service::handle(proxy, pod, tcp, client, dst, service).await;
+        return Box::pin(crate::outbound_service::handle(
+            proxy, pod, tcp, client, dst, service,
+        ))
+        .await;
     }
     let src = proxy.workload_of(pod);
     let route = proxy.registry.resolve(dst.ip());
@@ -59,6 +62,9 @@ pub(crate) async fn handle(proxy: &Proxy, pod: &LocalPod, tcp: TcpStream, client
         route: RouteLabel::Passthrough,
     };
     tracing::Span::current().record("server.addr", tracing::field::display(dst));
+    // Each route's future is boxed: the connection's task then holds only
+    // the state of the route it took (sized exactly), not the largest of all
+    // of them for the whole life of the connection.
     match route {
         Route::Local(dst_pod) => {
             edge.route = RouteLabel::Local;
@@ -67,21 +73,31 @@ pub(crate) async fn handle(proxy: &Proxy, pod: &LocalPod, tcp: TcpStream, client
                 Ok(l) => l,
                 Err(reason) => return fail(&edge, tcp, reason, &"refused by policy"),
             };
-            match proxy.connect(&dst_pod.netns, dst).await {
-                Ok(server) => inbound::relay_local(&edge, &dst_pod, tcp, server, live).await,
-                Err(e) => fail(&edge, tcp, "connect_failed", &e),
-            }
+            Box::pin(async {
+                match proxy.connect(&dst_pod.netns, dst).await {
+                    Ok(server) => inbound::relay_local(&edge, &dst_pod, tcp, server, live).await,
+                    Err(e) => fail(&edge, tcp, "connect_failed", &e),
+                }
+            })
+            .await
         }
-        Route::Passthrough => match proxy.connect(&pod.netns, dst).await {
-            Ok(server) => relay_tcp(&edge, tcp, server).await,
-            Err(e) => fail(&edge, tcp, "connect_failed", &e),
-        },
+        Route::Passthrough => {
+            Box::pin(async {
+                match proxy.connect(&pod.netns, dst).await {
+                    Ok(server) => relay_tcp(&edge, tcp, server).await,
+                    Err(e) => fail(&edge, tcp, "connect_failed", &e),
+                }
+            })
+            .await
+        }
         Route::Remote { node, addr } => {
             edge.route = RouteLabel::Tunnel;
             edge.tls = true;
-            tunnel(proxy, &edge, &src, tcp, client, dst, &node, addr)
-                .instrument(info_span!("tunnel", peer.node = %node))
-                .await
+            Box::pin(
+                tunnel(proxy, &edge, &src, tcp, client, dst, &node, addr)
+                    .instrument(info_span!("tunnel", peer.node = %node)),
+            )
+            .await
         }
     }
 }
@@ -116,28 +132,24 @@ async fn tunnel(
 }
 
 /// Appends to `buf`, without waiting, what the client has already sent (up
-/// to the buffer's spare capacity). EOF and "nothing yet" append nothing:
-/// the relay sees them next. Errors are the client's (a reset).
+/// to [`FIRST_WRITE`] bytes). EOF and "nothing yet" append nothing: the
+/// relay sees them next. Errors are the client's (a reset).
+///
+/// The bytes are read into a scratch array on the thread's stack and `buf`
+/// grows by exactly what arrived: `buf` lives until L2's status (it is what
+/// a retry replays), and with many connections opening at once a
+/// fixed-capacity buffer per connection would be that many pages touched
+/// for clients that have sent nothing yet.
 fn read_ready(tcp: &TcpStream, buf: &mut Vec<u8>) -> std::io::Result<()> {
-    let len = buf.len();
-    if len == buf.capacity() {
-        return Ok(());
-    }
-    buf.resize(buf.capacity(), 0);
-    let res = tcp.try_read(&mut buf[len..]);
-    match res {
+    let mut scratch = [0u8; FIRST_WRITE];
+    match tcp.try_read(&mut scratch) {
         Ok(n) => {
-            buf.truncate(len + n);
+            buf.reserve_exact(n);
+            buf.extend_from_slice(&scratch[..n]);
             Ok(())
         }
-        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-            buf.truncate(len);
-            Ok(())
-        }
-        Err(e) => {
-            buf.truncate(len);
-            Err(e)
-        }
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(()),
+        Err(e) => Err(e),
     }
 }
 
@@ -215,8 +227,7 @@ async fn open_stream_with(
         flags: 0,
         trace_id: None,
     };
-    let spare = if first_from.is_some() { FIRST_WRITE } else { 0 };
-    let mut buf = Vec::with_capacity(header.encoded_len() + spare);
+    let mut buf = Vec::with_capacity(header.encoded_len());
     header
         .encode(&mut buf)
         .map_err(|e| Failure::fatal("bad_header", e))?;
@@ -229,7 +240,9 @@ async fn open_stream_with(
             .await
             .map_err(|e| Failure::retryable("tunnel_unavailable", e))?;
         let conn = lease.connection().clone();
-        match attempt(proxy, lease, &mut buf, first_from).await {
+        // A retry replays what the first try read; it reads no more.
+        let client = if retried { None } else { first_from };
+        match attempt(proxy, lease, &mut buf, client).await {
             Attempt::Open(send, recv, guard) => {
                 return Ok((send, recv, guard, (buf.len() - header_len) as u64))
             }
@@ -260,7 +273,7 @@ enum Attempt {
 }
 
 /// One try: open a stream on `lease`, write `first` (the header, then what
-/// the client has sent by now, read into its spare capacity), read the status.
+/// the client has sent by now), read the status.
 async fn attempt(
     proxy: &Proxy,
     lease: Lease,

@@ -472,11 +472,11 @@ fn spawn_connection(
     tokio::spawn(
         async move {
             let cancel = pod.cancel.clone();
-            let serve = async {
-                match kind {
-                    Listener::Outbound => outbound::handle(&proxy, &pod, tcp, client).await,
-                    Listener::Plaintext => inbound::plaintext(&proxy, &pod, tcp, client).await,
-                }
+            // Boxed per kind: the task holds the future of the path taken,
+            // not the larger of the two.
+            let serve: futures::future::BoxFuture<'_, ()> = match kind {
+                Listener::Outbound => Box::pin(outbound::handle(&proxy, &pod, tcp, client)),
+                Listener::Plaintext => Box::pin(inbound::plaintext(&proxy, &pod, tcp, client)),
             };
             tokio::select! {
                 _ = cancel.cancelled() => debug!("pod unregistered; connection closed"),

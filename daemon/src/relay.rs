@@ -15,10 +15,12 @@
 //!   RST on the TCP socket ([`reset_tcp`]);
 //! - a [`RELAY_BUFFER_SIZE`] buffer per direction only while that direction
 //!   has data to move: each direction awaits readiness (TCP) or the first
-//!   received chunk (QUIC) without a buffer, borrows one from a small pool,
-//!   moves everything that is ready, and returns it when its source would
-//!   block. An idle connection holds no buffer; a busy one moves up to
-//!   64 KiB per syscall as before;
+//!   received chunk (QUIC) without a buffer, then takes one — from a small
+//!   pool for stream → TCP and TCP → TCP; a fresh allocation for TCP →
+//!   stream, whose large reads quinn takes over without a copy — moves
+//!   everything that is ready, and lets it go when its source would block.
+//!   An idle connection holds no buffer; a busy one moves up to 64 KiB per
+//!   syscall;
 //! - byte counters incremented as the bytes are written.
 //!
 //! A reset or stop from the QUIC peer is seen at the next read or write of the
@@ -30,6 +32,7 @@
 
 use std::io;
 
+use bytes::BytesMut;
 use metrics::Counter;
 use quinn::VarInt;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
@@ -265,8 +268,16 @@ pub async fn tcp_quic(
     }
 }
 
-/// TCP → stream until TCP EOF, then finish the stream. Holds a relay
-/// buffer only while the socket has data ([`Lent`]).
+/// Reads this large or larger go to the stream as they are (quinn keeps the
+/// chunk until it is acknowledged: no copy into its send buffer); smaller
+/// ones are copied, so that a small request does not pin a whole
+/// [`RELAY_BUFFER_SIZE`] allocation until its ACK.
+const ZERO_COPY_MIN: usize = 16 * 1024;
+
+/// TCP → stream until TCP EOF, then finish the stream. Holds a buffer only
+/// while the socket has data: a fresh [`RELAY_BUFFER_SIZE`] allocation each
+/// time the socket becomes readable, its large reads handed to quinn without
+/// a copy ([`ZERO_COPY_MIN`]).
 async fn tcp_to_stream(
     tcp: &ReadHalf<'_>,
     send: &mut quinn::SendStream,
@@ -275,18 +286,27 @@ async fn tcp_to_stream(
     let mut total = 0u64;
     'idle: loop {
         tcp.readable().await.map_err(|e| tcp_error(Side::A, e))?;
-        let mut lent = Lent::take();
-        let buf = lent.buf();
+        // Allocated at the first read below, and again whenever what is
+        // left of it is too small.
+        let mut buf = BytesMut::new();
         loop {
-            let n = match tcp.try_read(buf) {
+            if buf.capacity() < ZERO_COPY_MIN {
+                buf = BytesMut::with_capacity(RELAY_BUFFER_SIZE);
+            }
+            let n = match tcp.try_read_buf(&mut buf) {
                 Ok(0) => break 'idle,
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue 'idle,
                 Err(e) => return Err(tcp_error(Side::A, e)),
             };
-            send.write_all(buf.get(..n).unwrap_or_default())
-                .await
-                .map_err(write_error)?;
+            if n >= ZERO_COPY_MIN {
+                send.write_chunk(buf.split().freeze()).await
+            } else {
+                let r = send.write_all(&buf).await;
+                buf.clear();
+                r
+            }
+            .map_err(write_error)?;
             tally.add(n as u64);
             total += n as u64;
         }

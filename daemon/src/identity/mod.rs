@@ -264,9 +264,18 @@ impl IdentityError {
     }
 }
 
-/// The crypto provider of every nodemesh TLS config: ring.
+/// The crypto provider of every nodemesh TLS config: ring, with AES-128-GCM
+/// preferred over AES-256-GCM (rustls' default order). Every tunnel packet is
+/// sealed and opened with the negotiated AEAD, and AES-128 runs 10 rounds per
+/// block against AES-256's 14 (docs/benchmarks.md, "Tuning decisions"); both
+/// are TLS 1.3 suites with 128-bit security or more. ChaCha20-Poly1305 stays
+/// last, for peers without AES instructions.
 pub fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
+    let mut p = rustls::crypto::ring::default_provider();
+    let aes128 = rustls::CipherSuite::TLS13_AES_128_GCM_SHA256;
+    p.cipher_suites
+        .sort_by_key(|s| u8::from(s.suite() != aes128));
+    Arc::new(p)
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, IdentityError> {
@@ -573,6 +582,24 @@ mod tests {
     use super::*;
 
     const TD: &str = "cluster.local";
+
+    #[test]
+    fn provider_prefers_aes_128_gcm_and_keeps_every_tls13_suite() {
+        use rustls::CipherSuite as C;
+        let p = provider();
+        let order: Vec<C> = p.cipher_suites.iter().map(|s| s.suite()).collect();
+        assert_eq!(order.first(), Some(&C::TLS13_AES_128_GCM_SHA256));
+        for suite in [
+            C::TLS13_AES_256_GCM_SHA384,
+            C::TLS13_CHACHA20_POLY1305_SHA256,
+        ] {
+            assert!(order.contains(&suite), "{suite:?} missing from {order:?}");
+        }
+        assert_eq!(
+            order.len(),
+            rustls::crypto::ring::default_provider().cipher_suites.len()
+        );
+    }
 
     /// A temporary directory with a CA and files for node `n1`.
     struct Fixture {
