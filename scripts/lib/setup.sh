@@ -48,3 +48,15 @@ build_bins() {
   log "building nodemesh, nodemesh-cni and nodemesh-lab"
   cargo build --workspace --bins --quiet
 }
+
+# The daemon and the CNI plugin as they ship (scripts/image) and as
+# scripts/bench measures them: release, glibc linked statically (crt-static,
+# a static PIE) for x86_64. Prints the directory holding them.
+NODEMESH_STATIC_TRIPLE=x86_64-unknown-linux-gnu
+build_static_bins() {
+  [ "$(uname -m)" = x86_64 ] || die "static builds are for x86_64; this machine is $(uname -m)"
+  log "building static release binaries (RUSTFLAGS=-C target-feature=+crt-static, --target $NODEMESH_STATIC_TRIPLE)"
+  RUSTFLAGS="${RUSTFLAGS:-} -C target-feature=+crt-static" \
+    cargo build --release --target "$NODEMESH_STATIC_TRIPLE" -p nodemesh -p nodemesh-cni --bins --quiet
+  echo "target/$NODEMESH_STATIC_TRIPLE/release"
+}
