@@ -29,6 +29,32 @@ const CHUNK: usize = 64 * 1024;
 /// A SHA-256 digest.
 pub type Hash = [u8; HASH_LEN];
 
+/// [`Read::read`] that tries again when a signal interrupts it.
+///
+/// On a socket with `SO_RCVTIMEO`, Linux fails a blocking `recv` with `EINTR`
+/// whenever a signal arrives, even for `SA_RESTART` handlers and even after
+/// a mere stop and continue of the process (signal(7)); `Read::read` passes
+/// that up, unlike `read_exact` and `write_all`, which retry it. A test must
+/// not fail because its process was stopped for a moment.
+pub fn read_retrying(r: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
+    loop {
+        match r.read(buf) {
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            other => return other,
+        }
+    }
+}
+
+/// [`TcpListener::accept`] that tries again on `EINTR` (see [`read_retrying`]).
+pub fn accept_retrying(listener: &TcpListener) -> std::io::Result<TcpStream> {
+    loop {
+        match listener.accept() {
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            other => return other.map(|(s, _)| s),
+        }
+    }
+}
+
 /// A deterministic pseudo-random byte stream (splitmix64).
 #[derive(Debug, Clone)]
 pub struct Pattern {
@@ -103,7 +129,7 @@ pub fn serve_connection(mut stream: TcpStream, reply_len: u64) -> std::io::Resul
     let mut buf = vec![0u8; CHUNK];
     let mut received = 0u64;
     loop {
-        let n = stream.read(&mut buf)?;
+        let n = read_retrying(&mut stream, &mut buf)?;
         if n == 0 {
             break;
         }
@@ -133,7 +159,7 @@ pub fn serve(
         socket2::SockRef::from(&listener).set_read_timeout(Some(IO_TIMEOUT))?;
         let mut workers = Vec::with_capacity(connections);
         for _ in 0..connections {
-            let (stream, _) = listener.accept()?;
+            let stream = accept_retrying(&listener)?;
             workers.push(std::thread::spawn(move || {
                 serve_connection(stream, reply_len)
             }));
@@ -202,7 +228,7 @@ pub fn exchange(mut stream: TcpStream, send_len: u64) -> std::io::Result<Exchang
     let mut tail: Vec<u8> = Vec::with_capacity(CHUNK + HASH_LEN);
     let mut payload = 0u64;
     loop {
-        let n = stream.read(&mut buf)?;
+        let n = read_retrying(&mut stream, &mut buf)?;
         if n == 0 {
             break;
         }
@@ -237,6 +263,43 @@ pub fn exchange(mut stream: TcpStream, send_len: u64) -> std::io::Result<Exchang
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Fails with `EINTR` `interrupts` times, then reads from `data`.
+    struct Interrupting<'a> {
+        interrupts: usize,
+        data: &'a [u8],
+    }
+
+    impl Read for Interrupting<'_> {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            if self.interrupts > 0 {
+                self.interrupts -= 1;
+                return Err(std::io::ErrorKind::Interrupted.into());
+            }
+            self.data.read(buf)
+        }
+    }
+
+    #[test]
+    fn read_retrying_rides_over_interrupts_and_passes_other_errors() {
+        let mut r = Interrupting {
+            interrupts: 3,
+            data: b"abc",
+        };
+        let mut buf = [0u8; 8];
+        assert_eq!(read_retrying(&mut r, &mut buf).expect("read"), 3);
+        assert_eq!(&buf[..3], b"abc");
+        assert_eq!(read_retrying(&mut r, &mut buf).expect("eof"), 0);
+
+        struct Reset;
+        impl Read for Reset {
+            fn read(&mut self, _: &mut [u8]) -> std::io::Result<usize> {
+                Err(std::io::ErrorKind::ConnectionReset.into())
+            }
+        }
+        let e = read_retrying(&mut Reset, &mut buf).expect_err("reset");
+        assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset);
+    }
 
     #[test]
     fn pattern_is_deterministic_and_chunking_independent() {

@@ -293,7 +293,7 @@ fn an_expired_node_certificate_makes_the_daemon_not_ready_and_its_peer_refuses_i
         .expect("timeout");
     let _ = stream.write_all(b"hello");
     let mut buf = [0u8; 16];
-    match stream.read(&mut buf) {
+    match traffic::read_retrying(&mut stream, &mut buf) {
         Ok(0) => {}
         Err(e) if e.kind() == ErrorKind::ConnectionReset => {}
         other => panic!("expected a reset connection, got {other:?}"),

@@ -341,7 +341,7 @@ fn refused_destination_resets_the_client() {
     s.set_read_timeout(Some(Duration::from_secs(20)))
         .expect("timeout");
     let mut buf = [0u8; 16];
-    let res = s.read(&mut buf);
+    let res = traffic::read_retrying(&mut s, &mut buf);
     match res {
         Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}"),
         Ok(n) => panic!("expected a reset, read {n} bytes (0 = clean close)"),

@@ -18,7 +18,7 @@
 
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::{IpAddr, SocketAddr, TcpListener};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
@@ -29,7 +29,7 @@ use nodemesh_lab::cni::{NETWORK_NAME, SYSTEM_PLUGIN_DIR};
 use nodemesh_lab::daemon;
 use nodemesh_lab::exec::{Cmd, Output};
 use nodemesh_lab::lab::{self, Lab, LabOptions, PodHandle};
-use nodemesh_lab::metrics;
+use nodemesh_lab::{metrics, traffic};
 use serde_json::Value;
 
 /// Deadline of one podman command (first use initialises its storage).
@@ -258,7 +258,7 @@ fn serve_once(listener: TcpListener, reply: String) -> std::thread::JoinHandle<S
         let mut req = Vec::new();
         let mut buf = [0u8; 1024];
         while !req.windows(4).any(|w| w == b"\r\n\r\n") {
-            let n = s.read(&mut buf).expect("read request");
+            let n = traffic::read_retrying(&mut s, &mut buf).expect("read request");
             assert!(
                 n > 0,
                 "request ended early: {:?}",

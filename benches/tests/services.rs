@@ -8,7 +8,7 @@
 //! every connection with its pod name and a newline, then waits for EOF.
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Write};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -17,6 +17,7 @@ use std::time::Duration;
 
 use nodemesh_lab::lab::{self, Lab, LabOptions, PodHandle};
 use nodemesh_lab::metrics::sum;
+use nodemesh_lab::traffic;
 
 /// Lab prefix naming this branch (`kube`), unique per process and call.
 fn prefix() -> String {
@@ -87,7 +88,7 @@ fn serve(listener: TcpListener, name: &str, stop: &AtomicBool) {
                     let _ = s.write_all(format!("{name}\n").as_bytes());
                     // Hold the connection until the client closes it.
                     let mut sink = [0u8; 64];
-                    while matches!(s.read(&mut sink), Ok(n) if n > 0) {}
+                    while matches!(traffic::read_retrying(&mut s, &mut sink), Ok(n) if n > 0) {}
                 });
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {

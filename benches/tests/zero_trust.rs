@@ -28,7 +28,7 @@ use nodemesh::discovery::model::{
 use nodemesh::identity::{client_config, Credentials};
 use nodemesh::tunnel::header::{read_status, StatusCode, StreamHeader};
 use nodemesh_lab::lab::{Lab, LabOptions, PodHandle};
-use nodemesh_lab::{daemon, metrics, netns, LabError};
+use nodemesh_lab::{daemon, metrics, netns, traffic, LabError};
 
 const TD: &str = "cluster.local";
 const CLIENT_ID: &str = "spiffe://cluster.local/ns/lab/sa/default";
@@ -69,7 +69,7 @@ fn echo(listener: TcpListener) {
             std::thread::spawn(move || {
                 let mut buf = [0u8; 4096];
                 loop {
-                    match c.read(&mut buf) {
+                    match traffic::read_retrying(&mut c, &mut buf) {
                         Ok(0) | Err(_) => return,
                         Ok(n) => {
                             if c.write_all(&buf[..n]).is_err() {
@@ -112,7 +112,7 @@ fn assert_reset(s: &mut TcpStream, what: &str) {
         Ok(()) => {}
     }
     let mut buf = [0u8; 16];
-    match s.read(&mut buf) {
+    match traffic::read_retrying(s, &mut buf) {
         Err(e) if is_reset(&e) => {}
         other => panic!("{what}: expected a reset, got {other:?}"),
     }

@@ -24,6 +24,7 @@ use hdrhistogram::Histogram;
 
 use super::BenchError;
 use crate::netns::in_netns;
+use crate::traffic;
 
 /// Longest any single socket operation may block before the run fails.
 pub const IO_TIMEOUT: Duration = Duration::from_secs(30);
@@ -53,7 +54,7 @@ fn histogram() -> Histogram<u64> {
 }
 
 fn accept(listener: &TcpListener) -> std::io::Result<TcpStream> {
-    let (s, _) = listener.accept()?;
+    let s = traffic::accept_retrying(listener)?;
     s.set_nodelay(true)?;
     s.set_read_timeout(Some(IO_TIMEOUT))?;
     s.set_write_timeout(Some(IO_TIMEOUT))?;
@@ -78,7 +79,7 @@ pub fn sink(listener: TcpListener, conns: usize) -> JoinHandle<std::io::Result<u
                 let mut buf = vec![0u8; CHUNK];
                 let mut total = 0u64;
                 loop {
-                    match s.read(&mut buf)? {
+                    match traffic::read_retrying(&mut s, &mut buf)? {
                         0 => break,
                         n => total += n as u64,
                     }
@@ -125,7 +126,7 @@ pub fn bulk(
                 }
                 s.shutdown(Shutdown::Write)?;
                 let mut rest = [0u8; 64];
-                while s.read(&mut rest)? > 0 {}
+                while traffic::read_retrying(&mut s, &mut rest)? > 0 {}
                 Ok(())
             })
         })
