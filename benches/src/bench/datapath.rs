@@ -2,10 +2,11 @@
 //! across nodes and within a node, measured in the same run; plus tunnel
 //! tuning variants of the cross-node path.
 //!
-//! Two labs are built one after the other: a plain-bridge lab (`--no-mesh`,
-//! 2 nodes x 1 pod) for direct and stunnel, and a meshed lab (2 nodes x 2
-//! pods) for nodemesh. Every path is measured by [`measure`] with the same
-//! load tools ([`super::load`]); proxies' CPU and RSS come from `/proc`.
+//! Two labs are up together: a plain-bridge lab (`--no-mesh`, 2 nodes x 1
+//! pod) for direct and stunnel, and a meshed lab (2 nodes x 2 pods) for
+//! nodemesh. Every path is measured by [`measure_all`] with the same load
+//! tools ([`super::load`]), the paths taking turns within every run of every
+//! figure; proxies' CPU and RSS come from `/proc`.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -201,21 +202,21 @@ fn throughput(
     (spread_opt(&g), spread_opt(&c))
 }
 
-/// Measures the data-path figures of `t` that `only` selects.
-pub fn measure(
+/// Warm-up, idle RSS and memory per idle connection of `t`: the figures
+/// taken before any bulk transfer grows the proxies' heaps.
+fn prelude(
     t: &Target,
     sizes: &Sizes,
     only: &Selection,
+    ticks: f64,
     progress: &mut dyn FnMut(&str),
 ) -> PathResult {
-    let ticks = procfs::clock_ticks();
     let mut r = PathResult {
         key: t.key.clone(),
         label: t.label.clone(),
         proxies: t.proxies.len(),
         ..PathResult::default()
     };
-    let mut errors = Vec::new();
     // Warm-up: establishes the tunnel (nodemesh) and TLS session caches.
     let _ = bulk_once(t, 1, 1 << 20, ticks);
     r.idle_rss_kib = t
@@ -238,7 +239,7 @@ pub fn measure(
     // reuse of freed allocations.
     if !t.proxies.is_empty() && only.figure("idle-mem") {
         let idle = idle_memory(t, sizes.idle_conns);
-        if let Some((sum, by)) = record(&mut errors, "idle connections", idle) {
+        if let Some((sum, by)) = record(&mut r.errors, "idle connections", idle) {
             progress(&format!(
                 "  {}: {} idle connections: {:.0} bytes each over the proxies {:?}",
                 t.key, sizes.idle_conns, sum, by
@@ -247,91 +248,182 @@ pub fn measure(
             r.bytes_per_idle_conn_by_proxy = by;
         }
     }
-    if only.figure("bulk") {
-        (r.throughput1_gbps, r.cpu_per_gb1) =
-            throughput(t, sizes, 1, sizes.bulk_bytes, ticks, &mut errors, progress);
-        (r.throughput8_gbps, r.cpu_per_gb8) =
-            throughput(t, sizes, 8, sizes.bulk8_bytes, ticks, &mut errors, progress);
-    }
+    r
+}
 
-    // Latency at fixed rates.
-    let echo = only.figure("latency").then(|| {
-        t.dst
-            .listen(ECHO_PORT)
-            .map_err(BenchError::from)
-            .and_then(|l| Echo::start(l, sizes.msg_len, false))
-    });
-    if let Some(_echo) = echo.and_then(|e| record(&mut errors, "echo server", e)) {
-        for &rate in &sizes.rates {
-            let mut p = [Vec::new(), Vec::new(), Vec::new()];
-            for run in 1..=sizes.runs.min(3) {
-                let h = load::open_loop(
-                    &t.src.netns,
-                    t.addr(ECHO_PORT),
-                    rate,
-                    Duration::from_secs_f64(sizes.latency_secs),
-                    sizes.msg_len,
-                );
-                if let Some(h) = record(&mut errors, &format!("latency at {rate}/s run {run}"), h) {
-                    let q = load::percentiles_us(&h);
-                    progress(&format!(
-                        "  {}: {rate} req/s run {run}: p50 {:.0} µs, p99 {:.0} µs, p99.9 {:.0} µs",
-                        t.key, q[0], q[1], q[2]
-                    ));
-                    for (v, x) in p.iter_mut().zip(q) {
-                        v.push(x);
+/// Starts one `start` server on `port` per distinct destination pod of
+/// `targets` (direct and stunnel share theirs: stunnel forwards to the same
+/// pod and port). Returns the servers, to be held for the figure, and for
+/// each target whether its server is up; a failure is recorded on the
+/// targets that needed it.
+fn servers<S>(
+    targets: &[Target],
+    results: &mut [PathResult],
+    port: u16,
+    what: &str,
+    start: impl Fn(std::net::TcpListener) -> Result<S, BenchError>,
+) -> (Vec<S>, Vec<bool>) {
+    let mut held = Vec::new();
+    let mut up: Vec<(String, bool)> = Vec::new();
+    let mut ready = Vec::with_capacity(targets.len());
+    for (t, r) in targets.iter().zip(results.iter_mut()) {
+        let ok = match up.iter().find(|(netns, _)| *netns == t.dst.netns) {
+            Some((_, ok)) => *ok,
+            None => {
+                let s = t
+                    .dst
+                    .listen(port)
+                    .map_err(BenchError::from)
+                    .and_then(&start);
+                let s = record(&mut r.errors, what, s);
+                let ok = s.is_some();
+                held.extend(s);
+                up.push((t.dst.netns.clone(), ok));
+                ok
+            }
+        };
+        ready.push(ok);
+    }
+    (held, ready)
+}
+
+/// Measures every figure `only` selects on each of `targets`, interleaved:
+/// each run of a figure visits the targets in turn (A B C, A B C, ...), so
+/// the drift of a shared machine over the minutes of a run falls on every
+/// path alike instead of on whichever path was measured last; the ratios
+/// the targets are stated in compare runs taken seconds apart.
+pub fn measure_all(
+    targets: &[Target],
+    sizes: &Sizes,
+    only: &Selection,
+    progress: &mut dyn FnMut(&str),
+) -> Vec<PathResult> {
+    let ticks = procfs::clock_ticks();
+    let mut rs: Vec<PathResult> = targets
+        .iter()
+        .map(|t| prelude(t, sizes, only, ticks, progress))
+        .collect();
+
+    if only.figure("bulk") {
+        for (streams, bytes) in [(1, sizes.bulk_bytes), (8, sizes.bulk8_bytes)] {
+            let mut g = vec![Vec::new(); targets.len()];
+            let mut c = vec![Vec::new(); targets.len()];
+            for run in 1..=sizes.runs {
+                for (i, t) in targets.iter().enumerate() {
+                    let what = format!("{streams}-stream bulk run {run}");
+                    let got = bulk_once(t, streams, bytes, ticks);
+                    if let Some((gbps, cpu)) = record(&mut rs[i].errors, &what, got) {
+                        progress(&format!(
+                            "  {}: {streams} stream(s) run {run}/{}: {gbps:.2} Gbit/s{}",
+                            t.key,
+                            sizes.runs,
+                            cpu.map_or(String::new(), |c| format!(", {c:.2} CPU-s/GB"))
+                        ));
+                        g[i].push(gbps);
+                        c[i].extend(cpu);
                     }
                 }
             }
-            if let (Some(p50_us), Some(p99_us), Some(p999_us)) =
-                (spread_opt(&p[0]), spread_opt(&p[1]), spread_opt(&p[2]))
-            {
-                r.latency.push(LatencyAtRate {
-                    rate,
-                    p50_us,
-                    p99_us,
-                    p999_us,
-                });
+            for (r, (g, c)) in rs.iter_mut().zip(g.iter().zip(&c)) {
+                if streams == 1 {
+                    (r.throughput1_gbps, r.cpu_per_gb1) = (spread_opt(g), spread_opt(c));
+                } else {
+                    (r.throughput8_gbps, r.cpu_per_gb8) = (spread_opt(g), spread_opt(c));
+                }
+            }
+        }
+    }
+
+    // Latency at fixed rates.
+    if only.figure("latency") {
+        let (_echoes, ready) = servers(targets, &mut rs, ECHO_PORT, "echo server", |l| {
+            Echo::start(l, sizes.msg_len, false)
+        });
+        for &rate in &sizes.rates {
+            let mut p = vec![[Vec::new(), Vec::new(), Vec::new()]; targets.len()];
+            for run in 1..=sizes.runs.min(3) {
+                for (i, t) in targets.iter().enumerate().filter(|(i, _)| ready[*i]) {
+                    let h = load::open_loop(
+                        &t.src.netns,
+                        t.addr(ECHO_PORT),
+                        rate,
+                        Duration::from_secs_f64(sizes.latency_secs),
+                        sizes.msg_len,
+                    );
+                    let what = format!("latency at {rate}/s run {run}");
+                    if let Some(h) = record(&mut rs[i].errors, &what, h) {
+                        let q = load::percentiles_us(&h);
+                        progress(&format!(
+                            "  {}: {rate} req/s run {run}: p50 {:.0} µs, p99 {:.0} µs, p99.9 {:.0} µs",
+                            t.key, q[0], q[1], q[2]
+                        ));
+                        for (v, x) in p[i].iter_mut().zip(q) {
+                            v.push(x);
+                        }
+                    }
+                }
+            }
+            for (r, p) in rs.iter_mut().zip(&p) {
+                if let (Some(p50_us), Some(p99_us), Some(p999_us)) =
+                    (spread_opt(&p[0]), spread_opt(&p[1]), spread_opt(&p[2]))
+                {
+                    r.latency.push(LatencyAtRate {
+                        rate,
+                        p50_us,
+                        p99_us,
+                        p999_us,
+                    });
+                }
             }
         }
     }
 
     // New connections.
-    let seq = only.figure("new-conn").then(|| {
-        t.dst
-            .listen(SEQ_ECHO_PORT)
-            .map_err(BenchError::from)
-            .and_then(|l| Echo::start(l, sizes.msg_len, true))
-    });
-    if let Some(_seq) = seq.and_then(|s| record(&mut errors, "sequential echo server", s)) {
-        let _ = load::new_connections(&t.src.netns, t.addr(SEQ_ECHO_PORT), 5, sizes.msg_len);
-        let (mut p50, mut p99) = (Vec::new(), Vec::new());
+    if only.figure("new-conn") {
+        let (_seq, ready) = servers(
+            targets,
+            &mut rs,
+            SEQ_ECHO_PORT,
+            "sequential echo server",
+            |l| Echo::start(l, sizes.msg_len, true),
+        );
+        for (t, _) in targets.iter().zip(&ready).filter(|(_, ok)| **ok) {
+            let _ = load::new_connections(&t.src.netns, t.addr(SEQ_ECHO_PORT), 5, sizes.msg_len);
+        }
+        let mut p50 = vec![Vec::new(); targets.len()];
+        let mut p99 = vec![Vec::new(); targets.len()];
         for run in 1..=sizes.runs.min(3) {
-            let h = load::new_connections(
-                &t.src.netns,
-                t.addr(SEQ_ECHO_PORT),
-                sizes.new_conns,
-                sizes.msg_len,
-            );
-            if let Some(h) = record(&mut errors, &format!("new connections run {run}"), h) {
-                let q = load::percentiles_us(&h);
-                progress(&format!(
-                    "  {}: new connection run {run}: p50 {:.0} µs, p99 {:.0} µs",
-                    t.key, q[0], q[1]
-                ));
-                p50.push(q[0]);
-                p99.push(q[1]);
+            for (i, t) in targets.iter().enumerate().filter(|(i, _)| ready[*i]) {
+                let h = load::new_connections(
+                    &t.src.netns,
+                    t.addr(SEQ_ECHO_PORT),
+                    sizes.new_conns,
+                    sizes.msg_len,
+                );
+                let what = format!("new connections run {run}");
+                if let Some(h) = record(&mut rs[i].errors, &what, h) {
+                    let q = load::percentiles_us(&h);
+                    progress(&format!(
+                        "  {}: new connection run {run}: p50 {:.0} µs, p99 {:.0} µs",
+                        t.key, q[0], q[1]
+                    ));
+                    p50[i].push(q[0]);
+                    p99[i].push(q[1]);
+                }
             }
         }
-        r.new_conn_p50_us = spread_opt(&p50);
-        r.new_conn_p99_us = spread_opt(&p99);
+        for (r, (p50, p99)) in rs.iter_mut().zip(p50.iter().zip(&p99)) {
+            r.new_conn_p50_us = spread_opt(p50);
+            r.new_conn_p99_us = spread_opt(p99);
+        }
     }
 
-    for e in &errors {
-        progress(&format!("  {}: FAILED {e}", t.key));
+    for (t, r) in targets.iter().zip(&rs) {
+        for e in &r.errors {
+            progress(&format!("  {}: FAILED {e}", t.key));
+        }
     }
-    r.errors = errors;
-    r
+    rs
 }
 
 fn idle_memory(t: &Target, n: usize) -> Result<(f64, Vec<f64>), BenchError> {
@@ -378,13 +470,20 @@ fn up(o: LabOptions, progress: &mut dyn FnMut(&str)) -> Result<Lab, BenchError> 
 }
 
 /// Runs the data-path part (and the tuning variants when asked).
+///
+/// The plain lab (direct, stunnel) and the meshed lab are up together, so
+/// that direct, stunnel and nodemesh across nodes are measured interleaved
+/// ([`measure_all`]); nodemesh within a node follows on a restarted daemon,
+/// then the tuning variants.
 pub fn run(
     opts: &BenchOptions,
     progress: &mut dyn FnMut(&str),
 ) -> Result<(Vec<PathResult>, Vec<TuningResult>), BenchError> {
     let sizes = &opts.sizes;
-    let mut paths = Vec::new();
     let only = &opts.only;
+    let mut targets = Vec::new();
+    // Dropped after the interleaved figures, in this order: stunnel, then its lab.
+    let mut plain: Option<(Option<stunnel::StunnelPair>, Lab)> = None;
     if opts.parts.datapath && (only.path("direct") || only.path("stunnel")) {
         let lab = up(lab_options(opts, "d", 2, 1).no_mesh(), progress)?;
         let (a, b) = (lab.pod(1, 1)?, lab.pod(2, 1)?);
@@ -396,88 +495,98 @@ pub fn run(
             via_stunnel: false,
             proxies: Vec::new(),
         };
+        let mut pair = None;
+        if only.path("stunnel") {
+            let nodemesh = daemon::find_binary(daemon::DAEMON_BIN, opts.bin_dir.as_deref())?;
+            let p = stunnel::start(
+                &nodemesh,
+                &lab.dir().join("stunnel"),
+                &a.netns,
+                &b.netns,
+                b.ip,
+                &[SINK_PORT, ECHO_PORT, SEQ_ECHO_PORT, HOLD_PORT],
+            )?;
+            targets.push(Target {
+                key: "stunnel".into(),
+                label: "stunnel mTLS proxy pair (per-connection TLS, 2 nodes)".into(),
+                proxies: vec![p.client_pid, p.server_pid],
+                via_stunnel: true,
+                ..direct.clone()
+            });
+            pair = Some(p);
+        }
         if only.path("direct") {
-            progress("path direct: pod n1-p1 -> pod n2-p1 across the bridge, no proxy");
-            paths.push(measure(&direct, sizes, only, progress));
+            targets.insert(0, direct);
         }
-        if !only.path("stunnel") {
-            drop(lab);
-            return run_mesh(opts, paths, progress);
-        }
-        progress(
-            "path stunnel: stunnel client in n1-p1 -> TLS 1.3 mTLS -> stunnel server in n2-p1",
-        );
-        let nodemesh = daemon::find_binary(daemon::DAEMON_BIN, opts.bin_dir.as_deref())?;
-        let pair = stunnel::start(
-            &nodemesh,
-            &lab.dir().join("stunnel"),
-            &a.netns,
-            &b.netns,
-            b.ip,
-            &[SINK_PORT, ECHO_PORT, SEQ_ECHO_PORT, HOLD_PORT],
-        )?;
-        let st = Target {
-            key: "stunnel".into(),
-            label: "stunnel mTLS proxy pair (per-connection TLS, 2 nodes)".into(),
-            proxies: vec![pair.client_pid, pair.server_pid],
-            via_stunnel: true,
-            ..direct
+        plain = Some((pair, lab));
+    }
+
+    let meshed = opts.parts.datapath && (only.path("nodemesh-cross") || only.path("nodemesh-same"));
+    let mut mesh = None;
+    if meshed || opts.parts.tuning {
+        let lab = up(lab_options(opts, "m", 2, 2), progress)?;
+        let cross = Target {
+            key: "nodemesh-cross".into(),
+            label: "nodemesh across nodes (pod -> L1 daemon -> QUIC -> L2 daemon -> pod)".into(),
+            src: lab.pod(1, 1)?,
+            dst: lab.pod(2, 1)?,
+            via_stunnel: false,
+            proxies: daemon_pids(&lab, &[1, 2]),
         };
-        paths.push(measure(&st, sizes, only, progress));
+        if opts.parts.datapath && only.path("nodemesh-cross") {
+            targets.push(cross.clone());
+        }
+        mesh = Some((lab, cross));
+    }
+
+    let mut paths = Vec::new();
+    if !targets.is_empty() {
+        let keys: Vec<&str> = targets.iter().map(|t| t.key.as_str()).collect();
+        progress(&format!(
+            "paths {}: measured in turn within every run of every figure",
+            keys.join(", ")
+        ));
+        for t in &targets {
+            progress(&format!("  {}: {}", t.key, t.label));
+        }
+        paths = measure_all(&targets, sizes, only, progress);
+    }
+    if let Some((pair, lab)) = plain {
         drop(pair);
         drop(lab);
     }
-    run_mesh(opts, paths, progress)
-}
 
-/// The meshed lab's part of [`run`]: nodemesh paths and tuning.
-fn run_mesh(
-    opts: &BenchOptions,
-    mut paths: Vec<PathResult>,
-    progress: &mut dyn FnMut(&str),
-) -> Result<(Vec<PathResult>, Vec<TuningResult>), BenchError> {
-    let sizes = &opts.sizes;
-    let only = &opts.only;
     let mut tuning = Vec::new();
-    let meshed = opts.parts.datapath && (only.path("nodemesh-cross") || only.path("nodemesh-same"));
-    if !meshed && !opts.parts.tuning {
-        return Ok((paths, tuning));
-    }
-    let mut lab = up(lab_options(opts, "m", 2, 2), progress)?;
-    let pids = |lab: &Lab, nodes: &[usize]| -> Vec<u32> {
-        nodes.iter().filter_map(|n| lab.daemon_pid(*n)).collect()
-    };
-    let cross = Target {
-        key: "nodemesh-cross".into(),
-        label: "nodemesh across nodes (pod -> L1 daemon -> QUIC -> L2 daemon -> pod)".into(),
-        src: lab.pod(1, 1)?,
-        dst: lab.pod(2, 1)?,
-        via_stunnel: false,
-        proxies: pids(&lab, &[1, 2]),
-    };
-    if opts.parts.datapath && only.path("nodemesh-cross") {
-        progress("path nodemesh-cross: n1-p1 -> n2-p1 through both daemons and the tunnel");
-        paths.push(measure(&cross, sizes, only, progress));
-    }
-    if opts.parts.datapath && only.path("nodemesh-same") {
-        // A fresh daemon, so its memory figures are not those of a heap the
-        // cross-node figures already grew (registrations are restored).
-        lab.restart_daemon(1)?;
-        let same = Target {
-            key: "nodemesh-same".into(),
-            label: "nodemesh within a node (pod -> daemon -> pod)".into(),
-            src: lab.pod(1, 1)?,
-            dst: lab.pod(1, 2)?,
-            via_stunnel: false,
-            proxies: pids(&lab, &[1]),
-        };
-        progress("path nodemesh-same: n1-p1 -> n1-p2 through the node's daemon");
-        paths.push(measure(&same, sizes, only, progress));
-    }
-    if opts.parts.tuning {
-        tuning = tune(lab, &cross, opts, progress)?;
+    if let Some((mut lab, cross)) = mesh {
+        if opts.parts.datapath && only.path("nodemesh-same") {
+            // A fresh daemon, so its memory figures are not those of a heap the
+            // cross-node figures already grew (registrations are restored).
+            lab.restart_daemon(1)?;
+            let same = Target {
+                key: "nodemesh-same".into(),
+                label: "nodemesh within a node (pod -> daemon -> pod)".into(),
+                src: lab.pod(1, 1)?,
+                dst: lab.pod(1, 2)?,
+                via_stunnel: false,
+                proxies: daemon_pids(&lab, &[1]),
+            };
+            progress("path nodemesh-same: n1-p1 -> n1-p2 through the node's daemon");
+            paths.extend(measure_all(
+                std::slice::from_ref(&same),
+                sizes,
+                only,
+                progress,
+            ));
+        }
+        if opts.parts.tuning {
+            tuning = tune(lab, &cross, opts, progress)?;
+        }
     }
     Ok((paths, tuning))
+}
+
+fn daemon_pids(lab: &Lab, nodes: &[usize]) -> Vec<u32> {
+    nodes.iter().filter_map(|n| lab.daemon_pid(*n)).collect()
 }
 
 type Edit = fn(&mut nodemesh::config::Config);

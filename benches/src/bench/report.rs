@@ -560,7 +560,10 @@ pub fn markdown(
     }
     let _ = writeln!(
         o,
-        "\nEvery figure is the median of its runs with the min–max range in parentheses.\n"
+        "\nEvery figure is the median of its runs with the min–max range in parentheses. \
+         Direct, stunnel and nodemesh across nodes take turns within every run of every \
+         figure (run 1 of each, then run 2 of each, ...), so drift of the machine during \
+         the run falls on all three alike; nodemesh within a node follows them.\n"
     );
 
     let _ = writeln!(

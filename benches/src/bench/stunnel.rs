@@ -88,6 +88,17 @@ pub fn config(dir: &Path, role: &str, ports: &[u16], server_ip: Option<Ipv4Addr>
     out
 }
 
+/// Whether `name` is an executable file in a directory of `PATH`.
+fn on_path(name: &str) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    std::env::var_os("PATH").is_some_and(|path| {
+        std::env::split_paths(&path).any(|d| {
+            std::fs::metadata(d.join(name))
+                .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        })
+    })
+}
+
 fn spawn(netns: &str, conf: &Path) -> Result<Child, BenchError> {
     Command::new("ip")
         .args(["netns", "exec", netns, STUNNEL_BIN])
@@ -113,6 +124,18 @@ pub fn start(
     server_ip: Ipv4Addr,
     ports: &[u16],
 ) -> Result<StunnelPair, BenchError> {
+    // `ip netns exec` would start and then fail to find it, which would
+    // look like a pair that never accepts.
+    if !on_path(STUNNEL_BIN) {
+        return Err(BenchError::Measure {
+            what: "the stunnel baseline".into(),
+            problem: format!(
+                "{STUNNEL_BIN} is not on PATH: install Debian's stunnel4 \
+                 (`apt-get install stunnel4`; scripts/bench does), or leave the path out \
+                 with --paths"
+            ),
+        });
+    }
     std::fs::create_dir_all(dir).map_err(|source| BenchError::Io {
         what: format!("creating {}", dir.display()),
         source,
@@ -181,6 +204,12 @@ pub fn start(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn on_path_finds_sh_and_not_a_made_up_name() {
+        assert!(on_path("sh"));
+        assert!(!on_path("nodemesh-no-such-program-4b1d"));
+    }
 
     #[test]
     fn client_and_server_configs() {
