@@ -287,6 +287,40 @@ fn servers<S>(
     (held, ready)
 }
 
+/// `runs` runs of one figure over the `ready` targets, the targets taking
+/// turns within each run. Each value is reported as it comes (`show`); a
+/// failed run is recorded on its target. Returns each target's values.
+#[allow(clippy::too_many_arguments)]
+fn interleaved<T>(
+    targets: &[Target],
+    ready: &[bool],
+    results: &mut [PathResult],
+    runs: usize,
+    figure: &str,
+    mut once: impl FnMut(&Target) -> Result<T, BenchError>,
+    show: impl Fn(&T) -> String,
+    progress: &mut dyn FnMut(&str),
+) -> Vec<Vec<T>> {
+    let mut values: Vec<Vec<T>> = targets.iter().map(|_| Vec::new()).collect();
+    for run in 1..=runs {
+        for (i, t) in targets.iter().enumerate() {
+            if !ready.get(i).copied().unwrap_or(false) {
+                continue;
+            }
+            let what = format!("{figure} run {run}");
+            if let Some(v) = record(&mut results[i].errors, &what, once(t)) {
+                progress(&format!(
+                    "  {}: {figure} run {run}/{runs}: {}",
+                    t.key,
+                    show(&v)
+                ));
+                values[i].push(v);
+            }
+        }
+    }
+    values
+}
+
 /// Measures every figure `only` selects on each of `targets`, interleaved:
 /// each run of a figure visits the targets in turn (A B C, A B C, ...), so
 /// the drift of a shared machine over the minutes of a run falls on every
@@ -305,30 +339,28 @@ pub fn measure_all(
         .collect();
 
     if only.figure("bulk") {
+        let all = vec![true; targets.len()];
         for (streams, bytes) in [(1, sizes.bulk_bytes), (8, sizes.bulk8_bytes)] {
-            let mut g = vec![Vec::new(); targets.len()];
-            let mut c = vec![Vec::new(); targets.len()];
-            for run in 1..=sizes.runs {
-                for (i, t) in targets.iter().enumerate() {
-                    let what = format!("{streams}-stream bulk run {run}");
-                    let got = bulk_once(t, streams, bytes, ticks);
-                    if let Some((gbps, cpu)) = record(&mut rs[i].errors, &what, got) {
-                        progress(&format!(
-                            "  {}: {streams} stream(s) run {run}/{}: {gbps:.2} Gbit/s{}",
-                            t.key,
-                            sizes.runs,
-                            cpu.map_or(String::new(), |c| format!(", {c:.2} CPU-s/GB"))
-                        ));
-                        g[i].push(gbps);
-                        c[i].extend(cpu);
-                    }
-                }
-            }
-            for (r, (g, c)) in rs.iter_mut().zip(g.iter().zip(&c)) {
+            let got = interleaved(
+                targets,
+                &all,
+                &mut rs,
+                sizes.runs,
+                &format!("{streams}-stream bulk"),
+                |t| bulk_once(t, streams, bytes, ticks),
+                |(gbps, cpu)| {
+                    let cpu = cpu.map_or(String::new(), |c| format!(", {c:.2} CPU-s/GB"));
+                    format!("{gbps:.2} Gbit/s{cpu}")
+                },
+                progress,
+            );
+            for (r, got) in rs.iter_mut().zip(got) {
+                let g: Vec<f64> = got.iter().map(|x| x.0).collect();
+                let c: Vec<f64> = got.iter().filter_map(|x| x.1).collect();
                 if streams == 1 {
-                    (r.throughput1_gbps, r.cpu_per_gb1) = (spread_opt(g), spread_opt(c));
+                    (r.throughput1_gbps, r.cpu_per_gb1) = (spread_opt(&g), spread_opt(&c));
                 } else {
-                    (r.throughput8_gbps, r.cpu_per_gb8) = (spread_opt(g), spread_opt(c));
+                    (r.throughput8_gbps, r.cpu_per_gb8) = (spread_opt(&g), spread_opt(&c));
                 }
             }
         }
@@ -340,33 +372,28 @@ pub fn measure_all(
             Echo::start(l, sizes.msg_len, false)
         });
         for &rate in &sizes.rates {
-            let mut p = vec![[Vec::new(), Vec::new(), Vec::new()]; targets.len()];
-            for run in 1..=sizes.runs.min(3) {
-                for (i, t) in targets.iter().enumerate().filter(|(i, _)| ready[*i]) {
-                    let h = load::open_loop(
-                        &t.src.netns,
-                        t.addr(ECHO_PORT),
-                        rate,
-                        Duration::from_secs_f64(sizes.latency_secs),
-                        sizes.msg_len,
-                    );
-                    let what = format!("latency at {rate}/s run {run}");
-                    if let Some(h) = record(&mut rs[i].errors, &what, h) {
-                        let q = load::percentiles_us(&h);
-                        progress(&format!(
-                            "  {}: {rate} req/s run {run}: p50 {:.0} µs, p99 {:.0} µs, p99.9 {:.0} µs",
-                            t.key, q[0], q[1], q[2]
-                        ));
-                        for (v, x) in p[i].iter_mut().zip(q) {
-                            v.push(x);
-                        }
-                    }
-                }
-            }
-            for (r, p) in rs.iter_mut().zip(&p) {
-                if let (Some(p50_us), Some(p99_us), Some(p999_us)) =
-                    (spread_opt(&p[0]), spread_opt(&p[1]), spread_opt(&p[2]))
-                {
+            let got = interleaved(
+                targets,
+                &ready,
+                &mut rs,
+                sizes.runs.min(3),
+                &format!("latency at {rate} req/s"),
+                |t| {
+                    let secs = Duration::from_secs_f64(sizes.latency_secs);
+                    load::open_loop(&t.src.netns, t.addr(ECHO_PORT), rate, secs, sizes.msg_len)
+                        .map(|h| load::percentiles_us(&h))
+                },
+                |q| {
+                    format!(
+                        "p50 {:.0} µs, p99 {:.0} µs, p99.9 {:.0} µs",
+                        q[0], q[1], q[2]
+                    )
+                },
+                progress,
+            );
+            for (r, q) in rs.iter_mut().zip(got) {
+                let at = |k: usize| spread_opt(&q.iter().map(|q| q[k]).collect::<Vec<_>>());
+                if let (Some(p50_us), Some(p99_us), Some(p999_us)) = (at(0), at(1), at(2)) {
                     r.latency.push(LatencyAtRate {
                         rate,
                         p50_us,
@@ -390,31 +417,23 @@ pub fn measure_all(
         for (t, _) in targets.iter().zip(&ready).filter(|(_, ok)| **ok) {
             let _ = load::new_connections(&t.src.netns, t.addr(SEQ_ECHO_PORT), 5, sizes.msg_len);
         }
-        let mut p50 = vec![Vec::new(); targets.len()];
-        let mut p99 = vec![Vec::new(); targets.len()];
-        for run in 1..=sizes.runs.min(3) {
-            for (i, t) in targets.iter().enumerate().filter(|(i, _)| ready[*i]) {
-                let h = load::new_connections(
-                    &t.src.netns,
-                    t.addr(SEQ_ECHO_PORT),
-                    sizes.new_conns,
-                    sizes.msg_len,
-                );
-                let what = format!("new connections run {run}");
-                if let Some(h) = record(&mut rs[i].errors, &what, h) {
-                    let q = load::percentiles_us(&h);
-                    progress(&format!(
-                        "  {}: new connection run {run}: p50 {:.0} µs, p99 {:.0} µs",
-                        t.key, q[0], q[1]
-                    ));
-                    p50[i].push(q[0]);
-                    p99[i].push(q[1]);
-                }
-            }
-        }
-        for (r, (p50, p99)) in rs.iter_mut().zip(p50.iter().zip(&p99)) {
-            r.new_conn_p50_us = spread_opt(p50);
-            r.new_conn_p99_us = spread_opt(p99);
+        let got = interleaved(
+            targets,
+            &ready,
+            &mut rs,
+            sizes.runs.min(3),
+            "new connections",
+            |t| {
+                let addr = t.addr(SEQ_ECHO_PORT);
+                load::new_connections(&t.src.netns, addr, sizes.new_conns, sizes.msg_len)
+                    .map(|h| load::percentiles_us(&h))
+            },
+            |q| format!("p50 {:.0} µs, p99 {:.0} µs", q[0], q[1]),
+            progress,
+        );
+        for (r, q) in rs.iter_mut().zip(got) {
+            r.new_conn_p50_us = spread_opt(&q.iter().map(|q| q[0]).collect::<Vec<_>>());
+            r.new_conn_p99_us = spread_opt(&q.iter().map(|q| q[1]).collect::<Vec<_>>());
         }
     }
 
