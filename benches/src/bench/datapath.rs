@@ -6,7 +6,8 @@
 //! pod) for direct and stunnel, and a meshed lab (2 nodes x 2 pods) for
 //! nodemesh. Every path is measured by [`measure_all`] with the same load
 //! tools ([`super::load`]), the paths taking turns within every run of every
-//! figure; proxies' CPU and RSS come from `/proc`.
+//! figure; proxies' CPU and RSS come from `/proc`. The tuning variants get
+//! one meshed lab each, all up at once, and take turns the same way.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -171,35 +172,6 @@ fn record<T>(errors: &mut Vec<String>, what: &str, r: Result<T, BenchError>) -> 
 
 fn spread_opt(values: &[f64]) -> Option<Spread> {
     Spread::of(values)
-}
-
-fn throughput(
-    t: &Target,
-    sizes: &Sizes,
-    streams: usize,
-    bytes: u64,
-    ticks: f64,
-    errors: &mut Vec<String>,
-    progress: &mut dyn FnMut(&str),
-) -> (Option<Spread>, Option<Spread>) {
-    let (mut g, mut c) = (Vec::new(), Vec::new());
-    for run in 1..=sizes.runs {
-        if let Some((gbps, cpu)) = record(
-            errors,
-            &format!("{streams}-stream bulk run {run}"),
-            bulk_once(t, streams, bytes, ticks),
-        ) {
-            progress(&format!(
-                "  {}: {streams} stream(s) run {run}/{}: {gbps:.2} Gbit/s{}",
-                t.key,
-                sizes.runs,
-                cpu.map_or(String::new(), |c| format!(", {c:.2} CPU-s/GB"))
-            ));
-            g.push(gbps);
-            c.extend(cpu);
-        }
-    }
-    (spread_opt(&g), spread_opt(&c))
 }
 
 /// Warm-up, idle RSS and memory per idle connection of `t`: the figures
@@ -542,7 +514,7 @@ pub fn run(
 
     let meshed = opts.parts.datapath && (only.path("nodemesh-cross") || only.path("nodemesh-same"));
     let mut mesh = None;
-    if meshed || opts.parts.tuning {
+    if meshed {
         let lab = up(lab_options(opts, "m", 2, 2), progress)?;
         let cross = Target {
             key: "nodemesh-cross".into(),
@@ -555,7 +527,7 @@ pub fn run(
         if opts.parts.datapath && only.path("nodemesh-cross") {
             targets.push(cross.clone());
         }
-        mesh = Some((lab, cross));
+        mesh = Some(lab);
     }
 
     let mut paths = Vec::new();
@@ -575,8 +547,7 @@ pub fn run(
         drop(lab);
     }
 
-    let mut tuning = Vec::new();
-    if let Some((mut lab, cross)) = mesh {
+    if let Some(mut lab) = mesh {
         if opts.parts.datapath && only.path("nodemesh-same") {
             // A fresh daemon, so its memory figures are not those of a heap the
             // cross-node figures already grew (registrations are restored).
@@ -597,10 +568,12 @@ pub fn run(
                 progress,
             ));
         }
-        if opts.parts.tuning {
-            tuning = tune(lab, &cross, opts, progress)?;
-        }
     }
+    let tuning = if opts.parts.tuning {
+        tune(opts, progress)?
+    } else {
+        Vec::new()
+    };
     Ok((paths, tuning))
 }
 
@@ -677,105 +650,136 @@ fn variants() -> Vec<Variant> {
     ]
 }
 
+/// The tuning variants, interleaved like the paths: one meshed lab per
+/// variant (prefix plus `t<index>`), all up at once, each with its daemons
+/// configured for its variant; every run of every figure then visits the
+/// variants in turn, so that a variant measured late in the run is not
+/// favoured or penalised by the machine's drift.
 fn tune(
-    mut lab: Lab,
-    cross: &Target,
     opts: &BenchOptions,
     progress: &mut dyn FnMut(&str),
 ) -> Result<Vec<TuningResult>, BenchError> {
     let sizes = &opts.sizes;
     let ticks = procfs::clock_ticks();
-    let mut out = Vec::new();
     let chosen = |name: &str| {
         opts.variants.is_empty() || opts.variants.iter().any(|v| name.contains(v.as_str()))
     };
-    for (variant, default, edit, same_node) in variants().into_iter().filter(|v| chosen(v.0)) {
-        progress(&format!("tuning: {variant}"));
-        let mut errors = Vec::new();
+    let variants: Vec<Variant> = variants().into_iter().filter(|v| chosen(v.0)).collect();
+    let mut labs = Vec::with_capacity(variants.len());
+    let mut targets = Vec::with_capacity(variants.len());
+    for (i, (variant, _, edit, same_node)) in variants.iter().enumerate() {
+        let key = format!("v{i}");
+        progress(&format!("tuning {key}: {variant}"));
+        let mut lab = up(lab_options(opts, &format!("t{i}"), 2, 2), progress)?;
         for node in [1, 2] {
             lab.update_config(node, |c| {
-                c.tunnel = nodemesh::config::TunnelConfig::default();
                 if let Some(mtu) = opts.underlay_mtu {
                     // As the lab sets it (IPv4 underlay).
                     c.tunnel.max_udp_payload = u16::try_from(mtu.saturating_sub(28))
                         .unwrap_or(65527)
                         .min(65527);
                 }
-                c.tcp_relay = nodemesh::relay_splice::TcpRelay::default();
-                c.worker_threads = nodemesh::config::Config::default().worker_threads;
                 edit(c);
             })?;
             lab.restart_daemon(node)?;
         }
-        let t = if same_node {
-            Target {
-                key: "nodemesh-same".into(),
-                dst: lab.pod(1, 2)?,
-                proxies: lab.daemon_pid(1).into_iter().collect(),
-                ..cross.clone()
-            }
+        let (dst, nodes): (_, &[usize]) = if *same_node {
+            (lab.pod(1, 2)?, &[1])
         } else {
-            Target {
-                proxies: [1, 2].iter().filter_map(|n| lab.daemon_pid(*n)).collect(),
-                ..cross.clone()
-            }
+            (lab.pod(2, 1)?, &[1, 2])
         };
+        let t = Target {
+            key,
+            label: (*variant).to_owned(),
+            src: lab.pod(1, 1)?,
+            dst,
+            via_stunnel: false,
+            proxies: daemon_pids(&lab, nodes),
+        };
+        // Warm-up: the tunnel up before the first measured run.
         let _ = bulk_once(&t, 1, 1 << 20, ticks);
-        // At most 3 runs per variant: nine variants at five runs would
-        // double the length of a full run.
-        let tuning_sizes = Sizes {
-            runs: sizes.runs.min(3),
-            ..sizes.clone()
-        };
-        let (g, c) = throughput(
-            &t,
-            &tuning_sizes,
-            1,
-            sizes.bulk_bytes,
-            ticks,
-            &mut errors,
+        targets.push(t);
+        labs.push(lab);
+    }
+    if targets.is_empty() {
+        return Ok(Vec::new());
+    }
+    progress(&format!(
+        "tuning: {} variants measured in turn within every run",
+        targets.len()
+    ));
+    let mut rs: Vec<PathResult> = targets
+        .iter()
+        .map(|t| PathResult {
+            key: t.key.clone(),
+            ..PathResult::default()
+        })
+        .collect();
+    // At most 3 runs per variant: a dozen variants at five runs would double
+    // the length of a full run.
+    let runs = sizes.runs.min(3);
+    let all = vec![true; targets.len()];
+    let mut bulk = Vec::new();
+    for (streams, bytes) in [(1, sizes.bulk_bytes), (8, sizes.bulk8_bytes)] {
+        bulk.push(interleaved(
+            &targets,
+            &all,
+            &mut rs,
+            runs,
+            &format!("{streams}-stream bulk"),
+            |t| bulk_once(t, streams, bytes, ticks),
+            |(gbps, cpu)| {
+                let cpu = cpu.map_or(String::new(), |c| format!(", {c:.2} CPU-s/GB"));
+                format!("{gbps:.2} Gbit/s{cpu}")
+            },
+            progress,
+        ));
+    }
+    let mut p50 = vec![Vec::new(); targets.len()];
+    if let Some(&rate) = sizes.rates.first() {
+        let (_echoes, ready) = servers(&targets, &mut rs, ECHO_PORT, "echo server", |l| {
+            Echo::start(l, sizes.msg_len, false)
+        });
+        p50 = interleaved(
+            &targets,
+            &ready,
+            &mut rs,
+            runs,
+            &format!("latency at {rate} req/s"),
+            |t| {
+                let secs = Duration::from_secs_f64(sizes.latency_secs);
+                load::open_loop(&t.src.netns, t.addr(ECHO_PORT), rate, secs, sizes.msg_len)
+                    .map(|h| load::percentiles_us(&h)[0])
+            },
+            |p50| format!("p50 {p50:.0} µs"),
             progress,
         );
-        let (g8, c8) = throughput(
-            &t,
-            &tuning_sizes,
-            8,
-            sizes.bulk8_bytes,
-            ticks,
-            &mut errors,
-            progress,
-        );
-        let mut p50 = Vec::new();
-        let echo = t
-            .dst
-            .listen(ECHO_PORT)
-            .map_err(BenchError::from)
-            .and_then(|l| Echo::start(l, sizes.msg_len, false));
-        if let (Some(_echo), Some(&rate)) = (record(&mut errors, "echo", echo), sizes.rates.first())
-        {
-            for run in 1..=sizes.runs.min(3) {
-                let h = load::open_loop(
-                    &t.src.netns,
-                    t.addr(ECHO_PORT),
-                    rate,
-                    Duration::from_secs_f64(sizes.latency_secs),
-                    sizes.msg_len,
-                );
-                if let Some(h) = record(&mut errors, &format!("latency run {run}"), h) {
-                    p50.push(load::percentiles_us(&h)[0]);
-                }
-            }
-        }
+    }
+    drop(labs);
+    let split = |got: &[(f64, Option<f64>)]| {
+        let g: Vec<f64> = got.iter().map(|x| x.0).collect();
+        let c: Vec<f64> = got.iter().filter_map(|x| x.1).collect();
+        (spread_opt(&g), spread_opt(&c))
+    };
+    let mut out = Vec::with_capacity(targets.len());
+    for (i, ((variant, default, _, same_node), r)) in variants.iter().zip(rs).enumerate() {
+        let (g, c) = bulk.first().map_or((None, None), |b| split(&b[i]));
+        let (g8, c8) = bulk.get(1).map_or((None, None), |b| split(&b[i]));
         out.push(TuningResult {
-            path: t.key.clone(),
-            variant: variant.into(),
-            default,
+            path: if *same_node {
+                "nodemesh-same"
+            } else {
+                "nodemesh-cross"
+            }
+            .into(),
+            variant: (*variant).into(),
+            default: *default,
             throughput1_gbps: g,
             cpu_per_gb1: c,
             throughput8_gbps: g8,
             cpu_per_gb8: c8,
-            p50_us: spread_opt(&p50),
-            errors,
+            p50_us: spread_opt(&p50[i]),
+            errors: r.errors,
         });
     }
     Ok(out)
