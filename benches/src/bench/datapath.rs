@@ -21,6 +21,7 @@ use super::stunnel;
 use super::{BenchError, BenchOptions, Selection, Sizes};
 use crate::daemon;
 use crate::lab::{Lab, LabOptions, PodHandle};
+use crate::topology::MAX_PREFIX_LEN;
 
 const SINK_PORT: u16 = 9000;
 const ECHO_PORT: u16 = 9001;
@@ -472,6 +473,7 @@ pub fn run(
 ) -> Result<(Vec<PathResult>, Vec<TuningResult>), BenchError> {
     let sizes = &opts.sizes;
     let only = &opts.only;
+    check_prefix_room(opts)?;
     let mut targets = Vec::new();
     // Dropped after the interleaved figures, in this order: stunnel, then its lab.
     let mut plain: Option<(Option<stunnel::StunnelPair>, Lab)> = None;
@@ -577,6 +579,30 @@ pub fn run(
     Ok((paths, tuning))
 }
 
+/// Fails before any lab is built if the prefix leaves no room for the
+/// labs' suffixes (`d`, `m`, and `t0`.. for the tuning variants).
+fn check_prefix_room(opts: &BenchOptions) -> Result<(), BenchError> {
+    let tuning = if opts.parts.tuning {
+        format!("t{}", chosen_variants(opts).len().saturating_sub(1))
+    } else {
+        String::new()
+    };
+    let suffix = if tuning.len() > 1 { tuning } else { "m".into() };
+    let longest = format!("{}{suffix}", opts.prefix);
+    if longest.len() > MAX_PREFIX_LEN {
+        return Err(BenchError::Measure {
+            what: format!("lab prefix {:?}", opts.prefix),
+            problem: format!(
+                "the labs are named prefix + suffix (up to {suffix:?}, so {longest:?}), and a lab \
+                 name has at most {MAX_PREFIX_LEN} characters: use --prefix with at most {} \
+                 characters",
+                MAX_PREFIX_LEN - suffix.len()
+            ),
+        });
+    }
+    Ok(())
+}
+
 fn daemon_pids(lab: &Lab, nodes: &[usize]) -> Vec<u32> {
     nodes.iter().filter_map(|n| lab.daemon_pid(*n)).collect()
 }
@@ -650,6 +676,14 @@ fn variants() -> Vec<Variant> {
     ]
 }
 
+/// The variants `--variants` selects (every one without it).
+fn chosen_variants(opts: &BenchOptions) -> Vec<Variant> {
+    let chosen = |name: &str| {
+        opts.variants.is_empty() || opts.variants.iter().any(|v| name.contains(v.as_str()))
+    };
+    variants().into_iter().filter(|v| chosen(v.0)).collect()
+}
+
 /// The tuning variants, interleaved like the paths: one meshed lab per
 /// variant (prefix plus `t<index>`), all up at once, each with its daemons
 /// configured for its variant; every run of every figure then visits the
@@ -661,10 +695,7 @@ fn tune(
 ) -> Result<Vec<TuningResult>, BenchError> {
     let sizes = &opts.sizes;
     let ticks = procfs::clock_ticks();
-    let chosen = |name: &str| {
-        opts.variants.is_empty() || opts.variants.iter().any(|v| name.contains(v.as_str()))
-    };
-    let variants: Vec<Variant> = variants().into_iter().filter(|v| chosen(v.0)).collect();
+    let variants = chosen_variants(opts);
     let mut labs = Vec::with_capacity(variants.len());
     let mut targets = Vec::with_capacity(variants.len());
     for (i, (variant, _, edit, same_node)) in variants.iter().enumerate() {
@@ -783,4 +814,46 @@ fn tune(
         });
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bench::Parts;
+
+    fn opts(prefix: &str, tuning: bool, variants: &[&str]) -> BenchOptions {
+        BenchOptions {
+            prefix: prefix.into(),
+            bin_dir: None,
+            docs_dir: "docs".into(),
+            sizes: Sizes::quick(),
+            quick: true,
+            parts: Parts {
+                datapath: true,
+                tuning,
+                cost: false,
+            },
+            command: String::new(),
+            note: None,
+            merge: false,
+            only: Selection::default(),
+            underlay_mtu: None,
+            variants: variants.iter().map(|v| (*v).to_owned()).collect(),
+        }
+    }
+
+    #[test]
+    fn the_prefix_must_leave_room_for_every_lab_suffix() {
+        let all = variants().len();
+        assert!(all > 10, "the test assumes two-digit tuning suffixes");
+        // nmbench + t12: 10 characters, the limit.
+        check_prefix_room(&opts("nmbench", true, &[])).expect("default prefix fits");
+        let e = check_prefix_room(&opts("nmbench12", true, &[])).expect_err("too long");
+        let text = e.to_string();
+        assert!(text.contains("at most 7 characters"), "{text}");
+        // Without tuning, or with one variant, one more character fits.
+        check_prefix_room(&opts("nmbench12", false, &[])).expect("d/m suffix only");
+        check_prefix_room(&opts("nmbench12", true, &["bbr"])).expect("t0 suffix");
+        check_prefix_room(&opts("nmbench123", false, &[])).expect_err("11 characters");
+    }
 }
