@@ -851,9 +851,11 @@ mod tests {
         let e = check_prefix_room(&opts("nmbench12", true, &[])).expect_err("too long");
         let text = e.to_string();
         assert!(text.contains("at most 7 characters"), "{text}");
-        // Without tuning, or with one variant, one more character fits.
+        // With one variant (suffix t0) one more character fits, and without
+        // tuning (suffixes d and m) two more.
+        check_prefix_room(&opts("nmbench1", true, &["bbr"])).expect("t0 suffix");
+        check_prefix_room(&opts("nmbench12", true, &["bbr"])).expect_err("nmbench12t0");
         check_prefix_room(&opts("nmbench12", false, &[])).expect("d/m suffix only");
-        check_prefix_room(&opts("nmbench12", true, &["bbr"])).expect("t0 suffix");
         check_prefix_room(&opts("nmbench123", false, &[])).expect_err("11 characters");
     }
 }
