@@ -64,7 +64,8 @@ enum Command {
     /// Benchmark: data path against direct and stunnel baselines, tunnel
     /// tuning, node versus sidecar cost; writes docs/benchmarks.md,
     /// docs/benchmarks/results.json and SVG plots. Labs use the prefix plus
-    /// a letter (d, m, c).
+    /// a suffix (d, m, c, and t0.. for the tuning variants, all up at once),
+    /// so the prefix has at most 7 characters for a full run.
     Bench(BenchArgs),
 }
 

@@ -590,14 +590,11 @@ fn check_prefix_room(opts: &BenchOptions) -> Result<(), BenchError> {
     let suffix = if tuning.len() > 1 { tuning } else { "m".into() };
     let longest = format!("{}{suffix}", opts.prefix);
     if longest.len() > MAX_PREFIX_LEN {
-        return Err(BenchError::Measure {
-            what: format!("lab prefix {:?}", opts.prefix),
-            problem: format!(
-                "the labs are named prefix + suffix (up to {suffix:?}, so {longest:?}), and a lab \
-                 name has at most {MAX_PREFIX_LEN} characters: use --prefix with at most {} \
-                 characters",
-                MAX_PREFIX_LEN - suffix.len()
-            ),
+        return Err(BenchError::PrefixTooLong {
+            prefix: opts.prefix.clone(),
+            longest,
+            max_len: MAX_PREFIX_LEN,
+            fits: MAX_PREFIX_LEN - suffix.len(),
         });
     }
     Ok(())
@@ -849,8 +846,10 @@ mod tests {
         // nmbench + t12: 10 characters, the limit.
         check_prefix_room(&opts("nmbench", true, &[])).expect("default prefix fits");
         let e = check_prefix_room(&opts("nmbench12", true, &[])).expect_err("too long");
-        let text = e.to_string();
-        assert!(text.contains("at most 7 characters"), "{text}");
+        assert!(
+            matches!(e, BenchError::PrefixTooLong { fits: 7, .. }),
+            "{e}"
+        );
         // With one variant (suffix t0) one more character fits, and without
         // tuning (suffixes d and m) two more.
         check_prefix_room(&opts("nmbench1", true, &["bbr"])).expect("t0 suffix");

@@ -37,6 +37,23 @@ pub enum BenchError {
         /// Why.
         source: std::io::Error,
     },
+    /// The lab prefix leaves no room for the suffixes of the labs a run
+    /// builds (`d`, `m`, `c`, and `t0`.. for the tuning variants).
+    #[error(
+        "prefix {prefix:?} is too long for this run: its labs are named prefix + suffix, up to \
+         {longest:?}, and a lab name has at most {max_len} characters; use --prefix with at \
+         most {fits} characters"
+    )]
+    PrefixTooLong {
+        /// The prefix given.
+        prefix: String,
+        /// The longest lab name the run would build.
+        longest: String,
+        /// The longest lab name allowed.
+        max_len: usize,
+        /// The longest prefix that fits.
+        fits: usize,
+    },
     /// A measurement could not be taken or makes no sense.
     #[error("measuring {what}: {problem}")]
     Measure {
@@ -117,7 +134,7 @@ impl Sizes {
 /// Options of a run.
 #[derive(Debug, Clone, PartialEq)]
 pub struct BenchOptions {
-    /// Namespace prefix (labs use it plus a letter).
+    /// Namespace prefix (labs use it plus a suffix: d, m, c, t0..).
     pub prefix: String,
     /// Where `nodemesh` and `nodemesh-cni` are.
     pub bin_dir: Option<PathBuf>,
