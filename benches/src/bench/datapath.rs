@@ -294,6 +294,40 @@ fn interleaved<T>(
     values
 }
 
+/// `runs` interleaved bulk runs of `streams` x `bytes` over `targets`; per
+/// target, the spread of Gbit/s and of CPU-s/GB.
+fn bulk_interleaved(
+    targets: &[Target],
+    results: &mut [PathResult],
+    runs: usize,
+    streams: usize,
+    bytes: u64,
+    ticks: f64,
+    progress: &mut dyn FnMut(&str),
+) -> Vec<(Option<Spread>, Option<Spread>)> {
+    let all = vec![true; targets.len()];
+    let got = interleaved(
+        targets,
+        &all,
+        results,
+        runs,
+        &format!("{streams}-stream bulk"),
+        |t| bulk_once(t, streams, bytes, ticks),
+        |(gbps, cpu)| {
+            let cpu = cpu.map_or(String::new(), |c| format!(", {c:.2} CPU-s/GB"));
+            format!("{gbps:.2} Gbit/s{cpu}")
+        },
+        progress,
+    );
+    got.iter()
+        .map(|runs| {
+            let g: Vec<f64> = runs.iter().map(|x| x.0).collect();
+            let c: Vec<f64> = runs.iter().filter_map(|x| x.1).collect();
+            (spread_opt(&g), spread_opt(&c))
+        })
+        .collect()
+}
+
 /// Measures every figure `only` selects on each of `targets`, interleaved:
 /// each run of a figure visits the targets in turn (A B C, A B C, ...), so
 /// the drift of a shared machine over the minutes of a run falls on every
@@ -312,28 +346,15 @@ pub fn measure_all(
         .collect();
 
     if only.figure("bulk") {
-        let all = vec![true; targets.len()];
         for (streams, bytes) in [(1, sizes.bulk_bytes), (8, sizes.bulk8_bytes)] {
-            let got = interleaved(
-                targets,
-                &all,
-                &mut rs,
-                sizes.runs,
-                &format!("{streams}-stream bulk"),
-                |t| bulk_once(t, streams, bytes, ticks),
-                |(gbps, cpu)| {
-                    let cpu = cpu.map_or(String::new(), |c| format!(", {c:.2} CPU-s/GB"));
-                    format!("{gbps:.2} Gbit/s{cpu}")
-                },
-                progress,
+            let got = bulk_interleaved(
+                targets, &mut rs, sizes.runs, streams, bytes, ticks, progress,
             );
-            for (r, got) in rs.iter_mut().zip(got) {
-                let g: Vec<f64> = got.iter().map(|x| x.0).collect();
-                let c: Vec<f64> = got.iter().filter_map(|x| x.1).collect();
+            for (r, spreads) in rs.iter_mut().zip(got) {
                 if streams == 1 {
-                    (r.throughput1_gbps, r.cpu_per_gb1) = (spread_opt(&g), spread_opt(&c));
+                    (r.throughput1_gbps, r.cpu_per_gb1) = spreads;
                 } else {
-                    (r.throughput8_gbps, r.cpu_per_gb8) = (spread_opt(&g), spread_opt(&c));
+                    (r.throughput8_gbps, r.cpu_per_gb8) = spreads;
                 }
             }
         }
@@ -746,21 +767,10 @@ fn tune(
     // At most 3 runs per variant: a dozen variants at five runs would double
     // the length of a full run.
     let runs = sizes.runs.min(3);
-    let all = vec![true; targets.len()];
     let mut bulk = Vec::new();
     for (streams, bytes) in [(1, sizes.bulk_bytes), (8, sizes.bulk8_bytes)] {
-        bulk.push(interleaved(
-            &targets,
-            &all,
-            &mut rs,
-            runs,
-            &format!("{streams}-stream bulk"),
-            |t| bulk_once(t, streams, bytes, ticks),
-            |(gbps, cpu)| {
-                let cpu = cpu.map_or(String::new(), |c| format!(", {c:.2} CPU-s/GB"));
-                format!("{gbps:.2} Gbit/s{cpu}")
-            },
-            progress,
+        bulk.push(bulk_interleaved(
+            &targets, &mut rs, runs, streams, bytes, ticks, progress,
         ));
     }
     let mut p50 = vec![Vec::new(); targets.len()];
@@ -784,15 +794,10 @@ fn tune(
         );
     }
     drop(labs);
-    let split = |got: &[(f64, Option<f64>)]| {
-        let g: Vec<f64> = got.iter().map(|x| x.0).collect();
-        let c: Vec<f64> = got.iter().filter_map(|x| x.1).collect();
-        (spread_opt(&g), spread_opt(&c))
-    };
     let mut out = Vec::with_capacity(targets.len());
     for (i, ((variant, default, _, same_node), r)) in variants.iter().zip(rs).enumerate() {
-        let (g, c) = bulk.first().map_or((None, None), |b| split(&b[i]));
-        let (g8, c8) = bulk.get(1).map_or((None, None), |b| split(&b[i]));
+        let (g, c) = bulk.first().map_or((None, None), |b| b[i].clone());
+        let (g8, c8) = bulk.get(1).map_or((None, None), |b| b[i].clone());
         out.push(TuningResult {
             path: if *same_node {
                 "nodemesh-same"
