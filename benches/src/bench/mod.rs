@@ -54,6 +54,19 @@ pub enum BenchError {
         /// The longest prefix that fits.
         fits: usize,
     },
+    /// A baseline's program is not installed.
+    #[error(
+        "{program} is not on PATH: install Debian's {package} (`apt-get install {package}`; \
+         scripts/bench does), or leave the {path} path out with --paths"
+    )]
+    BaselineMissing {
+        /// The program looked for.
+        program: &'static str,
+        /// The Debian package that has it.
+        package: &'static str,
+        /// The path it is the baseline of.
+        path: &'static str,
+    },
     /// A measurement could not be taken or makes no sense.
     #[error("measuring {what}: {problem}")]
     Measure {

@@ -127,13 +127,10 @@ pub fn start(
     // `ip netns exec` would start and then fail to find it, which would
     // look like a pair that never accepts.
     if !on_path(STUNNEL_BIN) {
-        return Err(BenchError::Measure {
-            what: "the stunnel baseline".into(),
-            problem: format!(
-                "{STUNNEL_BIN} is not on PATH: install Debian's stunnel4 \
-                 (`apt-get install stunnel4`; scripts/bench does), or leave the path out \
-                 with --paths"
-            ),
+        return Err(BenchError::BaselineMissing {
+            program: STUNNEL_BIN,
+            package: "stunnel4",
+            path: "stunnel",
         });
     }
     std::fs::create_dir_all(dir).map_err(|source| BenchError::Io {
