@@ -547,8 +547,9 @@ pub fn run(
             via_stunnel: false,
             proxies: daemon_pids(&lab, &[1, 2]),
         };
-        if opts.parts.datapath && only.path("nodemesh-cross") {
-            targets.push(cross.clone());
+        // `meshed` implies the data-path part is on.
+        if only.path("nodemesh-cross") {
+            targets.push(cross);
         }
         mesh = Some(lab);
     }
@@ -571,7 +572,7 @@ pub fn run(
     }
 
     if let Some(mut lab) = mesh {
-        if opts.parts.datapath && only.path("nodemesh-same") {
+        if only.path("nodemesh-same") {
             // A fresh daemon, so its memory figures are not those of a heap the
             // cross-node figures already grew (registrations are restored).
             lab.restart_daemon(1)?;
