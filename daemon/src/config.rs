@@ -172,6 +172,11 @@ pub struct TunnelConfig {
     /// Congestion controller: `cubic` (default, quinn's default),
     /// `new_reno` or `bbr` (quinn's BBR is experimental).
     pub congestion: Congestion,
+    /// ACK frequency (draft-ietf-quic-ack-frequency): how many
+    /// ack-eliciting packets the peer may receive before it must send an
+    /// ACK. Unset (the default) leaves the extension off: an ACK every
+    /// second packet, as RFC 9000 says.
+    pub ack_eliciting_threshold: Option<u32>,
 }
 
 /// QUIC congestion controllers.
@@ -286,6 +291,7 @@ impl Default for TunnelConfig {
             max_udp_payload: 1452,
             initial_mtu: 1200,
             congestion: Congestion::Cubic,
+            ack_eliciting_threshold: None,
         }
     }
 }

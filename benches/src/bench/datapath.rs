@@ -686,6 +686,9 @@ fn variants() -> Vec<Variant> {
             |c| c.tunnel.initial_mtu = c.tunnel.max_udp_payload,
             false,
         ),
+        ("ACK frequency extension: an ACK every 11th packet (ack_eliciting_threshold 10)", false, |c| {
+            c.tunnel.ack_eliciting_threshold = Some(10);
+        }, false),
         ("same node, tcp_relay: copy (64 KiB buffer, epoll)", true, |c| {
             c.tcp_relay = TcpRelay::Copy;
         }, true),

@@ -229,6 +229,11 @@ pub fn transport_config(cfg: &TunnelConfig) -> Result<TransportConfig, TunnelErr
         Congestion::Bbr => Arc::new(congestion::BbrConfig::default()),
     };
     t.congestion_controller_factory(factory);
+    if let Some(n) = cfg.ack_eliciting_threshold {
+        let mut ack = quinn::AckFrequencyConfig::default();
+        ack.ack_eliciting_threshold(VarInt::from_u32(n));
+        t.ack_frequency_config(Some(ack));
+    }
     Ok(t)
 }
 
@@ -1284,6 +1289,35 @@ mod tests {
             })
             .expect("transport config");
         }
+    }
+
+    #[tokio::test]
+    async fn both_sides_with_the_ack_frequency_extension_carry_streams() {
+        let ca = generate_ca(TD, 30).expect("ca");
+        let cfg = TunnelConfig {
+            udp_buffer: 1 << 20,
+            ack_eliciting_threshold: Some(10),
+            ..TunnelConfig::default()
+        };
+        let with_ack_frequency = |name: &str| {
+            let (server, client) = tls(&creds(&ca, name, 30));
+            let tunnels = Arc::new(bind_with(name, &cfg, server, client));
+            let addr = tunnels.endpoint().local_addr().expect("addr");
+            Node { tunnels, addr }
+        };
+        let (a, b) = (with_ack_frequency("n1"), with_ack_frequency("n2"));
+        a.serve();
+        b.serve();
+        let run = async {
+            // More than the threshold's worth of packets each way.
+            let big = vec![7u8; 60_000];
+            let lease = a.tunnels.connection("n2", b.addr).await.expect("dial");
+            echo_on(lease, &big).await;
+            echoes(&b.tunnels, "n1", a.addr, 10).await;
+        };
+        tokio::time::timeout(BOUND, run)
+            .await
+            .expect("bounded test");
     }
 
     #[test]
