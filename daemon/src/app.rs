@@ -265,7 +265,6 @@ impl Daemon {
             shutdown: shutdown.clone(),
             handed_over: CancellationToken::new(),
         });
-        tokio::spawn(inbound::serve_tunnels(proxy.clone()));
 
         let pods = Arc::new(PodManager::new(
             proxy.clone(),
@@ -291,6 +290,14 @@ impl Daemon {
                 config.state_dir.display()
             );
         }
+        // Peers' streams are served only now that every local pod is known
+        // again. A pod restored early may already have dialled a peer, and
+        // that peer sends its own streams for this node on the new tunnel
+        // (it is the preferred one when this node's name sorts lower); served
+        // earlier, a stream for a pod not yet restored would be refused as
+        // not meshed here. Until now those streams, and incoming tunnels,
+        // wait in quinn's queues.
+        tokio::spawn(inbound::serve_tunnels(proxy.clone()));
         let cni = CniServer::new(pods.clone(), ready.clone(), shutdown.clone());
         let (cni_listener, cni_file) = cni_server::bind(&config.cni_socket).map_err(io_err(
             format!("binding the CNI socket {}", config.cni_socket.display()),
