@@ -87,8 +87,27 @@ impl Spares {
 
 impl Netns {
     /// Opens the namespace at `path` (such as `/run/netns/x` or `/proc/PID/ns/net`).
+    ///
+    /// Never blocks: the open is non-blocking (a FIFO at `path` would
+    /// otherwise hold the calling thread, an async worker, until a writer
+    /// came), and anything but a namespace file (nsfs) is refused with
+    /// [`io::ErrorKind::InvalidInput`].
     pub fn open(path: &Path) -> io::Result<Self> {
-        let file = File::open(path)?;
+        use std::os::unix::fs::OpenOptionsExt;
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(nix::libc::O_NONBLOCK)
+            .open(path)?;
+        let fs = nix::sys::statfs::fstatfs(&file).map_err(io::Error::from)?;
+        if fs.filesystem_type() != nix::sys::statfs::NSFS_MAGIC {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "{} is not a namespace file (expected /proc/PID/ns/net or a bind mount of one, such as /run/netns/NAME)",
+                    path.display()
+                ),
+            ));
+        }
         Ok(Self {
             path: path.to_owned(),
             file: Some(Arc::new(file)),
@@ -356,5 +375,21 @@ mod tests {
     async fn worker_refuses_missing_namespace() {
         let err = Netns::open(Path::new("/nonexistent/netns")).expect_err("missing");
         assert_eq!(err.kind(), io::ErrorKind::NotFound);
+    }
+
+    #[test]
+    fn a_path_that_is_not_a_namespace_is_refused_without_blocking() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        // A FIFO: a blocking open would wait here for a writer forever.
+        let fifo = dir.path().join("fifo");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).expect("mkfifo");
+        let file = dir.path().join("file");
+        std::fs::write(&file, b"not a netns").expect("write");
+        for path in [&fifo, &file] {
+            let err = Netns::open(path).expect_err("not a namespace");
+            assert_eq!(err.kind(), io::ErrorKind::InvalidInput, "{err}");
+            assert!(err.to_string().contains("is not a namespace file"), "{err}");
+        }
+        Netns::open(Path::new("/proc/self/ns/net")).expect("this process's netns");
     }
 }
