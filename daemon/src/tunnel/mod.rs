@@ -911,13 +911,7 @@ mod tests {
             max_udp_payload: 8972,
             ..TunnelConfig::default()
         };
-        let mk = |name: &str| {
-            let (server, client) = tls(&creds(&ca, name, 30));
-            let tunnels = Arc::new(bind_with(name, &cfg, server, client));
-            let addr = tunnels.endpoint().local_addr().expect("addr");
-            Node { tunnels, addr }
-        };
-        let (n1, n2) = (mk("n1"), mk("n2"));
+        let (n1, n2) = (node_with(&ca, "n1", &cfg), node_with(&ca, "n2", &cfg));
         n1.serve();
         n2.serve();
         let run = async {
@@ -949,6 +943,14 @@ mod tests {
 
     fn node(ca: &GeneratedCa, name: &str) -> Node {
         let tunnels = Arc::new(bind(&creds(ca, name, 30), name));
+        let addr = tunnels.endpoint().local_addr().expect("addr");
+        Node { tunnels, addr }
+    }
+
+    /// A node with the transport settings of `cfg`.
+    fn node_with(ca: &GeneratedCa, name: &str, cfg: &TunnelConfig) -> Node {
+        let (server, client) = tls(&creds(ca, name, 30));
+        let tunnels = Arc::new(bind_with(name, cfg, server, client));
         let addr = tunnels.endpoint().local_addr().expect("addr");
         Node { tunnels, addr }
     }
@@ -1299,13 +1301,7 @@ mod tests {
             ack_eliciting_threshold: Some(10),
             ..TunnelConfig::default()
         };
-        let with_ack_frequency = |name: &str| {
-            let (server, client) = tls(&creds(&ca, name, 30));
-            let tunnels = Arc::new(bind_with(name, &cfg, server, client));
-            let addr = tunnels.endpoint().local_addr().expect("addr");
-            Node { tunnels, addr }
-        };
-        let (a, b) = (with_ack_frequency("n1"), with_ack_frequency("n2"));
+        let (a, b) = (node_with(&ca, "n1", &cfg), node_with(&ca, "n2", &cfg));
         a.serve();
         b.serve();
         let run = async {
