@@ -177,6 +177,13 @@ pub struct TunnelConfig {
     /// ACK. Unset (the default) leaves the extension off: an ACK every
     /// second packet, as RFC 9000 says.
     pub ack_eliciting_threshold: Option<u32>,
+    /// UDP generic segmentation offload: quinn hands the kernel one buffer of
+    /// up to 64 KiB of same-sized packets per `sendmsg`. Default true. Turn
+    /// it off only where a driver or a packet inspection tool mishandles UDP
+    /// GSO (quinn also turns it off by itself when the kernel refuses it, at
+    /// the cost of some packet loss at start); without it every packet is its
+    /// own system call.
+    pub segmentation_offload: bool,
 }
 
 /// QUIC congestion controllers.
@@ -292,6 +299,7 @@ impl Default for TunnelConfig {
             initial_mtu: 1200,
             congestion: Congestion::Cubic,
             ack_eliciting_threshold: None,
+            segmentation_offload: true,
         }
     }
 }

@@ -689,6 +689,12 @@ fn variants() -> Vec<Variant> {
         ("ACK frequency extension: an ACK every 11th packet (ack_eliciting_threshold 10)", false, |c| {
             c.tunnel.ack_eliciting_threshold = Some(10);
         }, false),
+        (
+            "GSO off (segmentation_offload: false): one sendmsg per packet",
+            false,
+            |c| c.tunnel.segmentation_offload = false,
+            false,
+        ),
         ("same node, tcp_relay: copy (64 KiB buffer, epoll)", true, |c| {
             c.tcp_relay = TcpRelay::Copy;
         }, true),

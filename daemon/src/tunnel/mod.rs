@@ -218,7 +218,7 @@ pub fn transport_config(cfg: &TunnelConfig) -> Result<TransportConfig, TunnelErr
                 }
             })?,
         ))
-        .enable_segmentation_offload(true)
+        .enable_segmentation_offload(cfg.segmentation_offload)
         .initial_mtu(cfg.initial_mtu);
     let mut mtu = MtuDiscoveryConfig::default();
     mtu.upper_bound(cfg.max_udp_payload);
@@ -1294,11 +1294,12 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn both_sides_with_the_ack_frequency_extension_carry_streams() {
+    async fn both_sides_with_ack_frequency_on_and_gso_off_carry_streams() {
         let ca = generate_ca(TD, 30).expect("ca");
         let cfg = TunnelConfig {
             udp_buffer: 1 << 20,
             ack_eliciting_threshold: Some(10),
+            segmentation_offload: false,
             ..TunnelConfig::default()
         };
         let (a, b) = (node_with(&ca, "n1", &cfg), node_with(&ca, "n2", &cfg));
