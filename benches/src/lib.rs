@@ -22,6 +22,7 @@ pub mod bench;
 pub mod certs;
 pub mod cni;
 pub mod daemon;
+pub mod dashboard;
 pub mod demo;
 pub mod error;
 pub mod exec;

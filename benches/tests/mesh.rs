@@ -17,7 +17,7 @@ use nodemesh::config::TlsConfig;
 use nodemesh::identity::{self, certs, Credentials};
 use nodemesh_lab::lab::{self, Lab, LabOptions};
 use nodemesh_lab::metrics::{sum, Sample};
-use nodemesh_lab::{netns, traffic};
+use nodemesh_lab::{dashboard, netns, traffic};
 
 const MIB: u64 = 1 << 20;
 const TD: &str = "cluster.local";
@@ -85,6 +85,25 @@ fn cross_node_64_mib_each_way_is_byte_identical_through_both_daemons() {
                 &edge(reporter)
             ),
             1.0
+        );
+    }
+
+    // The shipped Grafana dashboard queries these daemons' real series.
+    let text = std::fs::read_to_string(dashboard::path()).expect("read the dashboard");
+    let dash: serde_json::Value = serde_json::from_str(&text).expect("dashboard JSON");
+    let declared = dashboard::declared_metric_names().expect("daemon sources");
+    let scraped: Vec<Sample> = n1.iter().chain(&n2).cloned().collect();
+    let problems = dashboard::problems(&dash, &scraped, &declared);
+    assert!(problems.is_empty(), "dashboard problems: {problems:#?}");
+    for metric in [
+        "nodemesh_connections_opened_total",
+        "nodemesh_tcp_bytes_total",
+        "nodemesh_tunnels_open",
+        "nodemesh_pods_registered",
+    ] {
+        assert!(
+            scraped.iter().any(|s| s.name == metric),
+            "{metric} scraped, so the dashboard's labels on it were checked"
         );
     }
 }
