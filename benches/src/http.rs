@@ -1,24 +1,14 @@
 //! A minimal HTTP/1.1 GET, from a socket made inside a network namespace,
-//! for the daemons' admin endpoints (`/ready`, `/metrics`).
+//! for the daemons' admin endpoints (`/ready`, `/metrics`): the daemon
+//! library's client ([`nodemesh::admin_client`]) over a lab socket.
 
-use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use crate::error::LabError;
 use crate::netns::tcp_connect;
 
-/// Largest response accepted (a metrics page of a busy lab is well below).
-pub const MAX_RESPONSE_BYTES: usize = 16 << 20;
-
-/// A parsed response.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Response {
-    /// Status code.
-    pub status: u16,
-    /// Body (de-chunked).
-    pub body: String,
-}
+pub use nodemesh::admin_client::{Response, MAX_RESPONSE_BYTES};
 
 /// `GET path` on `addr`, connecting from inside `netns`, within `timeout`.
 pub fn get(
@@ -27,132 +17,13 @@ pub fn get(
     path: &str,
     timeout: Duration,
 ) -> Result<Response, LabError> {
-    let fail = |problem: String| LabError::Http {
-        netns: netns.to_owned(),
-        addr,
-        path: path.to_owned(),
-        problem,
-    };
-    let mut stream = tcp_connect(netns, addr, timeout)?;
-    stream
-        .set_read_timeout(Some(timeout))
-        .and_then(|()| stream.set_write_timeout(Some(timeout)))
-        .map_err(|e| fail(e.to_string()))?;
-    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-    stream
-        .write_all(request.as_bytes())
-        .map_err(|e| fail(format!("write: {e}")))?;
-    let mut raw = Vec::new();
-    stream
-        .take(MAX_RESPONSE_BYTES as u64 + 1)
-        .read_to_end(&mut raw)
-        .map_err(|e| fail(format!("read: {e}")))?;
-    if raw.len() > MAX_RESPONSE_BYTES {
-        return Err(fail(format!("response over {MAX_RESPONSE_BYTES} bytes")));
-    }
-    parse_response(&raw).map_err(|p| fail(p.to_owned()))
-}
-
-/// Parses a whole `Connection: close` response (content-length, chunked, or to EOF).
-pub fn parse_response(raw: &[u8]) -> Result<Response, &'static str> {
-    let head_end = raw
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .ok_or("no end of headers")?;
-    let head = std::str::from_utf8(&raw[..head_end]).map_err(|_| "headers not UTF-8")?;
-    let body = &raw[head_end + 4..];
-    let mut lines = head.split("\r\n");
-    let status_line = lines.next().ok_or("empty response")?;
-    let mut parts = status_line.split_whitespace();
-    if !parts.next().is_some_and(|v| v.starts_with("HTTP/1.")) {
-        return Err("not an HTTP/1.x status line");
-    }
-    let status: u16 = parts
-        .next()
-        .and_then(|s| s.parse().ok())
-        .ok_or("bad status code")?;
-    let mut chunked = false;
-    let mut length = None;
-    for line in lines {
-        let Some((k, v)) = line.split_once(':') else {
-            return Err("bad header line");
-        };
-        let (k, v) = (k.trim().to_ascii_lowercase(), v.trim());
-        if k == "transfer-encoding" && v.eq_ignore_ascii_case("chunked") {
-            chunked = true;
-        } else if k == "content-length" {
-            length = Some(v.parse::<usize>().map_err(|_| "bad content-length")?);
+    let stream = tcp_connect(netns, addr, timeout)?;
+    nodemesh::admin_client::get_over(stream, addr, path, timeout).map_err(|problem| {
+        LabError::Http {
+            netns: netns.to_owned(),
+            addr,
+            path: path.to_owned(),
+            problem,
         }
-    }
-    let body = if chunked {
-        dechunk(body)?
-    } else if let Some(len) = length {
-        body.get(..len)
-            .ok_or("body shorter than content-length")?
-            .to_vec()
-    } else {
-        body.to_vec()
-    };
-    Ok(Response {
-        status,
-        body: String::from_utf8_lossy(&body).into_owned(),
     })
-}
-
-fn dechunk(mut s: &[u8]) -> Result<Vec<u8>, &'static str> {
-    let mut out = Vec::new();
-    loop {
-        let line_end = s
-            .windows(2)
-            .position(|w| w == b"\r\n")
-            .ok_or("chunk size line unterminated")?;
-        let size_text = std::str::from_utf8(&s[..line_end]).map_err(|_| "bad chunk size")?;
-        let size_text = size_text.split(';').next().unwrap_or("").trim();
-        let size = usize::from_str_radix(size_text, 16).map_err(|_| "bad chunk size")?;
-        s = &s[line_end + 2..];
-        if size == 0 {
-            return Ok(out);
-        }
-        let chunk = s.get(..size).ok_or("chunk shorter than its size")?;
-        out.extend_from_slice(chunk);
-        s = s.get(size + 2..).ok_or("chunk not terminated")?;
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn content_length_body() {
-        let r = parse_response(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhello").expect("ok");
-        assert_eq!(
-            r,
-            Response {
-                status: 200,
-                body: "hello".into()
-            }
-        );
-    }
-
-    #[test]
-    fn chunked_body() {
-        let raw = b"HTTP/1.1 503 Service Unavailable\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2;x=y\r\nde\r\n0\r\n\r\n";
-        let r = parse_response(raw).expect("ok");
-        assert_eq!(r.status, 503);
-        assert_eq!(r.body, "abcde");
-    }
-
-    #[test]
-    fn body_to_eof_and_errors() {
-        assert_eq!(
-            parse_response(b"HTTP/1.0 404 NF\r\n\r\nx")
-                .expect("ok")
-                .body,
-            "x"
-        );
-        assert!(parse_response(b"HTTP/1.1 200 OK\r\n").is_err());
-        assert!(parse_response(b"SSH-2.0\r\n\r\n").is_err());
-        assert!(parse_response(b"HTTP/1.1 200 OK\r\ncontent-length: 9\r\n\r\nab").is_err());
-    }
 }

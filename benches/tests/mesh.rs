@@ -108,6 +108,71 @@ fn cross_node_64_mib_each_way_is_byte_identical_through_both_daemons() {
     }
 }
 
+/// `nodemesh stat`, run as an operator would on a node against both daemons,
+/// shows the cross-node edge carried with mTLS while traffic flows.
+#[test]
+fn nodemesh_stat_shows_the_cross_node_edge_with_mtls_while_traffic_flows() {
+    use std::io::BufRead;
+    let lab = mesh_lab(2, 1);
+    let (client, server) = (lab.pod(1, 1).expect("n1-p1"), lab.pod(2, 1).expect("n2-p1"));
+    let admin = |n: usize| {
+        lab.node(n)
+            .expect("node")
+            .daemon
+            .as_ref()
+            .expect("daemon")
+            .admin
+            .to_string()
+    };
+    let (a1, a2) = (admin(1), admin(2));
+    let netns = lab.node(1).expect("n1").netns.clone();
+    let bin = lab.nodemesh_bin().expect("nodemesh binary").to_owned();
+    let mut stat = std::process::Command::new("ip")
+        .args(["netns", "exec", &netns])
+        .arg(&bin)
+        .args(["stat", "--admin", &a1, "--admin", &a2, "--interval", "3"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run nodemesh stat");
+    // The window starts once both daemons were read the first time.
+    let mut stderr = std::io::BufReader::new(stat.stderr.take().expect("stderr"));
+    let mut line = String::new();
+    stderr.read_line(&mut line).expect("stat's first line");
+    assert!(line.contains("read 2 daemon(s)"), "stat said: {line}");
+    lab.transfer(&client, &server, 8080, 8 * MIB)
+        .expect("8 MiB each way");
+    let out = stat.wait_with_output().expect("stat ends after its window");
+    let text = String::from_utf8_lossy(&out.stdout);
+    eprintln!("{text}");
+    assert!(out.status.success(), "stat failed: {text}");
+    let (src, dst) = (
+        format!("{}/{}", client.namespace, client.name),
+        format!("{}/{}", server.namespace, server.name),
+    );
+    let row = text
+        .lines()
+        .find(|l| l.starts_with(&src) && l.contains(&dst))
+        .unwrap_or_else(|| panic!("no {src} -> {dst} row in:\n{text}"));
+    let cols: Vec<&str> = row.split_whitespace().collect();
+    // SOURCE DESTINATION MTLS ROUTE CONN/S SUCCESS OUT(value unit) IN(value unit) P50 P99
+    assert_eq!(cols[2..4], ["yes", "tunnel"][..], "{row}");
+    let conn_per_s: f64 = cols[4].parse().expect("CONN/S");
+    assert!(conn_per_s > 0.0, "{row}");
+    assert_eq!(cols[5], "100.0%", "{row}");
+    // 8 MiB each way within a window of about 3 s.
+    assert_eq!((cols[7], cols[9]), ("MiB/s", "MiB/s"), "{row}");
+    for a in [&a1, &a2] {
+        let daemon = text
+            .lines()
+            .find(|l| l.starts_with(a.as_str()))
+            .unwrap_or_else(|| panic!("no row for daemon {a} in:\n{text}"));
+        let cols: Vec<&str> = daemon.split_whitespace().collect();
+        assert_eq!(cols[1], "1", "one pod on each node: {daemon}");
+        assert_eq!(cols[3], "1", "one tunnel on each node: {daemon}");
+    }
+}
+
 /// Acceptance 2: Same-node: the same between two pods on one node, and no tunnel is opened.
 #[test]
 fn same_node_64_mib_each_way_opens_no_tunnel() {

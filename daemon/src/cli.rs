@@ -1,4 +1,5 @@
-//! The command line: `nodemesh run` and `nodemesh certs`.
+//! The command line: `nodemesh run`, `nodemesh certs`, `nodemesh stat` and
+//! `nodemesh top`.
 //!
 //! Owns argument parsing and the merge of flags (and their environment
 //! variables) over the config file; the result is a validated [`Config`].
@@ -49,6 +50,53 @@ pub enum Command {
     ///   nodemesh certs node node-1 --dir /etc/nodemesh/tls
     #[command(subcommand)]
     Certs(CertsCommand),
+    /// Golden signals per workload edge, from the metrics of one or many
+    /// daemons, over one window.
+    ///
+    /// Scrapes each daemon's admin address twice, --interval apart, and
+    /// prints for every source -> destination workload with connections in
+    /// the window: connections per second, the share that was relayed
+    /// (SUCCESS; the rest failed before relaying, e.g. no route, denied,
+    /// connect failed), bytes per second each way, p50/p99 of the duration
+    /// of connections that closed (histogram bucket bounds), whether they
+    /// were carried with mTLS and by which route. Then each daemon: pods,
+    /// active connections, tunnels, when its first certificate expires.
+    ///
+    /// Example, the daemons of two nodes:
+    ///   nodemesh stat --admin 10.0.0.1:15020 --admin 10.0.0.2:15020
+    Stat(StatArgs),
+    /// The same as stat, again every --interval until interrupted (Ctrl-C).
+    ///
+    /// Example:
+    ///   nodemesh top --admin 127.0.0.1:15020 --interval 2
+    Top(StatArgs),
+}
+
+/// `nodemesh stat` / `top` flags.
+#[derive(Debug, Args)]
+pub struct StatArgs {
+    /// Admin address of a daemon (its `admin_addr`); repeat for several.
+    #[arg(long = "admin", value_name = "ADDR", default_value = "127.0.0.1:15020")]
+    pub admin: Vec<SocketAddr>,
+    /// Seconds between the two scrapes of a window (0.1 to 3600).
+    #[arg(long, default_value_t = 5.0, value_parser = parse_interval)]
+    pub interval: f64,
+    /// Count each connection as its source node's daemon reports it, or as
+    /// the destination node's does (also sees unmeshed clients and its own
+    /// denials).
+    #[arg(long, value_enum, default_value = "source")]
+    pub reporter: crate::stat::Side,
+}
+
+fn parse_interval(s: &str) -> Result<f64, String> {
+    let v: f64 = s
+        .parse()
+        .map_err(|_| format!("{s:?} is not a number of seconds"))?;
+    if (0.1..=3600.0).contains(&v) {
+        Ok(v)
+    } else {
+        Err(format!("{v} s is out of range: use 0.1 to 3600"))
+    }
 }
 
 /// `nodemesh run` flags; each overrides the config file.

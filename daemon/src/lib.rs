@@ -10,6 +10,7 @@
 //! ([`handover`], over `SO_REUSEPORT` groups steered by [`reuseport`]).
 
 pub mod admin;
+pub mod admin_client;
 pub mod app;
 pub mod balancer;
 pub mod cli;
@@ -25,9 +26,11 @@ pub mod outbound;
 pub mod outbound_service;
 pub mod pods;
 pub mod policy;
+pub mod promtext;
 pub mod proxy;
 pub mod registry;
 pub mod relay;
 pub mod relay_splice;
 pub mod reuseport;
+pub mod stat;
 pub mod tunnel;

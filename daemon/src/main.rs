@@ -38,6 +38,8 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::Stat(args) => stat(&args, false),
+        Command::Top(args) => stat(&args, true),
         Command::Run(args) => {
             limit_malloc_arenas();
             // Configuration is parsed and validated before any runtime starts.
@@ -77,6 +79,18 @@ fn main() -> ExitCode {
                     ExitCode::FAILURE
                 }
             }
+        }
+    }
+}
+
+/// `nodemesh stat` (once) or `nodemesh top` (`repeat`).
+fn stat(args: &nodemesh::cli::StatArgs, repeat: bool) -> ExitCode {
+    let interval = Duration::from_secs_f64(args.interval);
+    match nodemesh::stat::run(&args.admin, interval, args.reporter, repeat) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("nodemesh: {e}");
+            ExitCode::FAILURE
         }
     }
 }
