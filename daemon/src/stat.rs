@@ -132,6 +132,8 @@ pub fn window(
     // Duration histogram deltas per edge: upper bound -> cumulative count.
     let mut buckets: BTreeMap<EdgeKey, BTreeMap<u64, f64>> = BTreeMap::new();
     let seconds = seconds.max(f64::EPSILON);
+    let bucket_name = format!("{}_bucket", m::CONNECTION_DURATION);
+    let relevant = [m::CONNECTIONS_OPENED, m::CONNECTIONS_FAILED, m::TCP_BYTES];
     for (b, a) in before.iter().zip(after) {
         let old: BTreeMap<_, f64> = b.iter().map(|s| (series_id(s), s.value)).collect();
         for s in a {
@@ -139,7 +141,6 @@ pub fn window(
                 continue;
             }
             let delta = increase(old.get(&series_id(s)).copied().unwrap_or(0.0), s.value);
-            let bucket_name = format!("{}_bucket", m::CONNECTION_DURATION);
             if s.name == bucket_name {
                 let le = match s.label("le") {
                     "+Inf" => f64::INFINITY,
@@ -154,7 +155,6 @@ pub fn window(
             }
             let rate = delta / seconds;
             let name = s.name.as_str();
-            let relevant = [m::CONNECTIONS_OPENED, m::CONNECTIONS_FAILED, m::TCP_BYTES];
             if !relevant.contains(&name) {
                 continue;
             }
