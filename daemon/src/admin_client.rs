@@ -29,12 +29,11 @@ pub fn get(addr: SocketAddr, path: &str, timeout: Duration) -> Result<Response, 
 
 /// `GET path` over an already connected `stream` to `addr`.
 pub fn get_over(
-    stream: TcpStream,
+    mut stream: TcpStream,
     addr: SocketAddr,
     path: &str,
     timeout: Duration,
 ) -> Result<Response, String> {
-    let mut stream = stream;
     stream
         .set_read_timeout(Some(timeout))
         .and_then(|()| stream.set_write_timeout(Some(timeout)))
