@@ -61,6 +61,12 @@ pub enum StartError {
         /// Why it failed.
         source: std::io::Error,
     },
+    /// The config asks for a discovery source this build was compiled without.
+    #[error(
+        "discovery.source: `{0}` is not in this build (compiled without the `{0}` cargo feature); \
+         use a release binary or the container image, or set discovery.source: file"
+    )]
+    SourceNotBuilt(&'static str),
 }
 
 fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> StartError {
@@ -195,11 +201,14 @@ impl Daemon {
 
         if config.discovery.source == crate::config::DiscoverySource::Kubernetes {
             // Readiness waits for the first full list of every watched kind.
+            #[cfg(feature = "kubernetes")]
             tokio::spawn(discovery::kubernetes::run_inferred(
                 registry.clone(),
                 ready.clone(),
                 shutdown.clone(),
             ));
+            #[cfg(not(feature = "kubernetes"))]
+            return Err(StartError::SourceNotBuilt("kubernetes"));
         } else {
             // First discovery load before anything dials or accepts, so peers are known.
             let mut last = None;

@@ -5,5 +5,6 @@
 //! API server.
 
 pub mod file;
+#[cfg(feature = "kubernetes")]
 pub mod kubernetes;
 pub mod model;
