@@ -705,6 +705,15 @@ fn malformed_headers_reset_the_stream_with_the_right_status_and_the_daemon_keeps
         .expect("daemon n2 still exits cleanly on SIGTERM");
 }
 
+/// `net.ipv4.tcp_tw_reuse` inside `netns`.
+fn tw_reuse(lab: &Lab, netns: &str) -> String {
+    lab.exec_in(netns, "cat", &["/proc/sys/net/ipv4/tcp_tw_reuse"])
+        .expect("read tcp_tw_reuse")
+        .stdout_text()
+        .trim()
+        .to_owned()
+}
+
 /// Acceptance 7: After SIGTERM and restart of a daemon, new connections from existing
 /// pods work again without calling the CNI.
 #[test]
@@ -719,12 +728,18 @@ fn restarted_daemons_serve_existing_pods_without_the_cni() {
             std::fs::read_to_string(lab.dir().join(format!("n{n}/cni.log"))).unwrap_or_default()
         })
         .collect();
+    // The daemons set tcp_tw_reuse in their pods; put the kernel default
+    // back in one, so the restore is seen to set it again.
+    assert_eq!(tw_reuse(&lab, &server.netns), "1");
+    lab.exec_in(&server.netns, "sysctl", &["-qw", "net.ipv4.tcp_tw_reuse=2"])
+        .expect("sysctl");
     for node in [1, 2] {
         let status = lab.restart_daemon(node).expect("restart");
         assert!(status.success(), "node {node} exited {status:?} on SIGTERM");
     }
     lab.transfer(&client, &server, 8080, 4 * MIB)
         .expect("after restart of both daemons");
+    assert_eq!(tw_reuse(&lab, &server.netns), "1", "set again on restore");
     for (i, node) in [1, 2].into_iter().enumerate() {
         let after =
             std::fs::read_to_string(lab.dir().join(format!("n{node}/cni.log"))).unwrap_or_default();
@@ -950,6 +965,10 @@ fn pods_annotated_inject_disabled_are_passed_through_untouched() {
         "{}",
         listeners.stdout_text()
     );
+    // Its namespace is untouched, while the meshed pod's is tuned.
+    let meshed = lab.pod(1, 1).expect("n1-p1");
+    assert_eq!(tw_reuse(&lab, &pod.netns), "2", "kernel default kept");
+    assert_eq!(tw_reuse(&lab, &meshed.netns), "1", "set at registration");
     let m = metrics(&lab, 1);
     assert_eq!(
         value(

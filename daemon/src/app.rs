@@ -275,12 +275,20 @@ impl Daemon {
             handed_over: CancellationToken::new(),
         });
 
-        let pods = Arc::new(PodManager::new(
-            proxy.clone(),
-            &config.state_dir,
-            config.ports.outbound,
-            config.ports.inbound,
-        ));
+        let pod_sysctls = if config.pod_tcp_tw_reuse {
+            vec![crate::netns::TCP_TW_REUSE]
+        } else {
+            Vec::new()
+        };
+        let pods = Arc::new(
+            PodManager::new(
+                proxy.clone(),
+                &config.state_dir,
+                config.ports.outbound,
+                config.ports.inbound,
+            )
+            .with_pod_sysctls(pod_sysctls),
+        );
         if predecessor.is_some() {
             // Listeners made from here on share the pods' connections with the
             // predecessor's at once: know the cluster before serving any.

@@ -59,6 +59,12 @@ pub struct Config {
     pub drain_timeout_ms: u64,
     /// Timeout for a TCP connect to a destination, in ms. Default 5000.
     pub connect_timeout_ms: u64,
+    /// Set `net.ipv4.tcp_tw_reuse = 1` in every registered pod's network
+    /// namespace. Default true: L2 connects into a pod from the pod's own
+    /// address, so all the mesh's connections to one pod port share one
+    /// 4-tuple space, which their TIME_WAITs fill at ~470 connections/s
+    /// (see `netns::TCP_TW_REUSE`, docs/operations.md).
+    pub pod_tcp_tw_reuse: bool,
     /// Log filter (tracing `EnvFilter` syntax). Default `info`.
     pub log_level: String,
     /// Log format: `text` or `json`. Default `text`.
@@ -246,6 +252,7 @@ impl Default for Config {
             tunnel: TunnelConfig::default(),
             drain_timeout_ms: 10_000,
             connect_timeout_ms: 5_000,
+            pod_tcp_tw_reuse: true,
             log_level: "info".to_owned(),
             log_format: LogFormat::Text,
             tcp_relay: crate::relay_splice::TcpRelay::Copy,

@@ -48,6 +48,9 @@ pub const STREAMS_REJECTED: &str = "nodemesh_streams_rejected_total";
 pub const PODS_REGISTERED: &str = "nodemesh_pods_registered";
 /// Counter: pod registration requests; labels `op`, `result`.
 pub const CNI_REQUESTS: &str = "nodemesh_cni_requests_total";
+/// Counter: sysctls that could not be set in a pod's namespace at
+/// registration (the pod is meshed all the same); label `sysctl`.
+pub const POD_SYSCTL_FAILURES: &str = "nodemesh_pod_sysctl_failures_total";
 /// Counter: discovery reloads; labels `source`, `result`.
 pub const DISCOVERY_RELOADS: &str = "nodemesh_discovery_reloads_total";
 /// Gauge: connections currently being relayed.

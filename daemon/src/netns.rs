@@ -14,6 +14,10 @@
 //! live as long as the `Netns` handle (the pod), so they never keep a
 //! departed pod's namespace alive.
 //!
+//! The same thread writes the per-namespace sysctls nodemesh sets in a pod
+//! ([`NetSysctl`], [`SocketFactory::set_sysctl`]): `/proc/sys/net` shows the
+//! namespace of the thread that opens it.
+//!
 //! Also owns the small socket helpers the data path needs (original
 //! destination, marks, `TCP_NODELAY`), so no other module calls socket2.
 
@@ -130,25 +134,86 @@ impl Netns {
     }
 }
 
-/// Makes TCP sockets inside network namespaces.
+/// A per-network-namespace sysctl and the value nodemesh sets in pods.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NetSysctl {
+    /// Dotted name, `net.` first (as `sysctl(8)` takes it).
+    pub name: &'static str,
+    /// The value written.
+    pub value: &'static str,
+}
+
+impl NetSysctl {
+    /// Its file under `/proc/sys`.
+    pub fn path(&self) -> PathBuf {
+        Path::new("/proc/sys").join(self.name.replace('.', "/"))
+    }
+}
+
+/// `net.ipv4.tcp_tw_reuse = 1` (it also covers IPv6): lets a connect from
+/// inside the pod reuse a 4-tuple whose TIME_WAIT is older than a second
+/// (TCP timestamps tell the old and new connection apart). L2 connects into
+/// a pod from the pod's own address, so every connection the mesh delivers
+/// to one pod port shares one source address and one destination: with the
+/// kernel's default (`2`, loopback only) their TIME_WAITs (60 s, left by
+/// L2 forwarding the client's close) fill the ~28,000 ephemeral ports at
+/// ~470 connections/s per pod port: connects slow down, and fail once
+/// every port is held.
+/// See docs/operations.md ("Connection rate into one pod").
+pub const TCP_TW_REUSE: NetSysctl = NetSysctl {
+    name: "net.ipv4.tcp_tw_reuse",
+    value: "1",
+};
+
+/// Makes TCP sockets inside network namespaces, and sets their sysctls.
 pub trait SocketFactory: Send + Sync + fmt::Debug + 'static {
     /// A new non-blocking TCP socket of `addr`'s family inside `ns`.
     fn tcp_socket(&self, ns: &Netns, family: SocketAddr) -> SocketFuture;
+
+    /// Sets `sysctl` inside `ns` (written only if it differs).
+    fn set_sysctl(&self, ns: &Netns, sysctl: NetSysctl) -> SysctlFuture;
 }
 
 /// The future returned by [`SocketFactory::tcp_socket`].
 pub type SocketFuture = Pin<Box<dyn Future<Output = io::Result<Socket>> + Send + 'static>>;
 
+/// The future returned by [`SocketFactory::set_sysctl`]: whether the value
+/// was changed (false: it was already set).
+pub type SysctlFuture = Pin<Box<dyn Future<Output = io::Result<bool>> + Send + 'static>>;
+
 struct Job {
     ns: Netns,
-    domain: Domain,
-    /// Where the socket goes: to a waiting caller, or to the namespace's spares.
-    reply: Reply,
+    what: What,
+}
+
+enum What {
+    Socket {
+        domain: Domain,
+        /// Where the socket goes: to a waiting caller, or to the namespace's spares.
+        reply: Reply,
+    },
+    Sysctl {
+        sysctl: NetSysctl,
+        reply: oneshot::Sender<io::Result<bool>>,
+    },
 }
 
 enum Reply {
     Caller(oneshot::Sender<io::Result<Socket>>),
     Spare,
+}
+
+/// Writes `sysctl` in the calling thread's network namespace unless it
+/// already holds the value; returns whether it wrote.
+fn write_sysctl(sysctl: NetSysctl) -> io::Result<bool> {
+    let path = sysctl.path();
+    let annotate = |e: io::Error| io::Error::new(e.kind(), format!("{}: {e}", path.display()));
+    let now = std::fs::read_to_string(&path).map_err(annotate)?;
+    if now.trim() == sysctl.value {
+        return Ok(false);
+    }
+    std::fs::write(&path, sysctl.value).map_err(annotate)?;
+    Ok(true)
 }
 
 /// Production [`SocketFactory`]: a dedicated thread that enters namespaces.
@@ -173,18 +238,27 @@ impl NetnsWorker {
                 // Which namespace this thread is in now; None = the daemon's own.
                 let mut current: Option<PathBuf> = None;
                 while let Ok(job) = rx.recv() {
-                    let res = enter(&job.ns, &mut current)
-                        .and_then(|()| Socket::new(job.domain, Type::STREAM, Some(Protocol::TCP)));
-                    match job.reply {
-                        Reply::Caller(tx) => {
-                            let _ = tx.send(res);
-                        }
-                        Reply::Spare => {
-                            // A failed spare is not an error: the next
-                            // connect asks again and sees it.
-                            if let Ok(sock) = res.and_then(prepare) {
-                                job.ns.spares.put(job.domain, sock);
+                    let entered = enter(&job.ns, &mut current);
+                    match job.what {
+                        What::Socket { domain, reply } => {
+                            let res = entered.and_then(|()| {
+                                Socket::new(domain, Type::STREAM, Some(Protocol::TCP))
+                            });
+                            match reply {
+                                Reply::Caller(tx) => {
+                                    let _ = tx.send(res);
+                                }
+                                Reply::Spare => {
+                                    // A failed spare is not an error: the next
+                                    // connect asks again and sees it.
+                                    if let Ok(sock) = res.and_then(prepare) {
+                                        job.ns.spares.put(domain, sock);
+                                    }
+                                }
                             }
+                        }
+                        What::Sysctl { sysctl, reply } => {
+                            let _ = reply.send(entered.and_then(|()| write_sysctl(sysctl)));
                         }
                     }
                 }
@@ -224,8 +298,10 @@ impl SocketFactory for NetnsWorker {
             for _ in 0..n {
                 let _ = self.tx.send(Job {
                     ns: ns.clone(),
-                    domain,
-                    reply: Reply::Spare,
+                    what: What::Socket {
+                        domain,
+                        reply: Reply::Spare,
+                    },
                 });
             }
         };
@@ -237,8 +313,10 @@ impl SocketFactory for NetnsWorker {
         let (reply, rx) = oneshot::channel();
         let sent = self.tx.send(Job {
             ns: ns.clone(),
-            domain,
-            reply: Reply::Caller(reply),
+            what: What::Socket {
+                domain,
+                reply: Reply::Caller(reply),
+            },
         });
         // None in stock (first use, or a burst): the full stock, made after
         // the caller's socket (the worker is FIFO); spares beyond the stock
@@ -250,6 +328,23 @@ impl SocketFactory for NetnsWorker {
                 .await
                 .map_err(|_| io::Error::other("netns worker thread has stopped"))??;
             prepare(sock)
+        })
+    }
+
+    fn set_sysctl(&self, ns: &Netns, sysctl: NetSysctl) -> SysctlFuture {
+        if ns.file.is_none() {
+            // The daemon's own namespace is the node's: never tuned.
+            return Box::pin(std::future::ready(Ok(false)));
+        }
+        let (reply, rx) = oneshot::channel();
+        let sent = self.tx.send(Job {
+            ns: ns.clone(),
+            what: What::Sysctl { sysctl, reply },
+        });
+        Box::pin(async move {
+            sent.map_err(|_| io::Error::other("netns worker thread has stopped"))?;
+            rx.await
+                .map_err(|_| io::Error::other("netns worker thread has stopped"))?
         })
     }
 }
@@ -267,7 +362,9 @@ fn new_socket(domain: Domain) -> io::Result<Socket> {
     Ok(s)
 }
 
-/// [`SocketFactory`] for tests without root: every socket in the current netns.
+/// [`SocketFactory`] for tests without root: every socket in the current
+/// netns, and no sysctl ever written (the current netns is the test
+/// machine's own; [`SocketFactory::set_sysctl`] answers "not changed").
 #[derive(Debug, Default, Clone, Copy)]
 pub struct CurrentNetns;
 
@@ -275,6 +372,10 @@ impl SocketFactory for CurrentNetns {
     fn tcp_socket(&self, _ns: &Netns, family: SocketAddr) -> SocketFuture {
         let domain = Domain::for_address(family);
         Box::pin(async move { new_socket(domain) })
+    }
+
+    fn set_sysctl(&self, _ns: &Netns, _sysctl: NetSysctl) -> SysctlFuture {
+        Box::pin(std::future::ready(Ok(false)))
     }
 }
 
@@ -369,6 +470,27 @@ mod tests {
         // the kernel reports the local address or an error; either is fine,
         // but it must not panic.
         let _ = original_dst(&s);
+    }
+
+    #[test]
+    fn sysctl_names_map_to_their_proc_files() {
+        assert_eq!(
+            TCP_TW_REUSE.path(),
+            Path::new("/proc/sys/net/ipv4/tcp_tw_reuse")
+        );
+    }
+
+    #[tokio::test]
+    async fn no_sysctl_is_written_in_the_daemons_own_namespace() {
+        // The daemon's own namespace is the node's (or, in tests, the
+        // machine's): neither factory may write there.
+        let ns = Netns::current();
+        assert!(!CurrentNetns
+            .set_sysctl(&ns, TCP_TW_REUSE)
+            .await
+            .expect("ok"));
+        let worker = NetnsWorker::start().expect("worker");
+        assert!(!worker.set_sysctl(&ns, TCP_TW_REUSE).await.expect("ok"));
     }
 
     #[tokio::test]

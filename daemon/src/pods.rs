@@ -25,7 +25,7 @@ use tracing::field::Empty;
 use tracing::{debug, info, info_span, warn, Instrument};
 
 use crate::metrics as m;
-use crate::netns::{listen_in, Netns};
+use crate::netns::{listen_in, NetSysctl, Netns};
 use crate::proxy::Proxy;
 use crate::{handover, inbound, outbound, reuseport};
 
@@ -93,6 +93,8 @@ pub struct PodManager {
     hand_off: CancellationToken,
     /// The accept loops, so a hand-off can wait for every listener to close.
     listeners: TaskTracker,
+    /// Set in every pod's namespace once its listeners are up.
+    sysctls: Vec<NetSysctl>,
 }
 
 impl PodManager {
@@ -106,7 +108,15 @@ impl PodManager {
             lock: Mutex::new(()),
             hand_off: CancellationToken::new(),
             listeners: TaskTracker::new(),
+            sysctls: Vec::new(),
         }
+    }
+
+    /// Sysctls set in every pod's namespace at registration (and restore);
+    /// none by default.
+    pub fn with_pod_sysctls(mut self, sysctls: Vec<NetSysctl>) -> Self {
+        self.sysctls = sysctls;
+        self
     }
 
     /// Hands every pod's listeners to the successor daemon (which listens
@@ -241,6 +251,27 @@ impl PodManager {
                         source,
                     })?;
             ins.push(l);
+        }
+        // After the listeners, so a registration that fails leaves the pod's
+        // namespace as it found it. A sysctl that cannot be set does not fail
+        // the registration: the pod is meshed, only less well tuned.
+        for sysctl in &self.sysctls {
+            match factory.set_sysctl(&netns, *sysctl).await {
+                Ok(changed) => {
+                    debug!(netns = %reg.netns.display(), sysctl = sysctl.name, value = sysctl.value, changed, "pod sysctl")
+                }
+                Err(e) => {
+                    metrics::counter!(m::POD_SYSCTL_FAILURES, "sysctl" => sysctl.name).increment(1);
+                    warn!(
+                        pod = %format_args!("{}/{}", reg.namespace, reg.name),
+                        netns = %reg.netns.display(),
+                        sysctl = sysctl.name,
+                        value = sysctl.value,
+                        error = %e,
+                        "cannot set a sysctl in the pod's namespace; the pod is meshed without it"
+                    );
+                }
+            }
         }
         let pod = Arc::new(LocalPod {
             container_id: reg.container_id.clone(),
