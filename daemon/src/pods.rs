@@ -252,9 +252,11 @@ impl PodManager {
                     })?;
             ins.push(l);
         }
-        // After the listeners, so a registration that fails leaves the pod's
-        // namespace as it found it. A sysctl that cannot be set does not fail
-        // the registration: the pod is meshed, only less well tuned.
+        // After the listeners, so a pod refused here (namespace, listeners)
+        // keeps its namespace as it was. If persisting then fails, the value
+        // stays set: harmless, it only lets the pod's connects reuse old
+        // TIME_WAITs. A sysctl that cannot be set does not fail the
+        // registration: the pod is meshed, only less well tuned.
         for sysctl in &self.sysctls {
             match factory.set_sysctl(&netns, *sysctl).await {
                 Ok(changed) => {
