@@ -71,8 +71,9 @@ pub struct Config {
     pub log_format: LogFormat,
     /// How plain TCP ↔ TCP legs (same-node delivery, passthrough) are
     /// relayed: `copy` (read/write through a 64 KiB buffer) or `splice`
-    /// (splice(2) through a pipe, no user-space copy). Default `copy`; see
-    /// docs/benchmarks.md for the measurement behind the default.
+    /// (splice(2) through a pipe, no user-space copy; two pipes per
+    /// connection once it carries data). Default `splice`: about half the
+    /// CPU per byte of `copy` (docs/benchmarks.md, "Plain-TCP relay engines").
     pub tcp_relay: crate::relay_splice::TcpRelay,
     /// Worker threads of the async runtime; 0 = one per CPU (tokio's
     /// default). Default 1: in the lab on 2 CPUs one worker moved 40-60 %
@@ -255,7 +256,7 @@ impl Default for Config {
             pod_tcp_tw_reuse: true,
             log_level: "info".to_owned(),
             log_format: LogFormat::Text,
-            tcp_relay: crate::relay_splice::TcpRelay::Copy,
+            tcp_relay: crate::relay_splice::TcpRelay::Splice,
             worker_threads: 1,
         }
     }

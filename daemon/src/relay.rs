@@ -39,6 +39,7 @@ use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::net::tcp::ReadHalf;
 use tokio::net::TcpStream;
 
+use crate::relay_splice::TcpRelay;
 use crate::tunnel::header::StatusCode;
 
 /// Bytes of the buffer a relay direction borrows while it has data to move
@@ -372,7 +373,8 @@ async fn stream_to_tcp<W: AsyncWrite + Unpin>(
     Ok(total)
 }
 
-/// Relays two TCP connections.
+/// Relays two TCP connections with the process's TCP ↔ TCP engine
+/// ([`crate::relay_splice::mode`]: the copy loop below, or splice(2)).
 ///
 /// `a_to_b` and `b_to_a` count bytes as they are written to the other side.
 /// Returns when both directions have finished; on error, both connections
@@ -383,19 +385,9 @@ pub async fn tcp_tcp(
     a_to_b: Counter,
     b_to_a: Counter,
 ) -> Result<RelayStats, RelayError> {
-    if crate::relay_splice::mode() == crate::relay_splice::TcpRelay::Splice {
-        return crate::relay_splice::tcp_tcp(a, b, a_to_b, b_to_a).await;
-    }
-    let result = {
-        let (a_r, mut a_w) = a.split();
-        let (b_r, mut b_w) = b.split();
-        tokio::try_join!(
-            tcp_to_tcp(&a_r, Side::A, &mut b_w, Side::B, &a_to_b),
-            tcp_to_tcp(&b_r, Side::B, &mut a_w, Side::A, &b_to_a),
-        )
-    };
-    match result {
-        Ok((a_to_b, b_to_a)) => Ok(RelayStats { a_to_b, b_to_a }),
+    let engine = crate::relay_splice::mode();
+    match both_ways(engine, &mut a, &mut b, &a_to_b, &b_to_a).await {
+        Ok(stats) => Ok(stats),
         Err(e) => {
             reset_tcp(a);
             reset_tcp(b);
@@ -403,6 +395,27 @@ pub async fn tcp_tcp(
             Err(e)
         }
     }
+}
+
+/// Both directions of a TCP ↔ TCP relay on `engine`, until each has seen
+/// EOF; the caller resets the connections on error.
+async fn both_ways(
+    engine: TcpRelay,
+    a: &mut TcpStream,
+    b: &mut TcpStream,
+    a_to_b: &Counter,
+    b_to_a: &Counter,
+) -> Result<RelayStats, RelayError> {
+    if engine == TcpRelay::Splice {
+        return crate::relay_splice::both_ways(a, b, a_to_b, b_to_a).await;
+    }
+    let (a_r, mut a_w) = a.split();
+    let (b_r, mut b_w) = b.split();
+    let (a_to_b, b_to_a) = tokio::try_join!(
+        tcp_to_tcp(&a_r, Side::A, &mut b_w, Side::B, a_to_b),
+        tcp_to_tcp(&b_r, Side::B, &mut a_w, Side::A, b_to_a),
+    )?;
+    Ok(RelayStats { a_to_b, b_to_a })
 }
 
 /// One direction of a TCP ↔ TCP relay: copy until EOF, then shut down
@@ -482,26 +495,29 @@ pub async fn tcp_quic_cancellable(
 }
 
 /// [`tcp_tcp`] that stops when `cancel` fires: then both connections are
-/// reset and `None` returned.
+/// reset and `None` returned. Same engine as [`tcp_tcp`].
 pub async fn tcp_tcp_cancellable(
+    a: TcpStream,
+    b: TcpStream,
+    a_to_b: Counter,
+    b_to_a: Counter,
+    cancel: &tokio_util::sync::CancellationToken,
+) -> Option<Result<RelayStats, RelayError>> {
+    let engine = crate::relay_splice::mode();
+    tcp_tcp_cancellable_on(engine, a, b, a_to_b, b_to_a, cancel).await
+}
+
+async fn tcp_tcp_cancellable_on(
+    engine: TcpRelay,
     mut a: TcpStream,
     mut b: TcpStream,
     a_to_b: Counter,
     b_to_a: Counter,
     cancel: &tokio_util::sync::CancellationToken,
 ) -> Option<Result<RelayStats, RelayError>> {
-    let result = {
-        let (a_r, mut a_w) = a.split();
-        let (b_r, mut b_w) = b.split();
-        tokio::select! {
-            _ = cancel.cancelled() => None,
-            r = async {
-                tokio::try_join!(
-                    tcp_to_tcp(&a_r, Side::A, &mut b_w, Side::B, &a_to_b),
-                    tcp_to_tcp(&b_r, Side::B, &mut a_w, Side::A, &b_to_a),
-                )
-            } => Some(r),
-        }
+    let result = tokio::select! {
+        _ = cancel.cancelled() => None,
+        r = both_ways(engine, &mut a, &mut b, &a_to_b, &b_to_a) => Some(r),
     };
     match result {
         None => {
@@ -509,7 +525,7 @@ pub async fn tcp_tcp_cancellable(
             reset_tcp(b);
             None
         }
-        Some(Ok((a_to_b, b_to_a))) => Some(Ok(RelayStats { a_to_b, b_to_a })),
+        Some(Ok(stats)) => Some(Ok(stats)),
         Some(Err(e)) => {
             reset_tcp(a);
             reset_tcp(b);
@@ -1090,6 +1106,69 @@ mod tests {
                     b_to_a: 1 << 20
                 }
             );
+        })
+        .await;
+    }
+
+    /// client ─TCP─ cancellable relay on `engine` ─TCP─ server, as
+    /// same-node delivery runs it.
+    async fn cancellable(
+        engine: TcpRelay,
+    ) -> (
+        TcpStream,
+        TcpStream,
+        tokio_util::sync::CancellationToken,
+        JoinHandle<Option<Result<RelayStats, RelayError>>>,
+    ) {
+        let (client, a) = tcp_pair().await;
+        let (b, server) = tcp_pair().await;
+        let cancel = tokio_util::sync::CancellationToken::new();
+        let token = cancel.clone();
+        let relay = tokio::spawn(async move {
+            tcp_tcp_cancellable_on(engine, a, b, Counter::noop(), Counter::noop(), &token).await
+        });
+        (client, server, cancel, relay)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn same_node_relay_carries_data_on_either_engine_and_a_revocation_resets_both_ends() {
+        within(async {
+            for engine in [TcpRelay::Copy, TcpRelay::Splice] {
+                let (client, server, _cancel, relay) = cancellable(engine).await;
+                let up = pattern(6, 2 << 20);
+                let down = pattern(7, 1 << 20);
+                let (at_server, at_client) =
+                    tokio::join!(exchange(server, down.clone()), exchange(client, up.clone()));
+                assert!(at_server == up, "{engine:?}: client to server differs");
+                assert!(at_client == down, "{engine:?}: server to client differs");
+                let stats = tokio::time::timeout(Duration::from_secs(30), relay)
+                    .await
+                    .expect("relay ends")
+                    .expect("join")
+                    .expect("not cancelled")
+                    .expect("clean relay");
+                assert_eq!(
+                    stats,
+                    RelayStats {
+                        a_to_b: 2 << 20,
+                        b_to_a: 1 << 20
+                    },
+                    "{engine:?}"
+                );
+
+                let (mut client, mut server, cancel, relay) = cancellable(engine).await;
+                client.write_all(b"hi").await.expect("write");
+                let mut buf = [0u8; 2];
+                server.read_exact(&mut buf).await.expect("relay is up");
+                cancel.cancel();
+                assert_reset(&read_until_error(&mut server).await);
+                assert_reset(&read_until_error(&mut client).await);
+                let ended = tokio::time::timeout(Duration::from_secs(30), relay)
+                    .await
+                    .expect("relay ends")
+                    .expect("join");
+                assert!(ended.is_none(), "{engine:?}: revoked, not finished");
+            }
         })
         .await;
     }

@@ -5,11 +5,12 @@
 //! semantics (half-close preserved, a reset or error on either end resets
 //! both, counters incremented as bytes are written), and the process-wide
 //! choice between the two ([`set_mode`], from the `tcp_relay` config field,
-//! read by `relay::tcp_tcp`). Only plain-TCP legs can use it: same-node
-//! delivery and passthrough; the TCP ↔ QUIC relay must see the bytes.
+//! read by `relay::tcp_tcp` and `relay::tcp_tcp_cancellable`). Only
+//! plain-TCP legs can use it: same-node delivery and passthrough; the
+//! TCP ↔ QUIC relay must see the bytes.
 //!
-//! Each direction owns one non-blocking pipe (sized [`PIPE_SIZE`]) and
-//! alternates: splice what the source socket has into the pipe (up to the
+//! Each direction owns one non-blocking pipe (sized [`PIPE_SIZE`], made
+//! when its first bytes arrive) and alternates: splice what the source socket has into the pipe (up to the
 //! pipe's size), then splice all of it out to the destination. tokio
 //! readiness drives both sockets (`readable`/`writable` + `try_io`).
 
@@ -34,16 +35,18 @@ pub const PIPE_SIZE: usize = 256 * 1024;
 #[serde(rename_all = "snake_case")]
 pub enum TcpRelay {
     /// read(2)/write(2) through a user-space buffer ([`crate::relay::tcp_tcp`]).
-    #[default]
     Copy,
-    /// splice(2) through a pipe ([`tcp_tcp`]).
+    /// splice(2) through a pipe ([`tcp_tcp`]): the default, measured at
+    /// about half the CPU per byte of `Copy` (docs/benchmarks.md, "Plain-TCP
+    /// relay engines").
+    #[default]
     Splice,
 }
 
 static MODE: OnceLock<TcpRelay> = OnceLock::new();
 
 /// Chooses the TCP ↔ TCP relay for the whole process; set once at start
-/// (later calls are ignored). Unset: [`TcpRelay::Copy`].
+/// (later calls are ignored). Unset: [`TcpRelay::default`].
 pub fn set_mode(mode: TcpRelay) {
     let _ = MODE.set(mode);
 }
@@ -72,12 +75,8 @@ pub async fn tcp_tcp(
     a_to_b: Counter,
     b_to_a: Counter,
 ) -> Result<RelayStats, RelayError> {
-    let result = tokio::try_join!(
-        one_way(&a, Side::A, &b, Side::B, &a_to_b),
-        one_way(&b, Side::B, &a, Side::A, &b_to_a),
-    );
-    match result {
-        Ok((a_to_b, b_to_a)) => Ok(RelayStats { a_to_b, b_to_a }),
+    match both_ways(&a, &b, &a_to_b, &b_to_a).await {
+        Ok(stats) => Ok(stats),
         Err(e) => {
             reset_tcp(a);
             reset_tcp(b);
@@ -85,6 +84,21 @@ pub async fn tcp_tcp(
             Err(e)
         }
     }
+}
+
+/// Both directions until each has seen EOF; the caller resets the
+/// connections on error (as [`tcp_tcp`] does).
+pub(crate) async fn both_ways(
+    a: &TcpStream,
+    b: &TcpStream,
+    a_to_b: &Counter,
+    b_to_a: &Counter,
+) -> Result<RelayStats, RelayError> {
+    let (a_to_b, b_to_a) = tokio::try_join!(
+        one_way(a, Side::A, b, Side::B, a_to_b),
+        one_way(b, Side::B, a, Side::A, b_to_a),
+    )?;
+    Ok(RelayStats { a_to_b, b_to_a })
 }
 
 /// One direction: splice until EOF, then shut down `to`'s write side.
@@ -95,11 +109,17 @@ async fn one_way(
     to_side: Side,
     counter: &Counter,
 ) -> Result<u64, RelayError> {
-    let (pipe_r, pipe_w) = pipe().map_err(|e| tcp_error(from_side, e))?;
+    // Made when the first bytes arrive, so a connection that stays idle (or
+    // a direction that never carries data) holds no pipe.
+    let mut pipe_fds: Option<(OwnedFd, OwnedFd)> = None;
     let mut total = 0u64;
     loop {
         // Fill: the pipe is empty here, so EAGAIN can only mean "no data yet".
         from.readable().await.map_err(|e| tcp_error(from_side, e))?;
+        let (pipe_r, pipe_w) = match &pipe_fds {
+            Some(p) => p,
+            None => pipe_fds.insert(pipe().map_err(|e| tcp_error(from_side, e))?),
+        };
         let filled = from.try_io(Interest::READABLE, || {
             splice(from.as_fd(), None, pipe_w.as_fd(), None, PIPE_SIZE, flags())
                 .map_err(io::Error::from)
@@ -210,9 +230,9 @@ mod tests {
     }
 
     #[test]
-    fn mode_defaults_to_copy() {
-        assert_eq!(TcpRelay::default(), TcpRelay::Copy);
-        let m: TcpRelay = serde_yaml::from_str("splice").expect("parses");
-        assert_eq!(m, TcpRelay::Splice);
+    fn mode_defaults_to_splice() {
+        assert_eq!(TcpRelay::default(), TcpRelay::Splice);
+        let m: TcpRelay = serde_yaml::from_str("copy").expect("parses");
+        assert_eq!(m, TcpRelay::Copy);
     }
 }
