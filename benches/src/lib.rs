@@ -30,6 +30,7 @@ pub mod http;
 pub mod lab;
 pub mod metrics;
 pub mod netns;
+pub mod relay_engine;
 pub mod topology;
 pub mod traffic;
 

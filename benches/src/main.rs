@@ -62,11 +62,26 @@ enum Command {
         mib: u64,
     },
     /// Benchmark: data path against direct and stunnel baselines, tunnel
-    /// tuning, node versus sidecar cost; writes docs/benchmarks.md,
+    /// tuning, plain-TCP relay engines (copy, splice, tokio-uring), node
+    /// versus sidecar cost; writes docs/benchmarks.md,
     /// docs/benchmarks/results.json and SVG plots. Labs use the prefix plus
-    /// a suffix (d, m, c, and t0.. for the tuning variants, all up at once),
+    /// a suffix (d, m, c, r, and t0.. for the tuning variants, all up at once),
     /// so the prefix has at most 7 characters for a full run.
     Bench(BenchArgs),
+    /// A plain-TCP relay, one engine, for the benchmark's relay-engine
+    /// comparison (run by `bench`; prints `listening <addr>`, runs until killed).
+    #[command(hide = true)]
+    RelayEngine {
+        /// How to relay.
+        #[arg(long, value_enum)]
+        engine: nodemesh_lab::relay_engine::Engine,
+        /// Address to accept on (port 0: any free port).
+        #[arg(long)]
+        listen: std::net::SocketAddr,
+        /// Address every accepted connection is relayed to.
+        #[arg(long)]
+        to: std::net::SocketAddr,
+    },
 }
 
 #[derive(Debug, Clone, Args)]
@@ -86,6 +101,10 @@ struct BenchArgs {
     /// Skip the node versus sidecar cost comparison.
     #[arg(long)]
     no_cost: bool,
+    /// Skip the plain-TCP relay engines (the daemon's copy and splice
+    /// relays against tokio-uring).
+    #[arg(long)]
+    no_relays: bool,
     /// Pods per node of the cost comparison (comma-separated; default 1,10,30,100, quick 1,3).
     #[arg(long, value_delimiter = ',')]
     pods: Option<Vec<usize>>,
@@ -187,6 +206,16 @@ macro_rules! outp {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Runs its own runtime (tokio or tokio-uring), so not inside the lab's.
+    if let Command::RelayEngine { engine, listen, to } = cli.command {
+        return match nodemesh_lab::relay_engine::run(engine, listen, to) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: relay engine {}: {e}", engine.name());
+                ExitCode::FAILURE
+            }
+        };
+    }
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_env_filter(
@@ -302,6 +331,9 @@ fn run(cli: Cli) -> Result<(), LabError> {
         }
         Command::Demo { shape, mib } => demo_run(&shape.options(&cli.prefix), mib),
         Command::Bench(args) => bench_run(&cli.prefix, args),
+        Command::RelayEngine { .. } => Err(LabError::WorkerFailed {
+            problem: "relay-engine runs before the lab's runtime starts".into(),
+        }),
     }
 }
 
@@ -520,6 +552,7 @@ fn bench_run(prefix: &str, args: BenchArgs) -> Result<(), LabError> {
             datapath: !args.no_datapath,
             tuning: !args.no_tuning,
             cost: !args.no_cost,
+            relays: !args.no_relays,
         },
         command: std::env::var("NODEMESH_BENCH_COMMAND")
             .unwrap_or_else(|_| std::env::args().collect::<Vec<_>>().join(" ")),

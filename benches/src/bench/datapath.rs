@@ -695,10 +695,10 @@ fn variants() -> Vec<Variant> {
             |c| c.tunnel.segmentation_offload = false,
             false,
         ),
-        ("same node, tcp_relay: copy (64 KiB buffer, epoll)", true, |c| {
+        ("same node, tcp_relay: copy (64 KiB buffer, epoll)", false, |c| {
             c.tcp_relay = TcpRelay::Copy;
         }, true),
-        ("same node, tcp_relay: splice (pipe, epoll)", false, |c| {
+        ("same node, tcp_relay: splice (pipe, epoll)", true, |c| {
             c.tcp_relay = TcpRelay::Splice;
         }, true),
     ]
@@ -844,6 +844,7 @@ mod tests {
                 datapath: true,
                 tuning,
                 cost: false,
+                relays: false,
             },
             command: String::new(),
             note: None,

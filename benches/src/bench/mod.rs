@@ -11,6 +11,7 @@ pub mod cost;
 pub mod datapath;
 pub mod load;
 pub mod procfs;
+pub mod relays;
 pub mod report;
 pub mod sidecar;
 pub mod stats;
@@ -147,7 +148,7 @@ impl Sizes {
 /// Options of a run.
 #[derive(Debug, Clone, PartialEq)]
 pub struct BenchOptions {
-    /// Namespace prefix (labs use it plus a suffix: d, m, c, t0..).
+    /// Namespace prefix (labs use it plus a suffix: d, m, c, r, t0..).
     pub prefix: String,
     /// Where `nodemesh` and `nodemesh-cni` are.
     pub bin_dir: Option<PathBuf>,
@@ -223,6 +224,8 @@ pub struct Parts {
     pub tuning: bool,
     /// Node versus sidecar cost comparison.
     pub cost: bool,
+    /// Plain-TCP relay engines (copy, splice, tokio-uring).
+    pub relays: bool,
 }
 
 /// Everything a run measured (the JSON file).
@@ -236,6 +239,9 @@ pub struct Results {
     pub tuning: Vec<datapath::TuningResult>,
     /// Cost comparison points.
     pub cost: Vec<cost::CostPoint>,
+    /// Plain-TCP relay engines (absent from runs before they were measured).
+    #[serde(default)]
+    pub relays: Vec<relays::RelayEngineResult>,
 }
 
 /// Re-renders `docs/benchmarks.md` and the plots from the existing
@@ -266,6 +272,7 @@ pub fn run(opts: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<Result
         paths: Vec::new(),
         tuning: Vec::new(),
         cost: Vec::new(),
+        relays: Vec::new(),
     };
     if opts.merge {
         let path = opts.docs_dir.join("benchmarks/results.json");
@@ -293,6 +300,10 @@ pub fn run(opts: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<Result
             results.cost = prev.cost;
             kept.push("cost");
         }
+        if !opts.parts.relays {
+            results.relays = prev.relays;
+            kept.push("relay engines");
+        }
         results.meta.merged_from = Some(format!(
             "{} kept from the run of {} (`{}`, load average at its start {})",
             kept.join(", "),
@@ -307,6 +318,10 @@ pub fn run(opts: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<Result
         results.paths = paths;
         results.tuning = tuning;
         // Write what we have so far: a later failure keeps these figures.
+        report::write(opts, &results)?;
+    }
+    if opts.parts.relays {
+        results.relays = relays::run(opts, progress)?;
         report::write(opts, &results)?;
     }
     if opts.parts.cost {

@@ -682,6 +682,30 @@ pub fn markdown(
         let _ = writeln!(o);
     }
 
+    if !r.relays.is_empty() {
+        let _ = writeln!(o, "## Plain-TCP relay engines (one relay process per engine in one pod's namespace, client and sink on 127.0.0.1, the engines measured in turn within every run; CPU of the relay process)\n\nThese decide how the daemon relays its TCP ↔ TCP legs (same-node delivery, passthrough): `copy` and `splice` are the daemon's own relays (`tcp_relay` in the config) on its runtime (tokio, one worker); `tokio-uring` is measured here only (`nodemesh-lab relay-engine`), to be adopted if it were faster. The same choice through the whole daemon is the pair of same-node variants in the tuning table.\n\n| engine | what | 1 stream Gbit/s | CPU-s/GB (1) | 8 streams Gbit/s | CPU-s/GB (8) |\n|---|---|---|---|---|---|");
+        for e in &r.relays {
+            let failed = if e.errors.is_empty() {
+                String::new()
+            } else {
+                format!(" (failed: {})", e.errors.join("; ").replace('|', "/"))
+            };
+            let _ = writeln!(
+                o,
+                "| {}{} | {}{} | {} | {} | {} | {} |",
+                e.engine,
+                if e.default { " (**default**)" } else { "" },
+                e.label,
+                failed,
+                show_opt(e.throughput1_gbps.as_ref(), 2),
+                show_opt(e.cpu_per_gb1.as_ref(), 3),
+                show_opt(e.throughput8_gbps.as_ref(), 2),
+                show_opt(e.cpu_per_gb8.as_ref(), 3)
+            );
+        }
+        let _ = writeln!(o);
+    }
+
     if !r.cost.is_empty() {
         let _ = writeln!(
             o,
