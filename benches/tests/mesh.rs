@@ -214,6 +214,53 @@ fn same_node_64_mib_each_way_opens_no_tunnel() {
     }
 }
 
+/// Pipes a process holds open (each pipe is two descriptors).
+fn pipe_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("list the daemon's descriptors")
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .filter(|target| target.to_string_lossy().starts_with("pipe:"))
+        .count()
+}
+
+/// Same-node delivery runs the relay `tcp_relay` names, splice(2) by
+/// default: once both directions have carried bytes, the daemon holds the
+/// connection's two pipes (4 descriptors), and gives them back at its close.
+/// (Same-node delivery once ignored the setting and always copied.)
+#[test]
+fn same_node_delivery_splices_by_default_and_releases_the_pipes() {
+    let lab = mesh_lab(1, 2);
+    let (client, server) = (lab.pod(1, 1).expect("n1-p1"), lab.pod(1, 2).expect("n1-p2"));
+    let daemon = lab.daemon_pid(1).expect("daemon of n1");
+    let before = pipe_fds(daemon);
+    let listener = server.listen(0).expect("listen");
+    let addr = server.addr(listener.local_addr().expect("addr").port());
+    let mut c = client.connect(addr).expect("connect through the daemon");
+    c.write_all(b"ping").expect("write");
+    let mut s = traffic::accept_retrying(&listener).expect("accept");
+    let mut buf = [0u8; 4];
+    s.read_exact(&mut buf).expect("request through the relay");
+    s.write_all(b"pong").expect("reply");
+    c.read_exact(&mut buf).expect("reply through the relay");
+    assert_eq!(&buf, b"pong");
+    assert_eq!(
+        pipe_fds(daemon),
+        before + 4,
+        "a spliced connection holds one pipe per direction"
+    );
+    drop(c);
+    drop(s);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while pipe_fds(daemon) != before {
+        assert!(
+            Instant::now() < deadline,
+            "the daemon still holds {} pipe descriptors after the close (had {before})",
+            pipe_fds(daemon)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// The tunnels node `node` lists in `/config_dump`.
 fn dumped_tunnels(lab: &Lab, node: usize) -> Vec<serde_json::Value> {
     let r = lab.admin_get(node, "/config_dump").expect("config_dump");

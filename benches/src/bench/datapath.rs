@@ -136,29 +136,63 @@ fn bulk_once(
     bytes: u64,
     ticks: f64,
 ) -> Result<(f64, Option<f64>), BenchError> {
-    let listener = t.dst.listen(SINK_PORT)?;
-    let sink = load::sink(listener, streams);
-    let cpu0 = procfs::cpu_seconds_sum(&t.proxies, ticks)?;
-    let elapsed = load::bulk(&t.src.netns, t.addr(SINK_PORT), streams, bytes)?;
-    let cpu1 = procfs::cpu_seconds_sum(&t.proxies, ticks)?;
-    let got = sink
-        .join()
-        .unwrap_or_else(|_| Err(std::io::Error::other("sink panicked")))
-        .map_err(|source| BenchError::Io {
-            what: format!("{} sink", t.key),
-            source,
-        })?;
-    let total = bytes * streams as u64;
-    if got != total {
-        return Err(BenchError::Measure {
-            what: format!("{} bulk", t.key),
-            problem: format!("sink got {got} of {total} bytes"),
-        });
+    let sink = t.dst.listen(SINK_PORT)?;
+    let run = BulkRun {
+        src_netns: &t.src.netns,
+        sink,
+        addr: t.addr(SINK_PORT),
+        proxies: &t.proxies,
+        what: &t.key,
+    };
+    run.measure(streams, bytes, ticks)
+}
+
+/// One bulk transfer into a [`load::sink`], with the proxies' CPU.
+pub(super) struct BulkRun<'a> {
+    /// Where the client runs.
+    pub src_netns: &'a str,
+    /// The sink's listener (consumed by the run).
+    pub sink: std::net::TcpListener,
+    /// Where the client connects: the sink, or a proxy in front of it.
+    pub addr: SocketAddr,
+    /// Processes whose CPU is charged to the transfer.
+    pub proxies: &'a [u32],
+    /// Names the run in errors.
+    pub what: &'a str,
+}
+
+impl BulkRun<'_> {
+    /// Sends `streams` x `bytes`; (Gbit/s, CPU-s per GB of the proxies or
+    /// `None` without any). Fails unless the sink got every byte.
+    pub fn measure(
+        self,
+        streams: usize,
+        bytes: u64,
+        ticks: f64,
+    ) -> Result<(f64, Option<f64>), BenchError> {
+        let sink = load::sink(self.sink, streams);
+        let cpu0 = procfs::cpu_seconds_sum(self.proxies, ticks)?;
+        let elapsed = load::bulk(self.src_netns, self.addr, streams, bytes)?;
+        let cpu1 = procfs::cpu_seconds_sum(self.proxies, ticks)?;
+        let got = sink
+            .join()
+            .unwrap_or_else(|_| Err(std::io::Error::other("sink panicked")))
+            .map_err(|source| BenchError::Io {
+                what: format!("{} sink", self.what),
+                source,
+            })?;
+        let total = bytes * streams as u64;
+        if got != total {
+            return Err(BenchError::Measure {
+                what: format!("{} bulk", self.what),
+                problem: format!("sink got {got} of {total} bytes"),
+            });
+        }
+        let gb = total as f64 / 1e9;
+        let gbps = gb * 8.0 / elapsed.as_secs_f64().max(1e-9);
+        let cpu = (!self.proxies.is_empty()).then(|| (cpu1 - cpu0) / gb);
+        Ok((gbps, cpu))
     }
-    let gb = total as f64 / 1e9;
-    let gbps = gb * 8.0 / elapsed.as_secs_f64().max(1e-9);
-    let cpu = (!t.proxies.is_empty()).then(|| (cpu1 - cpu0) / gb);
-    Ok((gbps, cpu))
 }
 
 fn record<T>(errors: &mut Vec<String>, what: &str, r: Result<T, BenchError>) -> Option<T> {

@@ -17,8 +17,9 @@ use std::process::{Child, Command, Stdio};
 
 use serde::{Deserialize, Serialize};
 
+use super::datapath::BulkRun;
 use super::stats::Spread;
-use super::{load, procfs, BenchError, BenchOptions};
+use super::{procfs, BenchError, BenchOptions};
 use crate::lab::{Lab, LabOptions};
 use crate::relay_engine::Engine;
 
@@ -141,32 +142,19 @@ fn bulk_once(
     bytes: u64,
     ticks: f64,
 ) -> Result<(f64, Option<f64>), BenchError> {
-    let listener = sink_listener.try_clone().map_err(|source| BenchError::Io {
+    let sink = sink_listener.try_clone().map_err(|source| BenchError::Io {
         what: "cloning the sink's listener".into(),
         source,
     })?;
-    let sink = load::sink(listener, streams);
-    let cpu0 = relay.map(|p| procfs::cpu_seconds(p, ticks)).transpose()?;
-    let elapsed = load::bulk(netns, addr, streams, bytes)?;
-    let cpu1 = relay.map(|p| procfs::cpu_seconds(p, ticks)).transpose()?;
-    let got = sink
-        .join()
-        .unwrap_or_else(|_| Err(std::io::Error::other("sink panicked")))
-        .map_err(|source| BenchError::Io {
-            what: "relay-engine sink".into(),
-            source,
-        })?;
-    let total = bytes * streams as u64;
-    if got != total {
-        return Err(BenchError::Measure {
-            what: "relay-engine bulk".into(),
-            problem: format!("sink got {got} of {total} bytes"),
-        });
-    }
-    let gb = total as f64 / 1e9;
-    let gbps = gb * 8.0 / elapsed.as_secs_f64().max(1e-9);
-    let cpu = cpu0.zip(cpu1).map(|(a, b)| (b - a) / gb);
-    Ok((gbps, cpu))
+    let proxies: Vec<u32> = relay.into_iter().collect();
+    let run = BulkRun {
+        src_netns: netns,
+        sink,
+        addr,
+        proxies: &proxies,
+        what: "relay engine",
+    };
+    run.measure(streams, bytes, ticks)
 }
 
 /// The engines in the order every run visits them: `None` is the direct
