@@ -10,9 +10,10 @@
 //! TCP ↔ QUIC relay must see the bytes.
 //!
 //! Each direction owns one non-blocking pipe (sized [`PIPE_SIZE`], made
-//! when its first bytes arrive) and alternates: splice what the source socket has into the pipe (up to the
-//! pipe's size), then splice all of it out to the destination. tokio
-//! readiness drives both sockets (`readable`/`writable` + `try_io`).
+//! when its first bytes arrive) and alternates: splice what the source
+//! socket has into the pipe (up to the pipe's size), then splice all of it
+//! out to the destination. tokio readiness drives both sockets
+//! (`readable`/`writable` + `try_io`).
 
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
