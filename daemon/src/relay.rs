@@ -380,12 +380,22 @@ async fn stream_to_tcp<W: AsyncWrite + Unpin>(
 /// Returns when both directions have finished; on error, both connections
 /// have been reset.
 pub async fn tcp_tcp(
+    a: TcpStream,
+    b: TcpStream,
+    a_to_b: Counter,
+    b_to_a: Counter,
+) -> Result<RelayStats, RelayError> {
+    tcp_tcp_on(crate::relay_splice::mode(), a, b, a_to_b, b_to_a).await
+}
+
+/// [`tcp_tcp`] on `engine`, whatever the process-wide choice.
+pub(crate) async fn tcp_tcp_on(
+    engine: TcpRelay,
     mut a: TcpStream,
     mut b: TcpStream,
     a_to_b: Counter,
     b_to_a: Counter,
 ) -> Result<RelayStats, RelayError> {
-    let engine = crate::relay_splice::mode();
     match both_ways(engine, &mut a, &mut b, &a_to_b, &b_to_a).await {
         Ok(stats) => Ok(stats),
         Err(e) => {

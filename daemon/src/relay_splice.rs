@@ -1,8 +1,8 @@
 //! The TCP ↔ TCP relay on splice(2): bytes move socket → pipe → socket
 //! inside the kernel, never copied to user space.
 //!
-//! Owns [`tcp_tcp`], a drop-in for [`crate::relay::tcp_tcp`] with the same
-//! semantics (half-close preserved, a reset or error on either end resets
+//! Owns [`both_ways`], the splice engine behind [`crate::relay::tcp_tcp`]
+//! with the same semantics as its copy loop (half-close preserved, a reset or error on either end resets
 //! both, counters incremented as bytes are written), and the process-wide
 //! choice between the two ([`set_mode`], from the `tcp_relay` config field,
 //! read by `relay::tcp_tcp` and `relay::tcp_tcp_cancellable`). Only
@@ -25,7 +25,7 @@ use serde::{Deserialize, Serialize};
 use tokio::io::Interest;
 use tokio::net::TcpStream;
 
-use crate::relay::{reset_tcp, tcp_error, RelayError, RelayStats, Side};
+use crate::relay::{tcp_error, RelayError, RelayStats, Side};
 
 /// Requested size of each direction's pipe (the kernel rounds to pages and
 /// may cap it at `fs.pipe-max-size`; the default pipe is 64 KiB).
@@ -37,7 +37,7 @@ pub const PIPE_SIZE: usize = 256 * 1024;
 pub enum TcpRelay {
     /// read(2)/write(2) through a user-space buffer ([`crate::relay::tcp_tcp`]).
     Copy,
-    /// splice(2) through a pipe ([`tcp_tcp`]): the default, measured at
+    /// splice(2) through a pipe ([`both_ways`]): the default, measured at
     /// about half the CPU per byte of `Copy` (docs/benchmarks.md, "Plain-TCP
     /// relay engines").
     #[default]
@@ -69,26 +69,8 @@ fn flags() -> SpliceFFlags {
     SpliceFFlags::SPLICE_F_MOVE | SpliceFFlags::SPLICE_F_NONBLOCK
 }
 
-/// Relays `a` ↔ `b` with splice(2); see the module docs.
-pub async fn tcp_tcp(
-    a: TcpStream,
-    b: TcpStream,
-    a_to_b: Counter,
-    b_to_a: Counter,
-) -> Result<RelayStats, RelayError> {
-    match both_ways(&a, &b, &a_to_b, &b_to_a).await {
-        Ok(stats) => Ok(stats),
-        Err(e) => {
-            reset_tcp(a);
-            reset_tcp(b);
-            tracing::debug!(error = %e, "splice relay reset");
-            Err(e)
-        }
-    }
-}
-
 /// Both directions until each has seen EOF; the caller resets the
-/// connections on error (as [`tcp_tcp`] does).
+/// connections on error (as [`crate::relay::tcp_tcp`] does).
 pub(crate) async fn both_ways(
     a: &TcpStream,
     b: &TcpStream,
@@ -166,6 +148,7 @@ async fn one_way(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::relay::reset_tcp;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;
 
@@ -185,7 +168,13 @@ mod tests {
             .await
             .expect("connect");
         let (server, _) = l2.accept().await.expect("accept");
-        let relay = tokio::spawn(tcp_tcp(a, b, Counter::noop(), Counter::noop()));
+        let relay = tokio::spawn(crate::relay::tcp_tcp_on(
+            TcpRelay::Splice,
+            a,
+            b,
+            Counter::noop(),
+            Counter::noop(),
+        ));
         (client, server, relay)
     }
 

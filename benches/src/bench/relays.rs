@@ -15,6 +15,7 @@ use std::io::{BufRead, BufReader};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener};
 use std::process::{Child, Command, Stdio};
 
+use clap::ValueEnum;
 use serde::{Deserialize, Serialize};
 
 use super::datapath::BulkRun;
@@ -73,7 +74,13 @@ impl EngineProcess {
         let mut child = Command::new("ip")
             .args(["netns", "exec", netns])
             .arg(exe)
-            .args(["relay-engine", "--engine", engine.name_arg()])
+            .args(["relay-engine", "--engine"])
+            // The value the subcommand's parser derives for it.
+            .arg(
+                engine
+                    .to_possible_value()
+                    .map_or_else(String::new, |v| v.get_name().to_owned()),
+            )
             .args(["--listen", "127.0.0.1:0", "--to", &to.to_string()])
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -113,16 +120,6 @@ impl EngineProcess {
 
     fn pid(&self) -> u32 {
         self.child.id()
-    }
-}
-
-impl Engine {
-    fn name_arg(self) -> &'static str {
-        match self {
-            Self::Copy => "copy",
-            Self::Splice => "splice",
-            Self::Uring => "uring",
-        }
     }
 }
 
@@ -174,21 +171,21 @@ fn default_engine() -> Engine {
     }
 }
 
-fn label(engine: Option<Engine>) -> (&'static str, &'static str) {
+/// The results' name of an entry of [`ORDER`].
+fn key(engine: Option<Engine>) -> &'static str {
+    engine.map_or("none", Engine::name)
+}
+
+fn describe(engine: Option<Engine>) -> &'static str {
     match engine {
-        None => ("none", "no relay: client to sink on 127.0.0.1 (baseline)"),
-        Some(Engine::Copy) => (
-            "copy",
-            "the daemon's copy relay: epoll readiness, read/write through a 64 KiB buffer",
-        ),
-        Some(Engine::Splice) => (
-            "splice",
-            "the daemon's splice(2) relay: socket → pipe → socket in the kernel",
-        ),
-        Some(Engine::Uring) => (
-            "tokio-uring",
-            "tokio-uring 0.5: io_uring read/write through owned 64 KiB buffers",
-        ),
+        None => "no relay: client to sink on 127.0.0.1 (baseline)",
+        Some(Engine::Copy) => {
+            "the daemon's copy relay: epoll readiness, read/write through a 64 KiB buffer"
+        }
+        Some(Engine::Splice) => {
+            "the daemon's splice(2) relay: socket → pipe → socket in the kernel"
+        }
+        Some(Engine::Uring) => "tokio-uring 0.5: io_uring read/write through owned 64 KiB buffers",
     }
 }
 
@@ -215,25 +212,26 @@ pub fn run(
             what: "the sink's address".into(),
             source,
         })?;
-    let mut engines = Vec::new();
-    for e in ORDER.iter().flatten() {
-        engines.push((*e, EngineProcess::start(*e, &pod.netns, sink_addr)?));
-    }
+    // One process per entry of ORDER (none for the baseline).
+    let engines = ORDER
+        .iter()
+        .map(|e| {
+            e.map(|e| EngineProcess::start(e, &pod.netns, sink_addr))
+                .transpose()
+        })
+        .collect::<Result<Vec<_>, _>>()?;
     let ticks = procfs::clock_ticks();
     let mut results: Vec<RelayEngineResult> = ORDER
         .iter()
-        .map(|e| {
-            let (engine, label) = label(*e);
-            RelayEngineResult {
-                engine: engine.into(),
-                label: label.into(),
-                default: *e == Some(default_engine()),
-                throughput1_gbps: None,
-                cpu_per_gb1: None,
-                throughput8_gbps: None,
-                cpu_per_gb8: None,
-                errors: Vec::new(),
-            }
+        .map(|e| RelayEngineResult {
+            engine: key(*e).into(),
+            label: describe(*e).into(),
+            default: *e == Some(default_engine()),
+            throughput1_gbps: None,
+            cpu_per_gb1: None,
+            throughput8_gbps: None,
+            cpu_per_gb8: None,
+            errors: Vec::new(),
         })
         .collect();
     for (streams, bytes) in [
@@ -243,22 +241,11 @@ pub fn run(
         let mut gbps = vec![Vec::new(); ORDER.len()];
         let mut cpu = vec![Vec::new(); ORDER.len()];
         for run in 1..=sizes.runs {
-            for (i, e) in ORDER.iter().enumerate() {
-                let (addr, pid) = match e {
-                    None => (sink_addr, None),
-                    Some(e) => {
-                        let p = engines
-                            .iter()
-                            .find(|(k, _)| k == e)
-                            .map(|(_, p)| p)
-                            .ok_or_else(|| BenchError::Measure {
-                                what: "relay engines".into(),
-                                problem: format!("engine {} was not started", e.name()),
-                            })?;
-                        (p.addr, Some(p.pid()))
-                    }
-                };
-                let name = label(*e).0;
+            for (i, (e, process)) in ORDER.iter().zip(&engines).enumerate() {
+                let (addr, pid) = process
+                    .as_ref()
+                    .map_or((sink_addr, None), |p| (p.addr, Some(p.pid())));
+                let name = key(*e);
                 match bulk_once(&pod.netns, &sink_listener, addr, pid, streams, bytes, ticks) {
                     Ok((g, c)) => {
                         progress(&format!(
@@ -310,7 +297,7 @@ mod tests {
 
     #[test]
     fn every_run_visits_the_baseline_then_each_engine_once() {
-        let names: Vec<&str> = ORDER.iter().map(|e| label(*e).0).collect();
+        let names: Vec<&str> = ORDER.iter().map(|e| key(*e)).collect();
         assert_eq!(names, ["none", "copy", "splice", "tokio-uring"]);
     }
 }
