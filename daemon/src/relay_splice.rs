@@ -2,12 +2,12 @@
 //! inside the kernel, never copied to user space.
 //!
 //! Owns [`both_ways`], the splice engine behind [`crate::relay::tcp_tcp`]
-//! with the same semantics as its copy loop (half-close preserved, a reset or error on either end resets
-//! both, counters incremented as bytes are written), and the process-wide
-//! choice between the two ([`set_mode`], from the `tcp_relay` config field,
-//! read by `relay::tcp_tcp` and `relay::tcp_tcp_cancellable`). Only
-//! plain-TCP legs can use it: same-node delivery and passthrough; the
-//! TCP ↔ QUIC relay must see the bytes.
+//! with the same semantics as its copy loop (half-close preserved, a reset
+//! or error on either end resets both, counters incremented as bytes are
+//! written), and the process-wide choice between the two ([`set_mode`],
+//! from the `tcp_relay` config field, read by `relay::tcp_tcp` and
+//! `relay::tcp_tcp_cancellable`). Only plain-TCP legs can use it: same-node
+//! delivery and passthrough; the TCP ↔ QUIC relay must see the bytes.
 //!
 //! Each direction owns one non-blocking pipe (sized [`PIPE_SIZE`], made
 //! when its first bytes arrive) and alternates: splice what the source

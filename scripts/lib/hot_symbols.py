@@ -4,13 +4,14 @@
   hot_symbols.py pages BINARY PID...          file offsets of BINARY's pages resident in the PIDs
   hot_symbols.py order BINARY PAGES OUT       functions on those pages -> OUT (lld ordering file)
   hot_symbols.py check BINARY ORDER           did the link lay ORDER's functions out first?
-  hot_symbols.py bulk-server PORT             echo server (threads), runs until killed
+  hot_symbols.py echo-server PORT             echo server (threads), runs until killed
   hot_symbols.py bulk-client HOST PORT MIB    send MIB MiB and read the echo back
   hot_symbols.py rr HOST PORT N               N 64-byte request/responses, 1 ms apart
   hot_symbols.py conns HOST PORT N            N connections: connect, one exchange, close
 
 Only the standard library: it runs before anything else is installed.
 """
+import os
 import socket
 import struct
 import subprocess
@@ -45,14 +46,12 @@ def load_segments(binary):
     return out
 
 
-def text_range(binary):
-    """(vaddr, size) of the .text section."""
-    out = subprocess.run(["readelf", "-SW", binary], capture_output=True, text=True, check=True)
-    for line in out.stdout.splitlines():
-        f = line.replace("[ ", "[").split()
-        if len(f) > 5 and f[1] == ".text":
-            return int(f[3], 16), int(f[5], 16)
-    die(f"{binary} has no .text section")
+def code_segment(binary):
+    """(vaddr, size) of the executable PT_LOAD: `.text`, then `.init`/`.fini`."""
+    for _, vaddr, size, flags in load_segments(binary):
+        if flags & 1:
+            return vaddr, size
+    die(f"{binary} has no executable segment")
 
 
 def functions(binary):
@@ -70,7 +69,7 @@ def functions(binary):
 
 
 def cmd_pages(binary, pids):
-    path = subprocess.run(["readlink", "-f", binary], capture_output=True, text=True).stdout.strip()
+    path = os.path.realpath(binary)
     pages = set()
     for pid in pids:
         with open(f"/proc/{pid}/maps") as maps, open(f"/proc/{pid}/pagemap", "rb") as pm:
@@ -133,7 +132,7 @@ def rustc_version():
 
 def cmd_check(binary, order_file):
     """The ordering took effect: nearly all listed functions the binary has sit
-    in one block at the start of .text, no longer than their own size."""
+    in one block at the start of the code, no longer than their own size."""
     lines = [line.strip() for line in open(order_file) if line.strip()]
     listed = [line for line in lines if not line.startswith("#")]
     made_by = lines[0][1:].strip() if lines and lines[0].startswith("#") else "an unknown rustc"
@@ -141,13 +140,13 @@ def cmd_check(binary, order_file):
     for vaddr, length, name in functions(binary):
         by_name.setdefault(name, (vaddr, length))
     found = [by_name[n] for n in listed if n in by_name]
-    start, text_size = text_range(binary)
+    start, code_size = code_segment(binary)
     hot = sum(length for _, length in found)
     block = hot * 1.05 + 64 * 1024
     inside = sum(1 for vaddr, _ in found if vaddr - start < block)
     print(f"{len(found)} of {len(listed)} listed functions in the binary ({hot / 2**20:.2f} MiB); "
           f"{inside} of them in the first {block / 2**20:.2f} MiB of its "
-          f"{text_size / 2**20:.2f} MiB of code")
+          f"{code_size / 2**20:.2f} MiB of code")
     if len(found) < 0.8 * len(listed):
         now = rustc_version()
         if now != made_by:
@@ -173,7 +172,7 @@ def echo(conn):
             conn.sendall(data)
 
 
-def cmd_bulk_server(port):
+def cmd_echo_server(port):
     srv = socket.socket()
     srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     srv.bind(("0.0.0.0", port))
@@ -243,8 +242,8 @@ def main(argv):
             cmd_order(*args)
         elif cmd == "check" and len(args) == 2:
             cmd_check(*args)
-        elif cmd == "bulk-server" and len(args) == 1:
-            cmd_bulk_server(int(args[0]))
+        elif cmd == "echo-server" and len(args) == 1:
+            cmd_echo_server(int(args[0]))
         elif cmd == "bulk-client" and len(args) == 3:
             cmd_bulk_client(args[0], int(args[1]), int(args[2]))
         elif cmd == "rr" and len(args) == 3:
