@@ -8,7 +8,7 @@
 //! destination. Every lab is an RAII guard: it is removed even when a test fails.
 
 use std::io::{Read, Write};
-use std::net::{Shutdown, SocketAddr};
+use std::net::{IpAddr, Shutdown, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -519,6 +519,104 @@ fn unmeshed_destination_is_passed_through() {
         1.0
     );
     assert_eq!(value(&n1, "nodemesh_tunnels_open", &[]), 0.0);
+}
+
+/// The address the server sees for one connection made by `connect`: the
+/// peer of the next connection `listener` accepts, within 20 s (the
+/// client's own connect completes at its daemon, before L2 connects).
+fn peer_seen(
+    listener: &std::net::TcpListener,
+    connect: impl FnOnce() -> std::net::TcpStream,
+) -> IpAddr {
+    let listener = listener.try_clone().expect("clone listener");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(listener.accept().map(|(s, peer)| (s, peer.ip())));
+    });
+    let mut client = connect();
+    client.write_all(b"who am i").expect("write");
+    let (mut server, peer) = rx
+        .recv_timeout(Duration::from_secs(20))
+        .expect("the server accepted within 20 s")
+        .expect("accept");
+    let mut buf = [0u8; 8];
+    server.read_exact(&mut buf).expect("read");
+    assert_eq!(&buf, b"who am i");
+    peer
+}
+
+/// The destination pod sees the client's address, not its own: across nodes
+/// (the address the stream header carries), within a node, and for a
+/// plaintext client outside the mesh. The daemon installed the return path
+/// in the pod; with `client_address.preserve: false` the pod sees itself.
+#[test]
+fn pods_see_the_clients_address_across_nodes_within_a_node_and_from_outside() {
+    let mut lab = mesh_lab(2, 2);
+    let server = lab.pod(2, 1).expect("n2-p1");
+    let (far, near) = (lab.pod(1, 1).expect("n1-p1"), lab.pod(2, 2).expect("n2-p2"));
+    let outside = lab.node(1).expect("n1").clone();
+    let listener = server.listen(0).expect("listen");
+    let dst = server.addr(listener.local_addr().expect("addr").port());
+
+    let seen = peer_seen(&listener, || far.connect(dst).expect("connect"));
+    assert_eq!(seen, IpAddr::V4(far.ip), "across nodes");
+    let seen = peer_seen(&listener, || near.connect(dst).expect("connect"));
+    assert_eq!(seen, IpAddr::V4(near.ip), "within the node");
+    let seen = peer_seen(&listener, || {
+        netns::tcp_connect(&outside.netns, dst, Duration::from_secs(5)).expect("connect")
+    });
+    assert_eq!(seen, IpAddr::V4(outside.address), "plaintext from node n1");
+
+    let run = |args: &[&str]| {
+        lab.exec_in(&server.netns, args[0], &args[1..])
+            .expect("run in the server pod")
+            .stdout_text()
+    };
+    assert!(
+        run(&["ip", "rule"]).contains("32000:\tfrom all fwmark 0x4e4e lookup 20046"),
+        "{}",
+        run(&["ip", "rule"])
+    );
+    assert_eq!(
+        run(&["ip", "route", "show", "table", "20046"]).trim(),
+        "local default dev lo scope host"
+    );
+    assert_eq!(
+        run(&["cat", "/proc/sys/net/ipv4/tcp_fwmark_accept"]).trim(),
+        "1"
+    );
+    assert_eq!(
+        value(
+            &metrics(&lab, 2),
+            "nodemesh_pod_return_path_failures_total",
+            &[]
+        ),
+        0.0
+    );
+    assert_eq!(client_address_shown(&lab, &server.name), Some(true));
+
+    lab.update_config(2, |c| c.client_address.preserve = false)
+        .expect("config");
+    let status = lab.restart_daemon(2).expect("restart");
+    assert!(status.success(), "n2 exited {status:?} on SIGTERM");
+    let seen = peer_seen(&listener, || far.connect(dst).expect("connect"));
+    assert_eq!(
+        seen,
+        IpAddr::V4(server.ip),
+        "preserve off: from the pod itself"
+    );
+    assert_eq!(client_address_shown(&lab, &server.name), Some(false));
+}
+
+/// `client_address` of pod `name` in node 2's `/config_dump`.
+fn client_address_shown(lab: &Lab, name: &str) -> Option<bool> {
+    let r = lab.admin_get(2, "/config_dump").expect("config_dump");
+    let dump: serde_json::Value = serde_json::from_str(&r.body).expect("config_dump json");
+    dump["local_pods"]
+        .as_array()?
+        .iter()
+        .find(|p| p["name"] == name)?["client_address"]
+        .as_bool()
 }
 
 /// A peer outside the mesh, attached to the lab's underlay at 10.77.0.99.

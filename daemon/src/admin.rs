@@ -255,6 +255,7 @@ fn config_dump(registry: &Registry, tunnels: &Tunnels, handover: &handover::Stat
                 "name": p.name,
                 "ips": p.ips,
                 "netns": p.netns.path(),
+                "client_address": p.client_address,
             })
         })
         .collect();

@@ -268,6 +268,7 @@ impl Daemon {
             tunnels,
             trust_domain: config.trust_domain.clone(),
             mark: config.socket_mark,
+            client_mark: config.client_address.mark,
             outbound_port: config.ports.outbound,
             connect_timeout: config.connect_timeout(),
             tracker: ConnTracker::default(),
@@ -287,7 +288,12 @@ impl Daemon {
                 config.ports.outbound,
                 config.ports.inbound,
             )
-            .with_pod_sysctls(pod_sysctls),
+            .with_pod_sysctls(pod_sysctls)
+            .with_return_path(config.client_address.preserve.then_some((
+                config.client_address.mark,
+                config.client_address.table,
+                config.client_address.rule_priority,
+            ))),
         );
         if predecessor.is_some() {
             // Listeners made from here on share the pods' connections with the

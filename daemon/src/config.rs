@@ -60,11 +60,15 @@ pub struct Config {
     /// Timeout for a TCP connect to a destination, in ms. Default 5000.
     pub connect_timeout_ms: u64,
     /// Set `net.ipv4.tcp_tw_reuse = 1` in every registered pod's network
-    /// namespace. Default true: L2 connects into a pod from the pod's own
-    /// address, so all the mesh's connections to one pod port share one
-    /// 4-tuple space, which their TIME_WAITs fill at ~470 connections/s
-    /// (see `netns::TCP_TW_REUSE`, docs/operations.md).
+    /// namespace. Default true: L2 connects into a pod from inside it, so
+    /// the TIME_WAITs of the mesh's connections from one client (from every
+    /// client with `client_address.preserve: false`) to one pod port fill
+    /// one 4-tuple space in the pod, at ~470 connections/s (see
+    /// `netns::TCP_TW_REUSE`, docs/operations.md).
     pub pod_tcp_tw_reuse: bool,
+    /// Whether the mesh delivers connections into pods from the client's
+    /// address, and the marks and routes that takes.
+    pub client_address: ClientAddressConfig,
     /// Log filter (tracing `EnvFilter` syntax). Default `info`.
     pub log_level: String,
     /// Log format: `text` or `json`. Default `text`.
@@ -134,6 +138,45 @@ pub enum DiscoverySource {
     /// Watches of the Kubernetes API server (in-cluster service account, or
     /// the kubeconfig named by `KUBECONFIG`).
     Kubernetes,
+}
+
+/// Connecting into a destination pod from the client's address
+/// (`IP_TRANSPARENT`), so the application sees who called it: the client
+/// pod's address as the stream header carries it (verified at L2), or the
+/// peer of a plaintext connection. Replies come back to the daemon through a
+/// return path in the pod's namespace (a policy-routing rule for `mark`, a
+/// `local default dev lo` route in `table`, `net.ipv4.tcp_fwmark_accept`),
+/// installed by the daemon when it registers the pod. Where that fails the
+/// pod is meshed all the same and reached from its own address
+/// (`nodemesh_pod_return_path_failures_total`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClientAddressConfig {
+    /// Connect from the client's address. Default true. False: from the
+    /// pod's own address (the application sees itself as the client), and
+    /// nothing is installed in pods.
+    pub preserve: bool,
+    /// `SO_MARK` of those connections, which the return path matches; must
+    /// differ from `socket_mark` and be unused by other software in pods.
+    /// Default `0x4e4e`.
+    pub mark: u32,
+    /// Routing table of the return path, in each pod's namespace. Default
+    /// 20046 (`0x4e4e`, the mark's number).
+    pub table: u32,
+    /// Priority of the return path's rule (before the main table's 32766).
+    /// Default 32000.
+    pub rule_priority: u32,
+}
+
+impl Default for ClientAddressConfig {
+    fn default() -> Self {
+        Self {
+            preserve: true,
+            mark: 0x4e4e,
+            table: 0x4e4e,
+            rule_priority: 32000,
+        }
+    }
 }
 
 /// Log output format.
@@ -254,6 +297,7 @@ impl Default for Config {
             drain_timeout_ms: 10_000,
             connect_timeout_ms: 5_000,
             pod_tcp_tw_reuse: true,
+            client_address: ClientAddressConfig::default(),
             log_level: "info".to_owned(),
             log_format: LogFormat::Text,
             tcp_relay: crate::relay_splice::TcpRelay::Splice,
@@ -389,6 +433,28 @@ impl Config {
                 "socket_mark",
                 "is 0, which every unmarked socket has",
                 "choose a non-zero mark unused by other software on the node (default 0x4e4d)",
+            ));
+        }
+        let c = &self.client_address;
+        if c.mark == 0 || c.mark == self.socket_mark {
+            return Err(invalid(
+                "client_address.mark",
+                format!("is {:#x} (socket_mark {:#x})", c.mark, self.socket_mark),
+                "choose a non-zero mark different from socket_mark and unused in pods (default 0x4e4e)",
+            ));
+        }
+        if matches!(c.table, 0 | 253..=255) {
+            return Err(invalid(
+                "client_address.table",
+                format!("is {}, a table the kernel reserves", c.table),
+                "choose a table id other than 0, 253 (default), 254 (main) and 255 (local), such as 20046",
+            ));
+        }
+        if !(1..32766).contains(&c.rule_priority) {
+            return Err(invalid(
+                "client_address.rule_priority",
+                format!("is {}", c.rule_priority),
+                "choose a priority from 1 to 32765, so the rule comes before the main table's (default 32000)",
             ));
         }
         let t = &self.tunnel;
@@ -580,6 +646,26 @@ mod tests {
                 "ports.inbound",
             ),
             (Box::new(|c| c.socket_mark = 0), "socket_mark"),
+            (
+                Box::new(|c| c.client_address.mark = 0),
+                "client_address.mark",
+            ),
+            (
+                Box::new(|c| c.client_address.mark = c.socket_mark),
+                "client_address.mark",
+            ),
+            (
+                Box::new(|c| c.client_address.table = 254),
+                "client_address.table",
+            ),
+            (
+                Box::new(|c| c.client_address.rule_priority = 32766),
+                "client_address.rule_priority",
+            ),
+            (
+                Box::new(|c| c.client_address.rule_priority = 0),
+                "client_address.rule_priority",
+            ),
             (
                 Box::new(|c| c.tunnel.keep_alive_ms = 40_000),
                 "tunnel.keep_alive_ms",

@@ -260,7 +260,7 @@ pub async fn handle_stream(
         )
         .await;
     }
-    let tcp = match proxy.connect(&pod.netns, header.dst).await {
+    let tcp = match proxy.connect_into(&pod, header.src.ip(), header.dst).await {
         Ok(t) => t,
         Err(e) => {
             debug!(server.addr = %header.dst, error = %e, "connect to destination failed");
@@ -519,7 +519,7 @@ pub(crate) async fn plaintext(proxy: &Proxy, pod: &LocalPod, tcp: TcpStream, cli
         reset_tcp(tcp);
         return;
     }
-    match proxy.connect(&pod.netns, dst).await {
+    match proxy.connect_into(pod, client.ip(), dst).await {
         Ok(server) => relay_local(&edge, pod, tcp, server, live).await,
         Err(e) => {
             warn!(server.addr = %dst, error = %e, "connect to the pod failed; resetting client");

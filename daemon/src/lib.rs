@@ -32,5 +32,6 @@ pub mod registry;
 pub mod relay;
 pub mod relay_splice;
 pub mod reuseport;
+pub mod rtnl;
 pub mod stat;
 pub mod tunnel;

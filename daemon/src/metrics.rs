@@ -51,6 +51,10 @@ pub const CNI_REQUESTS: &str = "nodemesh_cni_requests_total";
 /// Counter: sysctls that could not be set in a pod's namespace at
 /// registration (the pod is meshed all the same); label `sysctl`.
 pub const POD_SYSCTL_FAILURES: &str = "nodemesh_pod_sysctl_failures_total";
+/// Counter: pods whose return path (`client_address`) could not be
+/// installed at registration; the mesh connects into them from their own
+/// address.
+pub const POD_RETURN_PATH_FAILURES: &str = "nodemesh_pod_return_path_failures_total";
 /// Counter: discovery reloads; labels `source`, `result`.
 pub const DISCOVERY_RELOADS: &str = "nodemesh_discovery_reloads_total";
 /// Gauge: connections currently being relayed.

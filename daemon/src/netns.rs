@@ -37,6 +37,8 @@ use socket2::{Domain, Protocol, SockRef, Socket, Type};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::oneshot;
 
+use crate::rtnl::ReturnPath;
+
 /// Spare sockets a [`Netns`] keeps per address family (made ahead by the
 /// [`NetnsWorker`], so a connect does not wait for the thread hop). Two: a
 /// replacement is on its way while the second serves the next connect.
@@ -153,15 +155,26 @@ impl NetSysctl {
 /// `net.ipv4.tcp_tw_reuse = 1` (it also covers IPv6): lets a connect from
 /// inside the pod reuse a 4-tuple whose TIME_WAIT is older than a second
 /// (TCP timestamps tell the old and new connection apart). L2 connects into
-/// a pod from the pod's own address, so every connection the mesh delivers
-/// to one pod port shares one source address and one destination: with the
-/// kernel's default (`2`, loopback only) their TIME_WAITs (60 s, left by
-/// L2 forwarding the client's close) fill the ~28,000 ephemeral ports at
-/// ~470 connections/s per pod port: connects slow down, and fail once
-/// every port is held.
+/// a pod from inside it, so every connection the mesh delivers from one
+/// client to one pod port (from every client, when they are delivered from
+/// the pod's own address) shares one source address and one destination:
+/// with the kernel's default (`2`, loopback only) their TIME_WAITs (60 s,
+/// left by L2 forwarding the client's close) fill the ~28,000 ephemeral
+/// ports at ~470 connections/s: connects slow down, and fail once every
+/// port is held.
 /// See docs/operations.md ("Connection rate into one pod").
 pub const TCP_TW_REUSE: NetSysctl = NetSysctl {
     name: "net.ipv4.tcp_tw_reuse",
+    value: "1",
+};
+
+/// `net.ipv4.tcp_fwmark_accept = 1` (it also covers IPv6): a connection
+/// accepted from a SYN that carries a mark sends everything with that mark.
+/// Only the daemon's connects from a client's address carry one, and the
+/// pod's [`ReturnPath`] rule routes that mark back to the daemon's socket
+/// (module `rtnl`). Set only where the return path is installed.
+pub const TCP_FWMARK_ACCEPT: NetSysctl = NetSysctl {
+    name: "net.ipv4.tcp_fwmark_accept",
     value: "1",
 };
 
@@ -172,6 +185,12 @@ pub trait SocketFactory: Send + Sync + fmt::Debug + 'static {
 
     /// Sets `sysctl` inside `ns` (written only if it differs).
     fn set_sysctl(&self, ns: &Netns, sysctl: NetSysctl) -> SysctlFuture;
+
+    /// Installs the policy routing of `path` inside `ns` (idempotent).
+    /// `Ok(false)`: not installed because `ns` is the daemon's own namespace
+    /// (the node's routing is never changed); connects into it then come
+    /// from the pod's own address.
+    fn install_return_path(&self, ns: &Netns, path: ReturnPath) -> SysctlFuture;
 }
 
 /// The future returned by [`SocketFactory::tcp_socket`].
@@ -195,6 +214,10 @@ enum What {
     Sysctl {
         sysctl: NetSysctl,
         reply: oneshot::Sender<io::Result<bool>>,
+    },
+    ReturnPath {
+        path: ReturnPath,
+        reply: oneshot::Sender<io::Result<()>>,
     },
 }
 
@@ -259,6 +282,9 @@ impl NetnsWorker {
                         }
                         What::Sysctl { sysctl, reply } => {
                             let _ = reply.send(entered.and_then(|()| write_sysctl(sysctl)));
+                        }
+                        What::ReturnPath { path, reply } => {
+                            let _ = reply.send(entered.and_then(|()| crate::rtnl::install(&path)));
                         }
                     }
                 }
@@ -347,6 +373,24 @@ impl SocketFactory for NetnsWorker {
                 .map_err(|_| io::Error::other("netns worker thread has stopped"))?
         })
     }
+
+    fn install_return_path(&self, ns: &Netns, path: ReturnPath) -> SysctlFuture {
+        if ns.file.is_none() {
+            // The node's own routing is never changed.
+            return Box::pin(std::future::ready(Ok(false)));
+        }
+        let (reply, rx) = oneshot::channel();
+        let sent = self.tx.send(Job {
+            ns: ns.clone(),
+            what: What::ReturnPath { path, reply },
+        });
+        Box::pin(async move {
+            sent.map_err(|_| io::Error::other("netns worker thread has stopped"))?;
+            rx.await
+                .map_err(|_| io::Error::other("netns worker thread has stopped"))?
+                .map(|()| true)
+        })
+    }
 }
 
 /// Non-blocking and close-on-exec, as tokio needs it.
@@ -377,6 +421,10 @@ impl SocketFactory for CurrentNetns {
     fn set_sysctl(&self, _ns: &Netns, _sysctl: NetSysctl) -> SysctlFuture {
         Box::pin(std::future::ready(Ok(false)))
     }
+
+    fn install_return_path(&self, _ns: &Netns, _path: ReturnPath) -> SysctlFuture {
+        Box::pin(std::future::ready(Ok(false)))
+    }
 }
 
 /// Binds and listens on `addr` inside `ns`, with `SO_REUSEPORT` so that a
@@ -400,18 +448,65 @@ pub async fn listen_in(
     TcpListener::from_std(StdListener::from(sock))
 }
 
-/// Connects to `dst` from a socket made inside `ns`, with `mark` set so the
-/// pod's capture rules let it through, and `TCP_NODELAY`.
+/// Where a connection made inside a pod's namespace comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    /// The pod's own address (as any socket of the pod), marked with the
+    /// daemon's capture mark so the pod's capture rules let it through.
+    Pod {
+        /// `SO_MARK`.
+        mark: u32,
+    },
+    /// The client's address (`IP_TRANSPARENT`), marked so the pod's
+    /// [`ReturnPath`] brings the replies back. Only into a pod whose return
+    /// path is installed.
+    Client {
+        /// The client's address (the port is the kernel's choice).
+        addr: std::net::IpAddr,
+        /// `SO_MARK`: the return path's mark.
+        mark: u32,
+    },
+}
+
+/// Connects to `dst` from a socket made inside `ns`, from `origin`, with
+/// `TCP_NODELAY`.
 pub async fn connect_in(
     factory: &dyn SocketFactory,
     ns: &Netns,
     dst: SocketAddr,
-    mark: u32,
+    origin: Origin,
     timeout: Duration,
 ) -> io::Result<TcpStream> {
     let sock = factory.tcp_socket(ns, dst).await?;
-    if mark != 0 {
-        sock.set_mark(mark)?;
+    match origin {
+        Origin::Pod { mark } => {
+            if mark != 0 {
+                sock.set_mark(mark)?;
+            }
+        }
+        Origin::Client { addr, mark } => {
+            sock.set_mark(mark)?;
+            if addr.is_ipv6() {
+                sock.set_ip_transparent_v6(true)?;
+            } else {
+                sock.set_ip_transparent_v4(true)?;
+            }
+            // The port is chosen at connect, unique per 4-tuple (and
+            // `tcp_tw_reuse` applies), not at bind, where it would have to
+            // be unique per client address.
+            nix::sys::socket::setsockopt(
+                &sock,
+                nix::sys::socket::sockopt::IpBindAddressNoPort,
+                &true,
+            )
+            .map_err(io::Error::from)?;
+            sock.bind(&SocketAddr::new(addr, 0).into()).map_err(|e| {
+                io::Error::new(
+                    e.kind(),
+                    format!("bind to the client's address {addr}: {e}"),
+                )
+            })?;
+        }
     }
     sock.set_tcp_nodelay(true)?;
     let sock = TcpSocket::from_std_stream(std::net::TcpStream::from(sock));
@@ -459,7 +554,13 @@ mod tests {
             .expect("listen");
         let addr = l.local_addr().expect("addr");
         let (c, s) = tokio::join!(
-            connect_in(&f, &ns, addr, 0, Duration::from_secs(5)),
+            connect_in(
+                &f,
+                &ns,
+                addr,
+                Origin::Pod { mark: 0 },
+                Duration::from_secs(5)
+            ),
             l.accept()
         );
         let c = c.expect("connect");

@@ -74,7 +74,7 @@ pub(crate) async fn handle(proxy: &Proxy, pod: &LocalPod, tcp: TcpStream, client
                 Err(reason) => return fail(&edge, tcp, reason, &"refused by policy"),
             };
             Box::pin(async {
-                match proxy.connect(&dst_pod.netns, dst).await {
+                match proxy.connect_into(&dst_pod, client.ip(), dst).await {
                     Ok(server) => inbound::relay_local(&edge, &dst_pod, tcp, server, live).await,
                     Err(e) => fail(&edge, tcp, "connect_failed", &e),
                 }

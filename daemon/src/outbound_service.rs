@@ -138,9 +138,18 @@ async fn connect(
     endpoint: SocketAddr,
     edge: &mut Edge,
 ) -> Result<Connected, Failure> {
-    let (netns, route) = match proxy.registry.resolve(endpoint.ip()) {
-        Route::Local(dst_pod) => (dst_pod.netns.clone(), RouteLabel::Local),
-        Route::Passthrough => (pod.netns.clone(), RouteLabel::Passthrough),
+    let route = proxy.registry.resolve(endpoint.ip());
+    let connected = match route {
+        Route::Local(dst_pod) => {
+            edge.route = RouteLabel::Local;
+            edge.tls = false;
+            proxy.connect_into(&dst_pod, client.ip(), endpoint).await
+        }
+        Route::Passthrough => {
+            edge.route = RouteLabel::Passthrough;
+            edge.tls = false;
+            proxy.connect(&pod.netns, endpoint).await
+        }
         Route::Remote { node, addr } => {
             edge.route = RouteLabel::Tunnel;
             edge.tls = true;
@@ -150,11 +159,7 @@ async fn connect(
                 .map(|(s, r, g)| Connected::Stream(s, r, g));
         }
     };
-    edge.route = route;
-    edge.tls = false;
-    proxy
-        .connect(&netns, endpoint)
-        .await
+    connected
         .map(Connected::Tcp)
         .map_err(|e| Failure::retryable("connect_failed", e))
 }

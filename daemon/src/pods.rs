@@ -25,8 +25,9 @@ use tracing::field::Empty;
 use tracing::{debug, info, info_span, warn, Instrument};
 
 use crate::metrics as m;
-use crate::netns::{listen_in, NetSysctl, Netns};
+use crate::netns::{listen_in, NetSysctl, Netns, SocketFactory, TCP_FWMARK_ACCEPT};
 use crate::proxy::Proxy;
+use crate::rtnl::ReturnPath;
 use crate::{handover, inbound, outbound, reuseport};
 
 /// A pod registered on this node.
@@ -44,6 +45,11 @@ pub struct LocalPod {
     pub ips: Vec<IpAddr>,
     /// Its network namespace.
     pub netns: Netns,
+    /// The return path (`config.client_address`) is installed in the pod's
+    /// namespace: the daemon connects into it from the client's address.
+    /// False when the setting is off, or installing failed (then the daemon
+    /// connects from the pod's own address).
+    pub client_address: bool,
     /// Cancelled on unregister: closes listeners and connections.
     pub cancel: CancellationToken,
     /// The registration as received.
@@ -79,6 +85,45 @@ pub enum RegisterError {
     ShuttingDown,
 }
 
+/// Installs the return path and `tcp_fwmark_accept` in a pod's namespace;
+/// whether both hold. A failure is logged and counted, and the pod is
+/// meshed all the same, reached from its own address. A rule or route left
+/// by a half-way failure matches only the return path's mark, which the
+/// daemon then never sets in this pod: inert.
+async fn install_return_path(
+    factory: &dyn SocketFactory,
+    netns: &Netns,
+    path: ReturnPath,
+    pod: &str,
+) -> bool {
+    let res = match factory.install_return_path(netns, path).await {
+        Ok(true) => factory
+            .set_sysctl(netns, TCP_FWMARK_ACCEPT)
+            .await
+            .map(|_| true),
+        other => other,
+    };
+    match res {
+        Ok(installed) => {
+            debug!(netns = %netns.path().display(), installed, "pod return path");
+            installed
+        }
+        Err(e) => {
+            metrics::counter!(m::POD_RETURN_PATH_FAILURES).increment(1);
+            warn!(
+                pod,
+                netns = %netns.path().display(),
+                mark = %format_args!("{:#x}", path.mark),
+                table = path.table,
+                error = %e,
+                "cannot install the return path in the pod's namespace; the mesh connects into \
+                 this pod from its own address, not the client's"
+            );
+            false
+        }
+    }
+}
+
 /// Registers and unregisters local pods.
 #[derive(Debug)]
 pub struct PodManager {
@@ -95,6 +140,9 @@ pub struct PodManager {
     listeners: TaskTracker,
     /// Set in every pod's namespace once its listeners are up.
     sysctls: Vec<NetSysctl>,
+    /// Installed in every pod's namespace after the sysctls: (mark, table,
+    /// rule priority). None: connect into pods from their own address.
+    return_path: Option<(u32, u32, u32)>,
 }
 
 impl PodManager {
@@ -109,7 +157,16 @@ impl PodManager {
             hand_off: CancellationToken::new(),
             listeners: TaskTracker::new(),
             sysctls: Vec::new(),
+            return_path: None,
         }
+    }
+
+    /// Installs the return path (mark, routing table, rule priority) in
+    /// every pod's namespace at registration (and restore), so the daemon
+    /// connects into the pod from the client's address; none by default.
+    pub fn with_return_path(mut self, return_path: Option<(u32, u32, u32)>) -> Self {
+        self.return_path = return_path;
+        self
     }
 
     /// Sysctls set in every pod's namespace at registration (and restore);
@@ -275,6 +332,14 @@ impl PodManager {
                 }
             }
         }
+        let client_address = match self.return_path {
+            Some((mark, table, priority)) => {
+                let path = ReturnPath::for_ips(mark, table, priority, &reg.ips);
+                let pod = format!("{}/{}", reg.namespace, reg.name);
+                install_return_path(factory, &netns, path, &pod).await
+            }
+            None => false,
+        };
         let pod = Arc::new(LocalPod {
             container_id: reg.container_id.clone(),
             namespace: reg.namespace.clone(),
@@ -282,6 +347,7 @@ impl PodManager {
             service_account: reg.service_account.clone(),
             ips: reg.ips.clone(),
             netns,
+            client_address,
             cancel: CancellationToken::new(),
             registration: reg,
         });
@@ -559,6 +625,114 @@ fn validate(reg: &PodRegistration) -> Result<(), RegisterError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use std::net::SocketAddr;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use metrics::{
+        Counter, CounterFn, Gauge, Histogram, Key, KeyName, Metadata, Recorder, SharedString, Unit,
+    };
+
+    use crate::netns::{CurrentNetns, SocketFuture, SysctlFuture};
+
+    /// Answers the return path and the sysctl as told, counting the calls.
+    #[derive(Debug)]
+    struct Scripted {
+        path: fn() -> std::io::Result<bool>,
+        sysctl: fn() -> std::io::Result<bool>,
+        sysctls: AtomicUsize,
+    }
+
+    impl SocketFactory for Scripted {
+        fn tcp_socket(&self, _ns: &Netns, _family: SocketAddr) -> SocketFuture {
+            Box::pin(std::future::ready(Err(io::Error::other("no sockets here"))))
+        }
+        fn set_sysctl(&self, _ns: &Netns, sysctl: NetSysctl) -> SysctlFuture {
+            assert_eq!(sysctl, TCP_FWMARK_ACCEPT);
+            self.sysctls.fetch_add(1, Ordering::SeqCst);
+            Box::pin(std::future::ready((self.sysctl)()))
+        }
+        fn install_return_path(&self, _ns: &Netns, _path: ReturnPath) -> SysctlFuture {
+            Box::pin(std::future::ready((self.path)()))
+        }
+    }
+
+    /// Counts [`m::POD_RETURN_PATH_FAILURES`]; every other metric is a no-op.
+    #[derive(Debug, Default)]
+    struct Failures(Arc<FailureCount>);
+
+    #[derive(Debug, Default)]
+    struct FailureCount(std::sync::atomic::AtomicU64);
+
+    impl CounterFn for FailureCount {
+        fn increment(&self, value: u64) {
+            self.0.fetch_add(value, Ordering::SeqCst);
+        }
+        fn absolute(&self, value: u64) {
+            self.0.store(value, Ordering::SeqCst);
+        }
+    }
+
+    impl Recorder for Failures {
+        fn describe_counter(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+        fn describe_gauge(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+        fn describe_histogram(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+        fn register_counter(&self, key: &Key, _: &Metadata<'_>) -> Counter {
+            if key.name() == m::POD_RETURN_PATH_FAILURES {
+                Counter::from_arc(self.0.clone())
+            } else {
+                Counter::noop()
+            }
+        }
+        fn register_gauge(&self, _: &Key, _: &Metadata<'_>) -> Gauge {
+            Gauge::noop()
+        }
+        fn register_histogram(&self, _: &Key, _: &Metadata<'_>) -> Histogram {
+            Histogram::noop()
+        }
+    }
+
+    /// (installed, failures counted) for one factory.
+    fn install_with(factory: &dyn SocketFactory) -> (bool, u64) {
+        let recorder = Failures::default();
+        let path = ReturnPath::for_ips(0x4e4e, 0x4e4e, 32000, &[Ipv4Addr::LOCALHOST.into()]);
+        let installed = metrics::with_local_recorder(&recorder, || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .build()
+                .expect("runtime");
+            rt.block_on(install_return_path(
+                factory,
+                &Netns::current(),
+                path,
+                "ns/pod",
+            ))
+        });
+        (installed, recorder.0 .0.load(Ordering::SeqCst))
+    }
+
+    #[test]
+    fn return_path_holds_only_with_both_the_rule_and_the_sysctl() {
+        let scripted = |path, sysctl| Scripted {
+            path,
+            sysctl,
+            sysctls: AtomicUsize::new(0),
+        };
+        let ok = scripted(|| Ok(true), || Ok(false));
+        assert_eq!(install_with(&ok), (true, 0));
+        assert_eq!(ok.sysctls.load(Ordering::SeqCst), 1);
+
+        // The rule fails: no sysctl, counted, the pod is reached from its own address.
+        let no_rule = scripted(|| Err(io::Error::other("EPERM")), || Ok(true));
+        assert_eq!(install_with(&no_rule), (false, 1));
+        assert_eq!(no_rule.sysctls.load(Ordering::SeqCst), 0);
+
+        // The rule holds but the sysctl fails: not usable either.
+        let no_sysctl = scripted(|| Ok(true), || Err(io::Error::other("EROFS")));
+        assert_eq!(install_with(&no_sysctl), (false, 1));
+
+        // The daemon's own namespace: nothing installed, nothing counted.
+        assert_eq!(install_with(&CurrentNetns), (false, 0));
+    }
 
     #[test]
     fn container_ids_are_file_safe() {

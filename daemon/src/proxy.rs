@@ -4,7 +4,7 @@
 //! data path needs, the shutdown signal) and [`ConnTracker`], which counts
 //! connections in flight so that shutdown can drain them.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::identity::workload_spiffe_id;
 use crate::metrics::{self as m, UNKNOWN};
-use crate::netns::{connect_in, Netns, SocketFactory};
+use crate::netns::{connect_in, Netns, Origin, SocketFactory};
 use crate::pods::LocalPod;
 use crate::registry::Registry;
 use crate::tunnel::Tunnels;
@@ -33,6 +33,10 @@ pub struct Proxy {
     pub trust_domain: String,
     /// `SO_MARK` on sockets made inside pods.
     pub mark: u32,
+    /// `SO_MARK` on connections into pods from the client's address
+    /// (`client_address.mark`); used only into pods whose return path is
+    /// installed ([`LocalPod::client_address`]).
+    pub client_mark: u32,
     /// Outbound listener port (to refuse redirect loops).
     pub outbound_port: u16,
     /// Timeout for connecting to destinations.
@@ -90,14 +94,44 @@ impl Proxy {
         }
     }
 
-    /// Connects to `dst` from a socket made inside `netns`, marked so the
-    /// pod's capture rules let it through, within the connect timeout.
+    /// Connects to `dst` from a socket made inside `netns`, from the pod's
+    /// own address, marked so the pod's capture rules let it through, within
+    /// the connect timeout (passthrough).
     pub async fn connect(&self, netns: &Netns, dst: SocketAddr) -> std::io::Result<TcpStream> {
+        let origin = Origin::Pod { mark: self.mark };
         connect_in(
             self.sockets.as_ref(),
             netns,
             dst,
-            self.mark,
+            origin,
+            self.connect_timeout,
+        )
+        .await
+    }
+
+    /// Delivers a connection of `client` into the local pod `pod` (at
+    /// `dst`, one of its addresses): from `client`'s address where the pod's
+    /// return path is installed and the families match, else from the pod's
+    /// own address.
+    pub async fn connect_into(
+        &self,
+        pod: &LocalPod,
+        client: IpAddr,
+        dst: SocketAddr,
+    ) -> std::io::Result<TcpStream> {
+        let origin = if pod.client_address && client.is_ipv4() == dst.is_ipv4() {
+            Origin::Client {
+                addr: client,
+                mark: self.client_mark,
+            }
+        } else {
+            Origin::Pod { mark: self.mark }
+        };
+        connect_in(
+            self.sockets.as_ref(),
+            &pod.netns,
+            dst,
+            origin,
             self.connect_timeout,
         )
         .await
