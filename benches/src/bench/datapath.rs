@@ -97,6 +97,9 @@ pub struct TuningResult {
     pub cpu_per_gb8: Option<Spread>,
     /// Open-loop p50 at the first rate, µs.
     pub p50_us: Option<Spread>,
+    /// New connection (connect, one exchange, close) p50, µs.
+    #[serde(default)]
+    pub new_conn_p50_us: Option<Spread>,
     /// Why a figure is missing.
     pub errors: Vec<String>,
 }
@@ -729,6 +732,18 @@ fn variants() -> Vec<Variant> {
             |c| c.tunnel.segmentation_offload = false,
             false,
         ),
+        (
+            "client_address.preserve: false (into the pod from its own address, no IP_TRANSPARENT)",
+            false,
+            |c| c.client_address.preserve = false,
+            false,
+        ),
+        (
+            "same node, client_address.preserve: false",
+            false,
+            |c| c.client_address.preserve = false,
+            true,
+        ),
         ("same node, tcp_relay: copy (64 KiB buffer, epoll)", false, |c| {
             c.tcp_relay = TcpRelay::Copy;
         }, true),
@@ -837,6 +852,30 @@ fn tune(
             progress,
         );
     }
+    let (_seq, ready) = servers(
+        &targets,
+        &mut rs,
+        SEQ_ECHO_PORT,
+        "sequential echo server",
+        |l| Echo::start(l, sizes.msg_len, true),
+    );
+    for (t, _) in targets.iter().zip(&ready).filter(|(_, ok)| **ok) {
+        let _ = load::new_connections(&t.src.netns, t.addr(SEQ_ECHO_PORT), 5, sizes.msg_len);
+    }
+    let new_conn = interleaved(
+        &targets,
+        &ready,
+        &mut rs,
+        runs,
+        "new connections",
+        |t| {
+            let addr = t.addr(SEQ_ECHO_PORT);
+            load::new_connections(&t.src.netns, addr, sizes.new_conns, sizes.msg_len)
+                .map(|h| load::percentiles_us(&h)[0])
+        },
+        |p50| format!("p50 {p50:.0} µs"),
+        progress,
+    );
     drop(labs);
     let mut out = Vec::with_capacity(targets.len());
     for (i, ((variant, default, _, same_node), r)) in variants.iter().zip(rs).enumerate() {
@@ -856,6 +895,7 @@ fn tune(
             throughput8_gbps: g8,
             cpu_per_gb8: c8,
             p50_us: spread_opt(&p50[i]),
+            new_conn_p50_us: new_conn.get(i).and_then(|v| spread_opt(v)),
             errors: r.errors,
         });
     }
