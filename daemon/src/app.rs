@@ -289,11 +289,7 @@ impl Daemon {
                 config.ports.inbound,
             )
             .with_pod_sysctls(pod_sysctls)
-            .with_return_path(config.client_address.preserve.then_some((
-                config.client_address.mark,
-                config.client_address.table,
-                config.client_address.rule_priority,
-            ))),
+            .with_client_address(&config.client_address),
         );
         if predecessor.is_some() {
             // Listeners made from here on share the pods' connections with the

@@ -196,8 +196,10 @@ pub trait SocketFactory: Send + Sync + fmt::Debug + 'static {
 /// The future returned by [`SocketFactory::tcp_socket`].
 pub type SocketFuture = Pin<Box<dyn Future<Output = io::Result<Socket>> + Send + 'static>>;
 
-/// The future returned by [`SocketFactory::set_sysctl`]: whether the value
-/// was changed (false: it was already set).
+/// The future returned by [`SocketFactory::set_sysctl`] (whether the value
+/// was changed; false: it was already set) and by
+/// [`SocketFactory::install_return_path`] (whether the return path is in
+/// place; false: the daemon's own namespace).
 pub type SysctlFuture = Pin<Box<dyn Future<Output = io::Result<bool>> + Send + 'static>>;
 
 struct Job {
@@ -217,7 +219,8 @@ enum What {
     },
     ReturnPath {
         path: ReturnPath,
-        reply: oneshot::Sender<io::Result<()>>,
+        /// `Ok(true)`: installed.
+        reply: oneshot::Sender<io::Result<bool>>,
     },
 }
 
@@ -252,6 +255,29 @@ impl fmt::Debug for NetnsWorker {
 }
 
 impl NetnsWorker {
+    /// Runs `what` (made around the reply channel) on the worker thread,
+    /// inside `ns`. In the daemon's own namespace it answers `Ok(false)`
+    /// without asking: the node's sysctls and routing are never changed.
+    fn ask(
+        &self,
+        ns: &Netns,
+        what: impl FnOnce(oneshot::Sender<io::Result<bool>>) -> What,
+    ) -> SysctlFuture {
+        if ns.file.is_none() {
+            return Box::pin(std::future::ready(Ok(false)));
+        }
+        let (reply, rx) = oneshot::channel();
+        let sent = self.tx.send(Job {
+            ns: ns.clone(),
+            what: what(reply),
+        });
+        Box::pin(async move {
+            sent.map_err(|_| io::Error::other("netns worker thread has stopped"))?;
+            rx.await
+                .map_err(|_| io::Error::other("netns worker thread has stopped"))?
+        })
+    }
+
     /// Starts the worker thread.
     pub fn start() -> io::Result<Self> {
         let (tx, rx) = mpsc::channel::<Job>();
@@ -284,7 +310,8 @@ impl NetnsWorker {
                             let _ = reply.send(entered.and_then(|()| write_sysctl(sysctl)));
                         }
                         What::ReturnPath { path, reply } => {
-                            let _ = reply.send(entered.and_then(|()| crate::rtnl::install(&path)));
+                            let res = entered.and_then(|()| crate::rtnl::install(&path));
+                            let _ = reply.send(res.map(|()| true));
                         }
                     }
                 }
@@ -358,38 +385,13 @@ impl SocketFactory for NetnsWorker {
     }
 
     fn set_sysctl(&self, ns: &Netns, sysctl: NetSysctl) -> SysctlFuture {
-        if ns.file.is_none() {
-            // The daemon's own namespace is the node's: never tuned.
-            return Box::pin(std::future::ready(Ok(false)));
-        }
-        let (reply, rx) = oneshot::channel();
-        let sent = self.tx.send(Job {
-            ns: ns.clone(),
-            what: What::Sysctl { sysctl, reply },
-        });
-        Box::pin(async move {
-            sent.map_err(|_| io::Error::other("netns worker thread has stopped"))?;
-            rx.await
-                .map_err(|_| io::Error::other("netns worker thread has stopped"))?
-        })
+        // In the daemon's own namespace, the node's: never tuned.
+        self.ask(ns, |reply| What::Sysctl { sysctl, reply })
     }
 
     fn install_return_path(&self, ns: &Netns, path: ReturnPath) -> SysctlFuture {
-        if ns.file.is_none() {
-            // The node's own routing is never changed.
-            return Box::pin(std::future::ready(Ok(false)));
-        }
-        let (reply, rx) = oneshot::channel();
-        let sent = self.tx.send(Job {
-            ns: ns.clone(),
-            what: What::ReturnPath { path, reply },
-        });
-        Box::pin(async move {
-            sent.map_err(|_| io::Error::other("netns worker thread has stopped"))?;
-            rx.await
-                .map_err(|_| io::Error::other("netns worker thread has stopped"))?
-                .map(|()| true)
-        })
+        // In the daemon's own namespace, the node's: its routing is never changed.
+        self.ask(ns, |reply| What::ReturnPath { path, reply })
     }
 }
 
@@ -407,8 +409,9 @@ fn new_socket(domain: Domain) -> io::Result<Socket> {
 }
 
 /// [`SocketFactory`] for tests without root: every socket in the current
-/// netns, and no sysctl ever written (the current netns is the test
-/// machine's own; [`SocketFactory::set_sysctl`] answers "not changed").
+/// netns, and no sysctl or route ever written (the current netns is the
+/// test machine's own; [`SocketFactory::set_sysctl`] answers "not changed",
+/// [`SocketFactory::install_return_path`] "not installed").
 #[derive(Debug, Default, Clone, Copy)]
 pub struct CurrentNetns;
 

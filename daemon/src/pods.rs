@@ -24,6 +24,7 @@ use tokio_util::task::TaskTracker;
 use tracing::field::Empty;
 use tracing::{debug, info, info_span, warn, Instrument};
 
+use crate::config::ClientAddressConfig;
 use crate::metrics as m;
 use crate::netns::{listen_in, NetSysctl, Netns, SocketFactory, TCP_FWMARK_ACCEPT};
 use crate::proxy::Proxy;
@@ -140,9 +141,9 @@ pub struct PodManager {
     listeners: TaskTracker,
     /// Set in every pod's namespace once its listeners are up.
     sysctls: Vec<NetSysctl>,
-    /// Installed in every pod's namespace after the sysctls: (mark, table,
-    /// rule priority). None: connect into pods from their own address.
-    return_path: Option<(u32, u32, u32)>,
+    /// The return path installed in every pod's namespace after the
+    /// sysctls. None: connect into pods from their own address.
+    client_address: Option<ClientAddressConfig>,
 }
 
 impl PodManager {
@@ -157,15 +158,16 @@ impl PodManager {
             hand_off: CancellationToken::new(),
             listeners: TaskTracker::new(),
             sysctls: Vec::new(),
-            return_path: None,
+            client_address: None,
         }
     }
 
-    /// Installs the return path (mark, routing table, rule priority) in
-    /// every pod's namespace at registration (and restore), so the daemon
-    /// connects into the pod from the client's address; none by default.
-    pub fn with_return_path(mut self, return_path: Option<(u32, u32, u32)>) -> Self {
-        self.return_path = return_path;
+    /// With `config.preserve`, installs the return path (`config`'s mark,
+    /// routing table and rule priority) in every pod's namespace at
+    /// registration (and restore), so the daemon connects into the pod from
+    /// the client's address; off by default.
+    pub fn with_client_address(mut self, config: &ClientAddressConfig) -> Self {
+        self.client_address = config.preserve.then(|| config.clone());
         self
     }
 
@@ -332,9 +334,9 @@ impl PodManager {
                 }
             }
         }
-        let client_address = match self.return_path {
-            Some((mark, table, priority)) => {
-                let path = ReturnPath::for_ips(mark, table, priority, &reg.ips);
+        let client_address = match &self.client_address {
+            Some(c) => {
+                let path = ReturnPath::for_ips(c.mark, c.table, c.rule_priority, &reg.ips);
                 let pod = format!("{}/{}", reg.namespace, reg.name);
                 install_return_path(factory, &netns, path, &pod).await
             }

@@ -438,30 +438,7 @@ pub fn measure_all(
 
     // New connections.
     if only.figure("new-conn") {
-        let (_seq, ready) = servers(
-            targets,
-            &mut rs,
-            SEQ_ECHO_PORT,
-            "sequential echo server",
-            |l| Echo::start(l, sizes.msg_len, true),
-        );
-        for (t, _) in targets.iter().zip(&ready).filter(|(_, ok)| **ok) {
-            let _ = load::new_connections(&t.src.netns, t.addr(SEQ_ECHO_PORT), 5, sizes.msg_len);
-        }
-        let got = interleaved(
-            targets,
-            &ready,
-            &mut rs,
-            sizes.runs.min(3),
-            "new connections",
-            |t| {
-                let addr = t.addr(SEQ_ECHO_PORT);
-                load::new_connections(&t.src.netns, addr, sizes.new_conns, sizes.msg_len)
-                    .map(|h| load::percentiles_us(&h))
-            },
-            |q| format!("p50 {:.0} µs, p99 {:.0} µs", q[0], q[1]),
-            progress,
-        );
+        let got = new_connection_runs(targets, &mut rs, sizes.runs.min(3), sizes, progress);
         for (r, q) in rs.iter_mut().zip(got) {
             r.new_conn_p50_us = spread_opt(&q.iter().map(|q| q[0]).collect::<Vec<_>>());
             r.new_conn_p99_us = spread_opt(&q.iter().map(|q| q[1]).collect::<Vec<_>>());
@@ -761,6 +738,39 @@ fn chosen_variants(opts: &BenchOptions) -> Vec<Variant> {
     variants().into_iter().filter(|v| chosen(v.0)).collect()
 }
 
+/// New connections (connect, one exchange, close) through every target:
+/// a sequential echo server on each destination, a 5-connection warm-up,
+/// then `runs` runs of `sizes.new_conns`, the targets taking turns; per
+/// target, each run's p50/p99/p99.9 in µs.
+fn new_connection_runs(
+    targets: &[Target],
+    rs: &mut [PathResult],
+    runs: usize,
+    sizes: &Sizes,
+    progress: &mut dyn FnMut(&str),
+) -> Vec<Vec<[f64; 3]>> {
+    let (_seq, ready) = servers(targets, rs, SEQ_ECHO_PORT, "sequential echo server", |l| {
+        Echo::start(l, sizes.msg_len, true)
+    });
+    for (t, _) in targets.iter().zip(&ready).filter(|(_, ok)| **ok) {
+        let _ = load::new_connections(&t.src.netns, t.addr(SEQ_ECHO_PORT), 5, sizes.msg_len);
+    }
+    interleaved(
+        targets,
+        &ready,
+        rs,
+        runs,
+        "new connections",
+        |t| {
+            let addr = t.addr(SEQ_ECHO_PORT);
+            load::new_connections(&t.src.netns, addr, sizes.new_conns, sizes.msg_len)
+                .map(|h| load::percentiles_us(&h))
+        },
+        |q| format!("p50 {:.0} µs, p99 {:.0} µs", q[0], q[1]),
+        progress,
+    )
+}
+
 /// The tuning variants, interleaved like the paths: one meshed lab per
 /// variant (prefix plus `t<index>`), all up at once, each with its daemons
 /// configured for its variant; every run of every figure then visits the
@@ -852,30 +862,7 @@ fn tune(
             progress,
         );
     }
-    let (_seq, ready) = servers(
-        &targets,
-        &mut rs,
-        SEQ_ECHO_PORT,
-        "sequential echo server",
-        |l| Echo::start(l, sizes.msg_len, true),
-    );
-    for (t, _) in targets.iter().zip(&ready).filter(|(_, ok)| **ok) {
-        let _ = load::new_connections(&t.src.netns, t.addr(SEQ_ECHO_PORT), 5, sizes.msg_len);
-    }
-    let new_conn = interleaved(
-        &targets,
-        &ready,
-        &mut rs,
-        runs,
-        "new connections",
-        |t| {
-            let addr = t.addr(SEQ_ECHO_PORT);
-            load::new_connections(&t.src.netns, addr, sizes.new_conns, sizes.msg_len)
-                .map(|h| load::percentiles_us(&h)[0])
-        },
-        |p50| format!("p50 {p50:.0} µs"),
-        progress,
-    );
+    let new_conn = new_connection_runs(&targets, &mut rs, runs, sizes, progress);
     drop(labs);
     let mut out = Vec::with_capacity(targets.len());
     for (i, ((variant, default, _, same_node), r)) in variants.iter().zip(rs).enumerate() {
@@ -895,7 +882,9 @@ fn tune(
             throughput8_gbps: g8,
             cpu_per_gb8: c8,
             p50_us: spread_opt(&p50[i]),
-            new_conn_p50_us: new_conn.get(i).and_then(|v| spread_opt(v)),
+            new_conn_p50_us: new_conn
+                .get(i)
+                .and_then(|q| spread_opt(&q.iter().map(|q| q[0]).collect::<Vec<_>>())),
             errors: r.errors,
         });
     }
