@@ -261,12 +261,19 @@ fn same_node_delivery_splices_by_default_and_releases_the_pipes() {
     }
 }
 
-/// The tunnels node `node` lists in `/config_dump`.
-fn dumped_tunnels(lab: &Lab, node: usize) -> Vec<serde_json::Value> {
+/// Node `node`'s `/config_dump`.
+fn config_dump(lab: &Lab, node: usize) -> serde_json::Value {
     let r = lab.admin_get(node, "/config_dump").expect("config_dump");
     assert_eq!(r.status, 200, "config_dump of node {node}: {}", r.body);
-    let dump: serde_json::Value = serde_json::from_str(&r.body).expect("config_dump json");
-    dump["tunnels"].as_array().expect("tunnels list").clone()
+    serde_json::from_str(&r.body).expect("config_dump json")
+}
+
+/// The tunnels node `node` lists in `/config_dump`.
+fn dumped_tunnels(lab: &Lab, node: usize) -> Vec<serde_json::Value> {
+    config_dump(lab, node)["tunnels"]
+        .as_array()
+        .expect("tunnels list")
+        .clone()
 }
 
 /// Successful handshakes on `side` (`client` = dialled, `server` = accepted), summed over nodes.
@@ -610,9 +617,7 @@ fn pods_see_the_clients_address_across_nodes_within_a_node_and_from_outside() {
 
 /// `client_address` of pod `name` in node 2's `/config_dump`.
 fn client_address_shown(lab: &Lab, name: &str) -> Option<bool> {
-    let r = lab.admin_get(2, "/config_dump").expect("config_dump");
-    let dump: serde_json::Value = serde_json::from_str(&r.body).expect("config_dump json");
-    dump["local_pods"]
+    config_dump(lab, 2)["local_pods"]
         .as_array()?
         .iter()
         .find(|p| p["name"] == name)?["client_address"]

@@ -98,15 +98,8 @@ impl Proxy {
     /// own address, marked so the pod's capture rules let it through, within
     /// the connect timeout (passthrough).
     pub async fn connect(&self, netns: &Netns, dst: SocketAddr) -> std::io::Result<TcpStream> {
-        let origin = Origin::Pod { mark: self.mark };
-        connect_in(
-            self.sockets.as_ref(),
-            netns,
-            dst,
-            origin,
-            self.connect_timeout,
-        )
-        .await
+        self.connect_from(netns, dst, Origin::Pod { mark: self.mark })
+            .await
     }
 
     /// Delivers a connection of `client` into the local pod `pod` (at
@@ -127,14 +120,17 @@ impl Proxy {
         } else {
             Origin::Pod { mark: self.mark }
         };
-        connect_in(
-            self.sockets.as_ref(),
-            &pod.netns,
-            dst,
-            origin,
-            self.connect_timeout,
-        )
-        .await
+        self.connect_from(&pod.netns, dst, origin).await
+    }
+
+    async fn connect_from(
+        &self,
+        netns: &Netns,
+        dst: SocketAddr,
+        origin: Origin,
+    ) -> std::io::Result<TcpStream> {
+        let sockets = self.sockets.as_ref();
+        connect_in(sockets, netns, dst, origin, self.connect_timeout).await
     }
 
     /// Namespace and workload of any address, from discovery.

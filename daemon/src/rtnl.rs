@@ -209,36 +209,27 @@ pub fn install(path: &ReturnPath) -> io::Result<()> {
     )
     .map_err(|e| io::Error::other(format!("cannot open a netlink socket: {e}")))?;
     let mut sock = File::from(fd);
+    let context =
+        |what: String| move |e: io::Error| io::Error::new(e.kind(), format!("{what}: {e}"));
     let mut seq = 0;
     for family in path.families() {
+        let fam = family_name(family);
         seq += 1;
-        match request(&mut sock, &rule_message(path, family, seq), seq) {
-            Ok(()) => {}
-            Err(e) if e.raw_os_error() == Some(nix::libc::EEXIST) => {}
-            Err(e) => {
-                return Err(io::Error::new(
-                    e.kind(),
-                    format!(
-                        "ip rule fwmark {:#x} lookup {} priority {} ({}): {e}",
-                        path.mark,
-                        path.table,
-                        path.priority,
-                        family_name(family)
-                    ),
-                ))
-            }
-        }
+        request(&mut sock, &rule_message(path, family, seq), seq)
+            // An identical rule is already there (a restore, a restart).
+            .or_else(|e| match e.raw_os_error() {
+                Some(nix::libc::EEXIST) => Ok(()),
+                _ => Err(e),
+            })
+            .map_err(context(format!(
+                "ip rule fwmark {:#x} lookup {} priority {} ({fam})",
+                path.mark, path.table, path.priority
+            )))?;
         seq += 1;
-        request(&mut sock, &route_message(path, family, seq), seq).map_err(|e| {
-            io::Error::new(
-                e.kind(),
-                format!(
-                    "ip route local default dev lo table {} ({}): {e}",
-                    path.table,
-                    family_name(family)
-                ),
-            )
-        })?;
+        request(&mut sock, &route_message(path, family, seq), seq).map_err(context(format!(
+            "ip route local default dev lo table {} ({fam})",
+            path.table
+        )))?;
     }
     Ok(())
 }
