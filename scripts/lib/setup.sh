@@ -2,7 +2,7 @@
 # Shared by scripts/demo and scripts/test: make this Debian machine able to
 # build and run nodemesh. Idempotent: installs only what is missing.
 
-NODEMESH_APT_PACKAGES=(iproute2 nftables containernetworking-plugins procps util-linux python3 python3-venv ca-certificates podman runc busybox-static)
+NODEMESH_APT_PACKAGES=(iproute2 nftables containernetworking-plugins procps util-linux python3 python3-venv ca-certificates podman runc busybox-static patch)
 
 log() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
 die() { printf 'error: %s\n' "$*" >&2; exit 1; }
