@@ -1346,7 +1346,7 @@ const MAX_TRANSMIT_DATAGRAMS: usize = 80;
 /// that numbers around 10 are a good compromise.
 ///
 /// nodemesh: 64 (upstream 10), Linux's `UDP_MAX_SEGMENTS`, with the batch
-/// capped at [`MAX_TRANSMIT_BYTES`] (44 segments of 1,472 bytes). Measured in
+/// capped at [`MAX_TRANSMIT_BYTES`] (45 segments of 1,452 bytes). Measured in
 /// nodemesh's benchmark (docs/benchmarks/notes.md, "Ninth pass"): about a
 /// fifth more single-stream throughput across nodes, and less CPU per byte.
 /// Upstream discussion: https://github.com/quinn-rs/quinn/issues/2189
