@@ -132,12 +132,13 @@ async fn replies_to_a_foreign_client_address_return_to_the_daemons_socket_ipv4_a
             1,
             "{family} rules:\n{rules}"
         );
-        let routes = netns::ip(["-n", &pod.0, flag, "route", "show", "table", "20046"])
+        let table = TABLE.to_string();
+        let routes = netns::ip(["-n", &pod.0, flag, "route", "show", "table", &table])
             .expect("ip route")
             .stdout_text();
         assert!(
             routes.contains("local default dev lo"),
-            "{family} table 20046:\n{routes}"
+            "{family} table {TABLE}:\n{routes}"
         );
     }
 
