@@ -1,11 +1,35 @@
 # shellcheck shell=bash
-# Shared by scripts/demo and scripts/test: make this Debian machine able to
-# build and run nodemesh. Idempotent: installs only what is missing.
+# Shared by the scripts: make this Debian machine able to build and run
+# nodemesh (idempotent: installs only what is missing), and answer --help.
 
 NODEMESH_APT_PACKAGES=(iproute2 nftables containernetworking-plugins procps util-linux python3 python3-venv ca-certificates podman runc busybox-static patch)
 
 log() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
 die() { printf 'error: %s\n' "$*" >&2; exit 1; }
+
+# `--help` of a script: its header comment (line 2 up to `set -euo`), printed
+# before anything is installed, built or run.
+script_help() {
+  sed -n '2,/^set -euo/p' "$1" | sed '$d; s/^# \{0,1\}//'
+}
+
+# The options of `nodemesh-lab SUBCOMMAND`, from a lab binary already built
+# (release first); otherwise says how to see them. Builds nothing.
+lab_help() {
+  local exe
+  for exe in target/release/nodemesh-lab target/debug/nodemesh-lab; do
+    if [ -x "$exe" ]; then
+      echo
+      echo "Options of \`nodemesh-lab $1\` (from $exe), which the script passes on:"
+      echo
+      "$exe" "$1" --help
+      return
+    fi
+  done
+  echo
+  echo "Arguments are passed on to \`nodemesh-lab $1\`; once a first run has built it,"
+  echo "\`$2 --help\` lists them here too (or: cargo run -p nodemesh-lab -- $1 --help)."
+}
 
 ensure_root() {
   [ "$(id -u)" = 0 ] || die "run as root: the lab and the end-to-end tests create network namespaces and nftables rules"
