@@ -7,7 +7,7 @@
 //! run inside the node's namespace (`ip netns exec`), so that what they build
 //! on the "host" side (bridge, veth, IPAM state) lands in the node.
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -42,6 +42,30 @@ pub fn bridge_plugin(subnet: &str, ipam_dir: &Path) -> Value {
             "routes": [{"dst": "0.0.0.0/0"}],
         },
     })
+}
+
+/// `plugin` (a [`bridge_plugin`] entry) made dual-stack when `subnet6` is
+/// given: host-local allocates one address from each of two ranges (IPv4
+/// first, so IPv4 stays the first address of the result, as in a
+/// Kubernetes dual-stack cluster with IPv4 primary), and the pod gets an
+/// IPv6 default route via the bridge too.
+pub fn with_ipv6(mut plugin: Value, subnet6: Option<&str>) -> Value {
+    let Some(subnet6) = subnet6 else {
+        return plugin;
+    };
+    if let Some(ipam) = plugin.get_mut("ipam").and_then(Value::as_object_mut) {
+        if let Some(subnet) = ipam.remove("subnet") {
+            ipam.insert(
+                "ranges".into(),
+                json!([[{"subnet": subnet}], [{"subnet": subnet6}]]),
+            );
+        }
+        ipam.insert(
+            "routes".into(),
+            json!([{"dst": "0.0.0.0/0"}, {"dst": "::/0"}]),
+        );
+    }
+    plugin
 }
 
 /// `plugin` (a `bridge` entry) with its `mtu` set, when one is given: the
@@ -288,6 +312,17 @@ pub fn result_ipv4(result: &Value) -> Option<Ipv4Addr> {
         .next()
 }
 
+/// The first IPv6 address of a CNI result (without prefix length).
+pub fn result_ipv6(result: &Value) -> Option<Ipv6Addr> {
+    result
+        .get("ips")?
+        .as_array()?
+        .iter()
+        .filter_map(|ip| ip.get("address")?.as_str())
+        .filter_map(|a| a.split('/').next()?.parse::<Ipv6Addr>().ok())
+        .next()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -358,5 +393,30 @@ mod tests {
         let r = json!({"ips": [{"address": "fd00::2/64"}, {"address": "10.78.1.2/24", "gateway": "10.78.1.1"}]});
         assert_eq!(result_ipv4(&r), Some(Ipv4Addr::new(10, 78, 1, 2)));
         assert_eq!(result_ipv4(&json!({})), None);
+        assert_eq!(result_ipv6(&r), "fd00::2".parse().ok());
+        assert_eq!(
+            result_ipv6(&json!({"ips": [{"address": "10.78.1.2/24"}]})),
+            None
+        );
+    }
+
+    #[test]
+    fn dual_stack_bridge_allocates_from_two_ranges_with_two_default_routes() {
+        let dir = Path::new("/run/x/n1/ipam");
+        let single = bridge_plugin("10.78.1.0/24", dir);
+        assert_eq!(with_ipv6(single.clone(), None), single);
+        let dual = with_ipv6(single, Some("fd00:78:1::/64"));
+        let ipam = &dual["ipam"];
+        assert!(ipam.get("subnet").is_none(), "{ipam}");
+        assert_eq!(
+            ipam["ranges"],
+            json!([[{"subnet": "10.78.1.0/24"}], [{"subnet": "fd00:78:1::/64"}]])
+        );
+        assert_eq!(
+            ipam["routes"],
+            json!([{"dst": "0.0.0.0/0"}, {"dst": "::/0"}])
+        );
+        assert_eq!(ipam["dataDir"], "/run/x/n1/ipam");
+        assert_eq!(dual["isGateway"], true);
     }
 }

@@ -12,7 +12,7 @@
 //! over, the first drains); teardown stops both.
 
 use std::collections::BTreeMap;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -104,6 +104,9 @@ pub struct LabOptions {
     /// pods' bridge), as jumbo frames in a datacenter; the daemons' tunnel
     /// `max_udp_payload` follows (MTU - 28). `None`: the kernel default (1500).
     pub underlay_mtu: Option<u32>,
+    /// Dual-stack pods: an IPv6 address beside the IPv4 one, from the node's
+    /// `fd00:78:<node>::/64` (see [`topology`]). The tunnels stay on IPv4.
+    pub dual_stack: bool,
 }
 
 impl LabOptions {
@@ -117,7 +120,14 @@ impl LabOptions {
             log_level: "info".into(),
             bin_dir: None,
             underlay_mtu: None,
+            dual_stack: false,
         }
+    }
+
+    /// Gives every pod an IPv6 address too ([`LabOptions::dual_stack`]).
+    pub fn dual_stack(mut self) -> Self {
+        self.dual_stack = true;
+        self
     }
 
     /// Like [`LabOptions::new`] with a fresh [`test_prefix`].
@@ -187,6 +197,9 @@ pub struct PodState {
     pub result: Option<Value>,
     /// Its IPv4 address, once known.
     pub ip: Option<Ipv4Addr>,
+    /// Its IPv6 address, once known (dual-stack labs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip6: Option<Ipv6Addr>,
     /// The CNI conflist of its calls when it is not its node's (an unmeshed
     /// pod: bridge only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -214,6 +227,9 @@ pub struct LabState {
     /// Link MTU ([`LabOptions::underlay_mtu`]).
     #[serde(default)]
     pub underlay_mtu: Option<u32>,
+    /// Dual-stack pods ([`LabOptions::dual_stack`]).
+    #[serde(default)]
+    pub dual_stack: bool,
 }
 
 impl LabState {
@@ -256,7 +272,10 @@ impl LabState {
                 .map(|n| Node {
                     name: n.name.clone(),
                     address: IpAddr::V4(n.address),
-                    pod_cidrs: n.pod_cidr.parse().into_iter().collect(),
+                    pod_cidrs: std::iter::once(n.pod_cidr.clone())
+                        .chain(self.dual_stack.then(|| topology::pod_cidr6(n.index)))
+                        .filter_map(|c| c.parse().ok())
+                        .collect(),
                 })
                 .collect(),
             pods: self
@@ -269,7 +288,9 @@ impl LabState {
                         name: p.invocation.pod_name.clone(),
                         service_account: "default".into(),
                         node: topology::node_name(p.node),
-                        ips: vec![IpAddr::V4(ip)],
+                        ips: std::iter::once(IpAddr::V4(ip))
+                            .chain(p.ip6.map(IpAddr::V6))
+                            .collect(),
                         labels: BTreeMap::from([("app".to_owned(), p.invocation.pod_name.clone())]),
                         annotations: BTreeMap::new(),
                     })
@@ -301,6 +322,17 @@ pub struct PodHandle {
     pub netns: String,
     /// Address.
     pub ip: Ipv4Addr,
+    /// IPv6 address (dual-stack labs).
+    pub ip6: Option<Ipv6Addr>,
+}
+
+/// An address family of a pod's addresses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    /// IPv4 (every pod).
+    V4,
+    /// IPv6 (pods of a dual-stack lab).
+    V6,
 }
 
 impl PodHandle {
@@ -309,9 +341,38 @@ impl PodHandle {
         SocketAddr::new(IpAddr::V4(self.ip), port)
     }
 
+    /// This pod's `ip:port` in `family`; an error for IPv6 when the pod has
+    /// no IPv6 address (a lab not built dual-stack).
+    pub fn addr_in(&self, family: Family, port: u16) -> Result<SocketAddr, LabError> {
+        match family {
+            Family::V4 => Ok(self.addr(port)),
+            Family::V6 => self
+                .ip6
+                .map(|ip| SocketAddr::new(IpAddr::V6(ip), port))
+                .ok_or_else(|| LabError::BadOption {
+                    option: "dual_stack",
+                    problem: format!(
+                        "pod {} has no IPv6 address: build the lab dual-stack (--dual-stack)",
+                        self.name
+                    ),
+                }),
+        }
+    }
+
     /// A listener on `0.0.0.0:port` inside the pod (port 0: any free port).
     pub fn listen(&self, port: u16) -> Result<TcpListener, LabError> {
         netns::tcp_listen(&self.netns, SocketAddr::from(([0, 0, 0, 0], port)))
+    }
+
+    /// A listener on the wildcard address of `family` inside the pod.
+    pub fn listen_in(&self, family: Family, port: u16) -> Result<TcpListener, LabError> {
+        match family {
+            Family::V4 => self.listen(port),
+            Family::V6 => netns::tcp_listen(
+                &self.netns,
+                SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), port),
+            ),
+        }
     }
 
     /// A connection from inside the pod to `addr`.
@@ -433,6 +494,7 @@ impl Lab {
                 pods: Vec::new(),
                 services: Vec::new(),
                 underlay_mtu: opts.underlay_mtu,
+                dual_stack: opts.dual_stack,
             },
             daemons: BTreeMap::new(),
             predecessors: BTreeMap::new(),
@@ -466,7 +528,7 @@ impl Lab {
             ));
             check_interrupt()?;
             lab.add_node_state(i)?;
-            topology::create_node(&prefix, i, n)?;
+            topology::create_node(&prefix, i, n, opts.dual_stack)?;
             if let Some(mtu) = opts.underlay_mtu {
                 topology::set_node_mtu(&prefix, i, mtu)?;
             }
@@ -517,7 +579,7 @@ impl Lab {
         let node_dir = self.state.dir.join(topology::node_name(i));
         std::fs::create_dir_all(&node_dir).map_err(|e| LabError::io(&node_dir, e))?;
         let mut plugins = vec![cni::with_mtu(
-            cni::bridge_plugin(&topology::pod_cidr(i), &node_dir.join("ipam")),
+            self.bridge_plugin(i, &node_dir),
             self.state.underlay_mtu,
         )];
         let daemon = if self.state.mesh {
@@ -692,6 +754,15 @@ impl Lab {
         })
     }
 
+    /// The `bridge` entry of node `node`'s pods (dual-stack when the lab is).
+    fn bridge_plugin(&self, node: usize, node_dir: &Path) -> Value {
+        let v6 = self.state.dual_stack.then(|| topology::pod_cidr6(node));
+        cni::with_ipv6(
+            cni::bridge_plugin(&topology::pod_cidr(node), &node_dir.join("ipam")),
+            v6.as_deref(),
+        )
+    }
+
     fn create_pod(&mut self, node: usize, k: usize) -> Result<PodHandle, LabError> {
         self.create_pod_with(node, k, None)
     }
@@ -726,11 +797,15 @@ impl Lab {
             invocation: invocation.clone(),
             result: None,
             ip: None,
+            ip6: None,
             conflist,
         });
         let pod_idx = self.state.pods.len() - 1;
         self.state.save()?;
         netns::add_netns(&ns)?;
+        if self.state.dual_stack {
+            topology::disable_dad(&ns)?;
+        }
         let result = match runtime.add(&invocation) {
             Ok(r) => r,
             Err(e) => {
@@ -743,9 +818,19 @@ impl Lab {
             what: format!("ADD result of pod {name}"),
             problem: format!("no IPv4 address in {result}"),
         })?;
+        let ip6 = match self.state.dual_stack {
+            false => None,
+            true => Some(
+                cni::result_ipv6(&result).ok_or_else(|| LabError::CniFormat {
+                    what: format!("ADD result of pod {name}"),
+                    problem: format!("no IPv6 address in {result} (the lab is dual-stack)"),
+                })?,
+            ),
+        };
         let pod = &mut self.state.pods[pod_idx];
         pod.result = Some(result);
         pod.ip = Some(ip);
+        pod.ip6 = ip6;
         self.state.save()?;
         Ok(PodHandle {
             node,
@@ -754,6 +839,7 @@ impl Lab {
             name,
             netns: ns,
             ip,
+            ip6,
         })
     }
 
@@ -794,7 +880,7 @@ impl Lab {
         self.node_index(node)?;
         let node_dir = self.state.dir.join(topology::node_name(node));
         let conflist = cni::conflist(vec![cni::with_mtu(
-            cni::bridge_plugin(&topology::pod_cidr(node), &node_dir.join("ipam")),
+            self.bridge_plugin(node, &node_dir),
             self.state.underlay_mtu,
         )]);
         let pod = self.create_pod_with(node, k, Some(conflist))?;
@@ -822,7 +908,12 @@ impl Lab {
                 ),
             });
         }
-        topology::create_node(&self.state.prefix, index, self.state.nodes.len())?;
+        topology::create_node(
+            &self.state.prefix,
+            index,
+            self.state.nodes.len(),
+            self.state.dual_stack,
+        )?;
         Ok(topology::node_netns(&self.state.prefix, index))
     }
 
@@ -869,6 +960,7 @@ impl Lab {
                     name: p.invocation.pod_name.clone(),
                     netns: p.invocation.netns.clone(),
                     ip: p.ip?,
+                    ip6: p.ip6,
                 })
             })
             .collect()
@@ -1066,6 +1158,18 @@ impl Lab {
         transfer(src, dst, port, bytes)
     }
 
+    /// [`Lab::transfer`] to `dst`'s address of `family` (IPv6: dual-stack labs).
+    pub fn transfer_over(
+        &self,
+        src: &PodHandle,
+        dst: &PodHandle,
+        family: Family,
+        port: u16,
+        bytes: u64,
+    ) -> Result<ExchangeReport, LabError> {
+        transfer_over(src, dst, family, port, bytes)
+    }
+
     /// Runs `connections` concurrent [`Lab::transfer`]-style exchanges of
     /// `bytes` each way from `src` to one server on `port` in `dst`; fails
     /// unless every one arrived intact. Returns the client reports.
@@ -1127,8 +1231,18 @@ pub fn transfer(
     port: u16,
     bytes: u64,
 ) -> Result<ExchangeReport, LabError> {
-    let what = format!("{} -> {}:{port}", src.name, dst.name);
-    let listener = dst.listen(port)?;
+    transfer_over(src, dst, Family::V4, port, bytes)
+}
+
+/// [`transfer`] to `dst`'s address of `family`.
+pub fn transfer_over(
+    src: &PodHandle,
+    dst: &PodHandle,
+    family: Family,
+    port: u16,
+    bytes: u64,
+) -> Result<ExchangeReport, LabError> {
+    let listener = dst.listen_in(family, port)?;
     let port = listener
         .local_addr()
         .map_err(|e| LabError::Netns {
@@ -1137,8 +1251,11 @@ pub fn transfer(
             source: e,
         })?
         .port();
+    // Before the server thread starts: an error here leaves nothing waiting.
+    let to = dst.addr_in(family, port)?;
+    let what = format!("{} -> {} ({to})", src.name, dst.name);
     let server = traffic::serve(listener, 1, bytes);
-    let stream = src.connect(dst.addr(port))?;
+    let stream = src.connect(to)?;
     let io_err = |e: std::io::Error| LabError::Transfer {
         what: what.clone(),
         problem: e.to_string(),

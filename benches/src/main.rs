@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use clap::{Args, Parser, Subcommand};
 use nodemesh_lab::demo;
-use nodemesh_lab::lab::{self, Lab, LabOptions, LabState};
+use nodemesh_lab::lab::{self, Family, Lab, LabOptions, LabState};
 use nodemesh_lab::{http, metrics, LabError};
 
 /// Build a simulated nodemesh cluster on this machine, in network namespaces.
@@ -171,6 +171,11 @@ struct Shape {
     /// Default: the kernel's 1500.
     #[arg(long)]
     underlay_mtu: Option<u32>,
+    /// Dual-stack pods: each gets an IPv6 address (fd00:78:<node>::/64)
+    /// beside its IPv4 one, and `demo` also sends its traffic over IPv6.
+    /// The tunnels between nodes stay on the IPv4 underlay.
+    #[arg(long)]
+    dual_stack: bool,
 }
 
 impl Shape {
@@ -183,6 +188,7 @@ impl Shape {
             log_level: self.log_level.clone(),
             bin_dir: self.bin_dir.clone(),
             underlay_mtu: self.underlay_mtu,
+            dual_stack: self.dual_stack,
         }
     }
 }
@@ -339,11 +345,12 @@ fn run(cli: Cli) -> Result<(), LabError> {
 
 fn up(opts: &LabOptions) -> Result<Lab, LabError> {
     out!(
-        "building lab {}: {} nodes x {} pods, mesh {}",
+        "building lab {}: {} nodes x {} pods, mesh {}{}",
         opts.prefix,
         opts.nodes,
         opts.pods_per_node,
-        if opts.mesh { "on" } else { "off" }
+        if opts.mesh { "on" } else { "off" },
+        if opts.dual_stack { ", dual-stack" } else { "" }
     );
     Lab::up_with_progress(opts.clone(), &mut |step, total, what| {
         out!("[{step}/{total}] {what} ...");
@@ -424,7 +431,11 @@ fn print_state(state: &LabState) {
             format!("{}/{}", p.invocation.pod_namespace, p.invocation.pod_name),
             format!("n{}", p.node),
             p.invocation.netns,
-            p.ip.map_or("(none)".to_owned(), |ip| ip.to_string())
+            match (p.ip, p.ip6) {
+                (None, _) => "(none)".to_owned(),
+                (Some(ip), None) => ip.to_string(),
+                (Some(ip), Some(ip6)) => format!("{ip}, {ip6}"),
+            }
         );
     }
 }
@@ -433,33 +444,40 @@ fn demo_run(opts: &LabOptions, mib: u64) -> Result<(), LabError> {
     let lab = up(opts)?;
     let bytes = mib << 20;
     let mut pairs = Vec::new();
-    if let (Ok(a), Ok(b)) = (lab.pod(1, 1), lab.pod(2, 1)) {
-        pairs.push(("across nodes", a, b));
-    }
-    if let (Ok(a), Ok(b)) = (lab.pod(1, 1), lab.pod(1, 2)) {
-        pairs.push(("within a node", a, b));
-    }
-    if let (Ok(a), Ok(b)) = (lab.pod(2, 2), lab.pod(1, 2)) {
-        pairs.push(("across nodes", a, b));
+    let families: &[Family] = if opts.dual_stack {
+        &[Family::V4, Family::V6]
+    } else {
+        &[Family::V4]
+    };
+    for &family in families {
+        if let (Ok(a), Ok(b)) = (lab.pod(1, 1), lab.pod(2, 1)) {
+            pairs.push(("across nodes", family, a, b));
+        }
+        if let (Ok(a), Ok(b)) = (lab.pod(1, 1), lab.pod(1, 2)) {
+            pairs.push(("within a node", family, a, b));
+        }
+        if let (Ok(a), Ok(b)) = (lab.pod(2, 2), lab.pod(1, 2)) {
+            pairs.push(("across nodes", family, a, b));
+        }
     }
     if pairs.is_empty() {
         out!("no pod pairs to send traffic between (use --nodes 2 --pods-per-node 2)");
     }
     out!("\ntraffic ({mib} MiB each way per connection, SHA-256 checked):");
-    for (kind, src, dst) in &pairs {
+    for (kind, family, src, dst) in &pairs {
         if lab::interrupted() {
             return Err(LabError::Interrupted);
         }
         let start = Instant::now();
-        lab.transfer(src, dst, 8080, bytes)?;
+        lab.transfer_over(src, dst, *family, 8080, bytes)?;
         let secs = start.elapsed().as_secs_f64();
         out!(
-            "  {:<14} {} ({}) -> {} ({}:8080): ok, hashes equal, {:.0} ms, {:.0} MiB/s",
+            "  {:<14} {} ({}) -> {} ({}): ok, hashes equal, {:.0} ms, {:.0} MiB/s",
             kind,
             src.name,
-            src.ip,
+            src.addr_in(*family, 0)?.ip(),
             dst.name,
-            dst.ip,
+            dst.addr_in(*family, 8080)?,
             secs * 1000.0,
             (2 * mib) as f64 / secs.max(1e-9)
         );

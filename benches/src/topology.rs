@@ -7,8 +7,14 @@
 //! via `10.77.0.j`. Pod `k` of node `i` lives in namespace `p-ni-pk`. Every
 //! address exists only inside these namespaces; every interface name is
 //! short (at most 15 characters) whatever the prefix.
+//!
+//! A dual-stack lab adds IPv6 beside: node `i` also has `fd00:77::i/64` on its
+//! uplink, pod CIDR `fd00:78:i::/64`, IPv6 forwarding, and routes to the other
+//! nodes' IPv6 pod CIDRs. Duplicate address detection is off in its
+//! namespaces (addresses are unique by construction), so addresses are usable
+//! at once. The tunnels stay on the IPv4 underlay.
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
 use crate::error::LabError;
 use crate::netns::{add_netns, ip, write_sysctl};
@@ -76,6 +82,27 @@ pub fn pod_cidr(node: usize) -> String {
     format!("10.78.{}.0/24", octet(node))
 }
 
+/// A node's IPv6 underlay address `fd00:77::<node>` (dual-stack labs).
+pub fn node_address6(node: usize) -> Ipv6Addr {
+    Ipv6Addr::new(0xfd00, 0x77, 0, 0, 0, 0, 0, hextet(node))
+}
+
+/// A node's IPv6 pod CIDR `fd00:78:<node>::/64` (dual-stack labs), as text.
+pub fn pod_cidr6(node: usize) -> String {
+    format!("fd00:78:{:x}::/64", hextet(node))
+}
+
+fn hextet(n: usize) -> u16 {
+    u16::try_from(n).unwrap_or(u16::MAX)
+}
+
+/// Turns IPv6 duplicate address detection off in namespace `ns` for every
+/// interface created from now on (`default`) and the existing ones (`all`).
+pub fn disable_dad(ns: &str) -> Result<(), LabError> {
+    write_sysctl(ns, "net/ipv6/conf/all/accept_dad", "0")?;
+    write_sysctl(ns, "net/ipv6/conf/default/accept_dad", "0")
+}
+
 fn octet(n: usize) -> u8 {
     u8::try_from(n).unwrap_or(u8::MAX)
 }
@@ -120,12 +147,23 @@ pub fn set_node_mtu(prefix: &str, node: usize, mtu: u32) -> Result<(), LabError>
     Ok(())
 }
 
-/// Creates node `node` of `nodes`: namespace, uplink, address, forwarding, routes.
-pub fn create_node(prefix: &str, node: usize, nodes: usize) -> Result<(), LabError> {
+/// Creates node `node` of `nodes`: namespace, uplink, address, forwarding,
+/// routes; IPv6 ones too when `dual_stack`.
+pub fn create_node(
+    prefix: &str,
+    node: usize,
+    nodes: usize,
+    dual_stack: bool,
+) -> Result<(), LabError> {
     let ul = underlay_netns(prefix);
     let ns = node_netns(prefix, node);
     let ul_side = node_name(node);
     add_netns(&ns)?;
+    if dual_stack {
+        // Before any link exists here: the uplink, and the pods' bridge the
+        // CNI bridge plugin makes later, inherit it.
+        disable_dad(&ns)?;
+    }
     // Created in the underlay, its peer moved straight into the node: no link
     // ever appears in the caller's namespace.
     ip([
@@ -160,6 +198,24 @@ pub fn create_node(prefix: &str, node: usize, nodes: usize) -> Result<(), LabErr
         let via = node_address(other).to_string();
         ip(["-n", &ns, "route", "add", &pod_cidr(other), "via", &via])?;
     }
+    if dual_stack {
+        let addr = format!("{}/64", node_address6(node));
+        ip(["-n", &ns, "addr", "add", &addr, "dev", NODE_UPLINK, "nodad"])?;
+        write_sysctl(&ns, "net/ipv6/conf/all/forwarding", "1")?;
+        for other in (1..=nodes).filter(|&j| j != node) {
+            let via = node_address6(other).to_string();
+            ip([
+                "-n",
+                &ns,
+                "-6",
+                "route",
+                "add",
+                &pod_cidr6(other),
+                "via",
+                &via,
+            ])?;
+        }
+    }
     Ok(())
 }
 
@@ -174,6 +230,9 @@ mod tests {
         assert_eq!(pod_netns("nml", 2, 1), "nml-n2-p1");
         assert_eq!(node_address(3).to_string(), "10.77.0.3");
         assert_eq!(pod_cidr(3), "10.78.3.0/24");
+        assert_eq!(node_address6(3).to_string(), "fd00:77::3");
+        assert_eq!(pod_cidr6(3), "fd00:78:3::/64");
+        assert_eq!(pod_cidr6(200), "fd00:78:c8::/64");
     }
 
     #[test]

@@ -349,6 +349,7 @@ mod tests {
             name: format!("n{node}-p{index}"),
             netns: format!("x-n{node}-p{index}"),
             ip: Ipv4Addr::new(10, 78, node as u8, index as u8 + 1),
+            ip6: None,
         }
     }
 
