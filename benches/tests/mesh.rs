@@ -88,6 +88,36 @@ fn cross_node_64_mib_each_way_is_byte_identical_through_both_daemons() {
         );
     }
 
+    // The tunnel's path statistics, as the admin endpoint exports them:
+    // 64 MiB went each way in packets of at most 1,452 bytes, sent in GSO
+    // batches (more than one datagram per send call), with an RTT measured.
+    let packets = (64 * MIB / 1452) as f64;
+    for (samples, peer) in [(&n1, "n2"), (&n2, "n1")] {
+        let sent = value(
+            samples,
+            "nodemesh_tunnel_packets_sent_total",
+            &[("peer", peer)],
+        );
+        assert!(sent >= packets, "{sent} packets sent to {peer}");
+        let datagrams = value(
+            samples,
+            "nodemesh_tunnel_udp_datagrams_total",
+            &[("peer", peer), ("op", "send")],
+        );
+        let calls = value(
+            samples,
+            "nodemesh_tunnel_udp_calls_total",
+            &[("peer", peer), ("op", "send")],
+        );
+        assert!(
+            calls >= 1.0 && datagrams / calls >= 2.0,
+            "GSO batches to {peer}: {datagrams} datagrams in {calls} calls"
+        );
+        assert!(value(samples, "nodemesh_tunnel_rtt_seconds", &[("peer", peer)]) > 0.0);
+        let mtu = value(samples, "nodemesh_tunnel_path_mtu_bytes", &[("peer", peer)]);
+        assert!((1200.0..=1452.0).contains(&mtu), "path MTU {mtu}");
+    }
+
     // The shipped Grafana dashboard queries these daemons' real series.
     let text = std::fs::read_to_string(dashboard::path()).expect("read the dashboard");
     let dash: serde_json::Value = serde_json::from_str(&text).expect("dashboard JSON");
@@ -100,6 +130,9 @@ fn cross_node_64_mib_each_way_is_byte_identical_through_both_daemons() {
         "nodemesh_tcp_bytes_total",
         "nodemesh_tunnels_open",
         "nodemesh_pods_registered",
+        "nodemesh_tunnel_rtt_seconds",
+        "nodemesh_tunnel_packets_lost_total",
+        "nodemesh_tunnel_udp_calls_total",
     ] {
         assert!(
             scraped.iter().any(|s| s.name == metric),

@@ -211,11 +211,14 @@ fn route<B>(state: &AdminState, req: Request<B>) -> Response<Full<Bytes>> {
         return text(StatusCode::METHOD_NOT_ALLOWED, "only GET\n", PLAIN);
     }
     match req.uri().path() {
-        "/metrics" => text(
-            StatusCode::OK,
-            state.metrics.render(),
-            "text/plain; version=0.0.4",
-        ),
+        "/metrics" => {
+            state.tunnels.export_path_stats();
+            text(
+                StatusCode::OK,
+                state.metrics.render(),
+                "text/plain; version=0.0.4",
+            )
+        }
         "/healthz" => text(StatusCode::OK, "ok\n", PLAIN),
         "/ready" => {
             let reasons = state.ready.not_ready_reasons();
@@ -282,6 +285,18 @@ fn tunnels_json(tunnels: &[TunnelInfo]) -> serde_json::Value {
                 "shared": t.shared,
                 "state": t.state,
                 "open_streams": t.open_streams,
+                "path": {
+                    "rtt_us": t.path.rtt.as_micros(),
+                    "congestion_window": t.path.cwnd,
+                    "mtu": t.path.mtu,
+                    "packets_sent": t.path.totals.sent_packets,
+                    "packets_lost": t.path.totals.lost_packets,
+                    "congestion_events": t.path.totals.congestion_events,
+                    "udp_datagrams_sent": t.path.totals.tx_datagrams,
+                    "udp_send_calls": t.path.totals.tx_ios,
+                    "udp_datagrams_received": t.path.totals.rx_datagrams,
+                    "udp_receive_calls": t.path.totals.rx_ios,
+                },
             })
         })
         .collect()
@@ -325,6 +340,20 @@ mod tests {
             shared: true,
             open_streams: 3,
             state: "in_use",
+            path: crate::tunnel::PathInfo {
+                rtt: std::time::Duration::from_micros(250),
+                cwnd: 1 << 20,
+                mtu: 1452,
+                totals: crate::tunnel::Totals {
+                    sent_packets: 100,
+                    lost_packets: 1,
+                    congestion_events: 1,
+                    tx_datagrams: 100,
+                    tx_ios: 5,
+                    rx_datagrams: 40,
+                    rx_ios: 40,
+                },
+            },
         };
         assert_eq!(
             tunnels_json(&[t]),
@@ -332,6 +361,12 @@ mod tests {
                 "peer": "n2", "id": 7, "direction": "accepted", "dialled_by": "n2",
                 "remote_addr": "10.77.0.2:15008", "shared": true, "state": "in_use",
                 "open_streams": 3,
+                "path": {
+                    "rtt_us": 250, "congestion_window": 1048576, "mtu": 1452,
+                    "packets_sent": 100, "packets_lost": 1, "congestion_events": 1,
+                    "udp_datagrams_sent": 100, "udp_send_calls": 5,
+                    "udp_datagrams_received": 40, "udp_receive_calls": 40,
+                },
             }])
         );
     }

@@ -37,6 +37,27 @@ pub const TUNNELS_OPEN: &str = "nodemesh_tunnels_open";
 /// Counter: duplicate tunnel connections (both nodes dialled each other at
 /// once) this node dialled and closed once drained; label `peer`.
 pub const TUNNEL_DUPLICATES_CLOSED: &str = "nodemesh_tunnel_duplicates_closed_total";
+/// Counter: QUIC packets sent on tunnels to `peer` (quinn's path statistics,
+/// exported at each scrape and when a connection closes).
+pub const TUNNEL_PACKETS_SENT: &str = "nodemesh_tunnel_packets_sent_total";
+/// Counter: QUIC packets to `peer` declared lost (the ratio to
+/// `nodemesh_tunnel_packets_sent_total` is the tunnel's loss rate).
+pub const TUNNEL_PACKETS_LOST: &str = "nodemesh_tunnel_packets_lost_total";
+/// Counter: congestion events (window reductions) on tunnels to `peer`.
+pub const TUNNEL_CONGESTION_EVENTS: &str = "nodemesh_tunnel_congestion_events_total";
+/// Counter: UDP datagrams of tunnels to `peer`; label `op` (`send`,
+/// `receive`). With GSO each segment counts.
+pub const TUNNEL_UDP_DATAGRAMS: &str = "nodemesh_tunnel_udp_datagrams_total";
+/// Counter: system calls that sent (`op="send"`) or received (`receive`)
+/// them: datagrams per call is the GSO / GRO batch size.
+pub const TUNNEL_UDP_CALLS: &str = "nodemesh_tunnel_udp_calls_total";
+/// Gauge: smoothed round-trip time of the newest open tunnel to `peer` in
+/// `direction`, seconds; 0 while none is open.
+pub const TUNNEL_RTT: &str = "nodemesh_tunnel_rtt_seconds";
+/// Gauge: its congestion window, bytes; 0 while none is open.
+pub const TUNNEL_CWND: &str = "nodemesh_tunnel_congestion_window_bytes";
+/// Gauge: its path MTU (largest UDP payload in use), bytes; 0 while none is open.
+pub const TUNNEL_PATH_MTU: &str = "nodemesh_tunnel_path_mtu_bytes";
 /// Counter: tunnel handshakes; labels `peer`, `side`, `result`.
 pub const TUNNEL_HANDSHAKES: &str = "nodemesh_tunnel_handshakes_total";
 /// Counter: tunnel peers refused during the handshake; labels `side`, `reason`

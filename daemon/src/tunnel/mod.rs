@@ -47,6 +47,7 @@
 
 pub mod cid;
 pub mod header;
+mod path_stats;
 mod pool;
 
 use std::net::SocketAddr;
@@ -69,6 +70,7 @@ use self::cid::{Tag, TaggedCids};
 use crate::config::{Congestion, TunnelConfig};
 use crate::identity::{is_shared, peer_node};
 use crate::metrics as m;
+pub use path_stats::{PathInfo, Totals};
 pub use pool::{
     Direction, Lease, PoolStats, StreamGuard, Tunnel, TunnelInfo, ACK_WAIT, DUPLICATE_CLOSE_CODE,
     DUPLICATE_CLOSE_REASON,
@@ -398,6 +400,7 @@ impl Tunnels {
                     dial: tokio::sync::Mutex::new(()),
                     conns: Mutex::new(Vec::new()),
                     duplicates_closed: AtomicU64::new(0),
+                    gauged: [AtomicBool::new(false), AtomicBool::new(false)],
                 })
             })
             .clone()
@@ -575,6 +578,7 @@ impl Tunnels {
             superseded: AtomicBool::new(false),
             closing: AtomicBool::new(false),
             retired: AtomicBool::new(false),
+            exported: Default::default(),
         });
         {
             let mut conns = pool.lock();
@@ -589,11 +593,18 @@ impl Tunnels {
         tokio::spawn(async move {
             let reason = closed_entry.conn.closed().await;
             gauge.decrement(1.0);
+            // What it did since the last scrape: closed connections are
+            // not exported again (their gauges are reset at the next scrape).
+            let path = closed_entry
+                .exported
+                .export(&closed_pool.peer, &closed_entry.conn.stats());
             info!(
                 peer.node = %closed_pool.peer,
                 direction = direction.as_str(),
                 tunnel.id = closed_entry.conn.stable_id(),
                 reason = %reason,
+                packets.sent = path.totals.sent_packets,
+                packets.lost = path.totals.lost_packets,
                 "tunnel closed"
             );
             closed_pool.resettle();
@@ -659,6 +670,39 @@ impl Tunnels {
         }
     }
 
+    /// Brings the tunnels' path metrics up to date (before a scrape): the
+    /// counters by what each open connection did since the last export, the
+    /// gauges to the newest open connection of each peer and direction, or
+    /// to 0 where none is left.
+    pub fn export_path_stats(&self) {
+        for p in self.peers.iter() {
+            let pool = p.value();
+            let conns: Vec<Arc<Entry>> = pool.lock().clone();
+            for (i, direction) in Direction::ALL.into_iter().enumerate() {
+                let mut newest: Option<(u64, PathInfo)> = None;
+                for e in conns.iter().filter(|e| e.direction == direction) {
+                    if e.conn.close_reason().is_some() {
+                        continue;
+                    }
+                    let path = e.exported.export(&pool.peer, &e.conn.stats());
+                    if newest.is_none_or(|(seq, _)| e.seq > seq) {
+                        newest = Some((e.seq, path));
+                    }
+                }
+                match newest {
+                    Some((_, path)) => {
+                        pool.gauged[i].store(true, Ordering::Relaxed);
+                        path_stats::set_gauges(&pool.peer, direction, Some(&path));
+                    }
+                    None if pool.gauged[i].load(Ordering::Relaxed) => {
+                        path_stats::set_gauges(&pool.peer, direction, None);
+                    }
+                    None => {}
+                }
+            }
+        }
+    }
+
     /// Every pooled connection (closed ones are left out), by peer.
     pub fn snapshot(&self) -> Vec<TunnelInfo> {
         let mut out = Vec::new();
@@ -691,6 +735,7 @@ impl Tunnels {
                     shared: e.shared,
                     open_streams: e.streams.load(Ordering::SeqCst),
                     state,
+                    path: PathInfo::from(&e.conn.stats()),
                 });
             }
         }
@@ -1311,6 +1356,94 @@ mod tests {
             let lease = a.tunnels.connection("n2", b.addr).await.expect("dial");
             echo_on(lease, &big).await;
             echoes(&b.tunnels, "n1", a.addr, 10).await;
+        };
+        tokio::time::timeout(BOUND, run)
+            .await
+            .expect("bounded test");
+    }
+
+    /// The value of the series `series` (name and labels, as rendered) in a
+    /// Prometheus text page.
+    fn sample(page: &str, series: &str) -> Option<f64> {
+        page.lines()
+            .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+    }
+
+    #[tokio::test]
+    async fn path_metrics_count_what_a_tunnel_sent_and_read_zero_once_it_closed() {
+        let ca = generate_ca(TD, 30).expect("ca");
+        let cfg = TunnelConfig {
+            udp_buffer: 1 << 20,
+            ..TunnelConfig::default()
+        };
+        let (a, b) = (node_with(&ca, "n1", &cfg), node_with(&ca, "n2", &cfg));
+        a.serve();
+        b.serve();
+        let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        let scrape = |n: &Node| {
+            metrics::with_local_recorder(&recorder, || n.tunnels.export_path_stats());
+            handle.render()
+        };
+        let run = async {
+            // 180 kB each way, in three echoes (the echo server reads at most 64 KiB).
+            for _ in 0..3 {
+                let lease = b.tunnels.connection("n1", a.addr).await.expect("dial");
+                echo_on(lease, &[7u8; 60_000]).await;
+            }
+            let page = scrape(&b);
+            let get = |series: &str| {
+                sample(&page, series).unwrap_or_else(|| panic!("{series} in:\n{page}"))
+            };
+            // 180 kB out in packets of at most 1,452 bytes: at least 124.
+            let sent = get(r#"nodemesh_tunnel_packets_sent_total{peer="n1"}"#);
+            assert!(sent >= 124.0, "{sent}");
+            let datagrams = get(r#"nodemesh_tunnel_udp_datagrams_total{peer="n1",op="send"}"#);
+            let calls = get(r#"nodemesh_tunnel_udp_calls_total{peer="n1",op="send"}"#);
+            assert!(
+                datagrams >= 124.0 && calls >= 1.0 && calls <= datagrams,
+                "{datagrams} in {calls}"
+            );
+            assert!(get(r#"nodemesh_tunnel_udp_datagrams_total{peer="n1",op="receive"}"#) >= 124.0);
+            let gauge = |name: &str| format!(r#"{name}{{peer="n1",direction="dialled"}}"#);
+            assert!(get(&gauge("nodemesh_tunnel_rtt_seconds")) > 0.0);
+            assert!(get(&gauge("nodemesh_tunnel_congestion_window_bytes")) > 0.0);
+            let mtu = get(&gauge("nodemesh_tunnel_path_mtu_bytes"));
+            assert!((1200.0..=1452.0).contains(&mtu), "{mtu}");
+            // A second scrape adds only what was sent in between (at most an ACK or two).
+            let again = scrape(&b);
+            let sent2 = sample(&again, r#"nodemesh_tunnel_packets_sent_total{peer="n1"}"#);
+            assert!(
+                sent2.is_some_and(|s| s >= sent && s <= sent + 5.0),
+                "{sent2:?} after {sent}"
+            );
+
+            for conn in b.pooled("n1", Direction::Dialled) {
+                conn.close(VarInt::from_u32(0), b"test");
+            }
+            b.tunnels.until(|t| t.open_count() == 0).await;
+            let closed = scrape(&b);
+            for name in [
+                "nodemesh_tunnel_rtt_seconds",
+                "nodemesh_tunnel_congestion_window_bytes",
+                "nodemesh_tunnel_path_mtu_bytes",
+            ] {
+                assert_eq!(
+                    sample(&closed, &gauge(name)),
+                    Some(0.0),
+                    "{name} in:\n{closed}"
+                );
+            }
+            let sent3 = sample(&closed, r#"nodemesh_tunnel_packets_sent_total{peer="n1"}"#);
+            assert!(sent3 >= sent2, "counters never go back: {sent3:?}");
+            // No gauge for a direction that never had a connection.
+            assert_eq!(
+                sample(
+                    &closed,
+                    r#"nodemesh_tunnel_rtt_seconds{peer="n1",direction="accepted"}"#
+                ),
+                None
+            );
         };
         tokio::time::timeout(BOUND, run)
             .await

@@ -13,6 +13,7 @@ use std::time::Duration;
 use quinn::{Connection, ConnectionError, RecvStream, SendStream, VarInt};
 use tracing::info;
 
+use super::path_stats::{Exported, PathInfo};
 use crate::metrics as m;
 
 /// Application close code of a duplicate connection (simultaneous dial),
@@ -38,6 +39,9 @@ pub enum Direction {
 }
 
 impl Direction {
+    /// Both, in the order of [`PeerPool::gauged`].
+    pub(super) const ALL: [Direction; 2] = [Direction::Dialled, Direction::Accepted];
+
     /// The `direction` label of `nodemesh_tunnels_open`.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -66,6 +70,8 @@ pub(super) struct Entry {
     /// The peer answered a stream with `unavailable`/`draining` on it: no new
     /// streams here; the peer closes it when its streams are done.
     pub(super) retired: AtomicBool,
+    /// Its path statistics already added to the metrics.
+    pub(super) exported: Exported,
 }
 
 impl Entry {
@@ -93,6 +99,9 @@ pub(super) struct PeerPool {
     pub(super) dial: tokio::sync::Mutex<()>,
     pub(super) conns: Mutex<Vec<Arc<Entry>>>,
     pub(super) duplicates_closed: AtomicU64,
+    /// The path gauges of each direction (dialled, accepted) have been set:
+    /// they are set to 0, not left stale, once its connections are gone.
+    pub(super) gauged: [AtomicBool; 2],
 }
 
 impl PeerPool {
@@ -299,6 +308,8 @@ pub struct TunnelInfo {
     pub shared: bool,
     /// Streams open on it.
     pub open_streams: usize,
+    /// Its path now: RTT, congestion window, MTU, totals.
+    pub path: PathInfo,
     /// `in_use` (new streams go here), `draining` (a duplicate: no new
     /// streams, closed when drained), `closing`, `retired` (the peer is
     /// draining it: no new streams, the peer closes it), or `peer_only` (a
