@@ -200,9 +200,13 @@ pub struct TunnelConfig {
     pub keep_alive_ms: u64,
     /// TLS + QUIC handshake timeout when dialling a peer, in ms. Default 5000.
     pub handshake_timeout_ms: u64,
-    /// Per-stream receive window, bytes. Default 8 MiB.
+    /// Per-stream receive window, bytes: at most this much of one stream is
+    /// in flight per round trip (2 MiB: 16.8 Gbit/s at 1 ms). Default 2 MiB.
     pub stream_window: u64,
-    /// Per-connection receive window, bytes. Default 32 MiB.
+    /// Per-connection receive window, and send window, bytes: what one
+    /// node pair's tunnel holds in flight and buffers, all streams together.
+    /// Default 8 MiB (docs/benchmarks.md, notes: larger windows measured
+    /// slower with many streams).
     pub connection_window: u64,
     /// UDP socket send and receive buffer, bytes. Default 8 MiB.
     pub udp_buffer: usize,
@@ -343,8 +347,8 @@ impl Default for TunnelConfig {
             idle_timeout_ms: 30_000,
             keep_alive_ms: 10_000,
             handshake_timeout_ms: 5_000,
-            stream_window: 8 << 20,
-            connection_window: 32 << 20,
+            stream_window: 2 << 20,
+            connection_window: 8 << 20,
             udp_buffer: 8 << 20,
             max_streams: 10_000,
             max_udp_payload: 1452,

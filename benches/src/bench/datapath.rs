@@ -100,8 +100,31 @@ pub struct TuningResult {
     /// New connection (connect, one exchange, close) p50, µs.
     #[serde(default)]
     pub new_conn_p50_us: Option<Spread>,
+    /// QUIC packets the sending daemon (L1) declared lost over all the
+    /// single-stream bulk runs, % of those it sent (cross-node only).
+    #[serde(default)]
+    pub lost_pct1: Option<f64>,
+    /// The same over the 8-stream runs.
+    #[serde(default)]
+    pub lost_pct8: Option<f64>,
     /// Why a figure is missing.
     pub errors: Vec<String>,
+}
+
+/// QUIC packets node 1's daemon has sent to and declared lost on its
+/// tunnels, from its metrics (`None` if they could not be scraped).
+fn tunnel_packets(lab: &Lab) -> Option<(f64, f64)> {
+    let m = lab.metrics(1).ok()?;
+    Some((
+        crate::metrics::sum(&m, "nodemesh_tunnel_packets_sent_total", &[]),
+        crate::metrics::sum(&m, "nodemesh_tunnel_packets_lost_total", &[]),
+    ))
+}
+
+/// Lost packets between two [`tunnel_packets`] readings, % of those sent.
+fn lost_pct(before: Option<(f64, f64)>, after: Option<(f64, f64)>) -> Option<f64> {
+    let ((s0, l0), (s1, l1)) = (before?, after?);
+    (s1 > s0).then(|| 100.0 * (l1 - l0).max(0.0) / (s1 - s0))
 }
 
 /// A path under test: where the client runs, where it connects, which
@@ -650,7 +673,7 @@ fn variants() -> Vec<Variant> {
     use nodemesh::relay_splice::TcpRelay;
     vec![
         (
-            "default: 8 MiB UDP buffers, 8 MiB stream / 32 MiB connection windows, 1 runtime worker thread",
+            "default: 8 MiB UDP buffers, 2 MiB stream / 8 MiB connection windows, 1 runtime worker thread",
             true,
             |_| {},
             false,
@@ -664,6 +687,10 @@ fn variants() -> Vec<Variant> {
         ("windows 1 MiB stream / 4 MiB connection", false, |c| {
             c.tunnel.stream_window = 1 << 20;
             c.tunnel.connection_window = 4 << 20;
+        }, false),
+        ("windows 8 MiB stream / 32 MiB connection (the default before the tenth pass)", false, |c| {
+            c.tunnel.stream_window = 8 << 20;
+            c.tunnel.connection_window = 32 << 20;
         }, false),
         ("windows 32 MiB stream / 128 MiB connection", false, |c| {
             c.tunnel.stream_window = 32 << 20;
@@ -837,10 +864,27 @@ fn tune(
     // the length of a full run.
     let runs = sizes.runs.min(3);
     let mut bulk = Vec::new();
+    let mut lost = Vec::new();
+    let readings = |labs: &[Lab]| -> Vec<Option<(f64, f64)>> {
+        variants
+            .iter()
+            .zip(labs)
+            .map(|((.., same_node), lab)| (!same_node).then(|| tunnel_packets(lab)).flatten())
+            .collect()
+    };
     for (streams, bytes) in [(1, sizes.bulk_bytes), (8, sizes.bulk8_bytes)] {
+        let before = readings(&labs);
         bulk.push(bulk_interleaved(
             &targets, &mut rs, runs, streams, bytes, ticks, progress,
         ));
+        let after = readings(&labs);
+        lost.push(
+            before
+                .into_iter()
+                .zip(after)
+                .map(|(b, a)| lost_pct(b, a))
+                .collect::<Vec<_>>(),
+        );
     }
     let mut p50 = vec![Vec::new(); targets.len()];
     if let Some(&rate) = sizes.rates.first() {
@@ -885,6 +929,8 @@ fn tune(
             new_conn_p50_us: new_conn
                 .get(i)
                 .and_then(|q| spread_opt(&q.iter().map(|q| q[0]).collect::<Vec<_>>())),
+            lost_pct1: lost.first().and_then(|l| l[i]),
+            lost_pct8: lost.get(1).and_then(|l| l[i]),
             errors: r.errors,
         });
     }
@@ -916,6 +962,25 @@ mod tests {
             underlay_mtu: None,
             variants: variants.iter().map(|v| (*v).to_owned()).collect(),
         }
+    }
+
+    #[test]
+    fn lost_packets_are_a_share_of_those_sent_between_two_readings() {
+        assert_eq!(
+            lost_pct(Some((100.0, 1.0)), Some((1100.0, 11.0))),
+            Some(1.0)
+        );
+        assert_eq!(
+            lost_pct(Some((100.0, 1.0)), Some((100.0, 1.0))),
+            None,
+            "nothing sent"
+        );
+        assert_eq!(lost_pct(None, Some((100.0, 1.0))), None, "not scraped");
+        assert_eq!(
+            lost_pct(Some((0.0, 5.0)), Some((10.0, 0.0))),
+            Some(0.0),
+            "a reset counter"
+        );
     }
 
     #[test]

@@ -664,11 +664,12 @@ pub fn markdown(
     }
 
     if !r.tuning.is_empty() {
-        let _ = writeln!(o, "## Tuning (one lab per variant, all up at once, the variants measured in turn within every run; CPU over the daemons on the path)\n\n| path | variant | 1 stream Gbit/s | CPU-s/GB (1) | 8 streams Gbit/s | CPU-s/GB (8) | p50 µs at first rate | new connection p50 µs |\n|---|---|---|---|---|---|---|---|");
+        let _ = writeln!(o, "## Tuning (one lab per variant, all up at once, the variants measured in turn within every run; CPU over the daemons on the path)\n\n| path | variant | 1 stream Gbit/s | CPU-s/GB (1) | 8 streams Gbit/s | CPU-s/GB (8) | packets lost % (1 / 8 streams) | p50 µs at first rate | new connection p50 µs |\n|---|---|---|---|---|---|---|---|---|");
         for t in &r.tuning {
+            let pct = |p: Option<f64>| p.map_or("—".to_owned(), |p| format!("{p:.2}"));
             let _ = writeln!(
                 o,
-                "| {} | {}{} | {} | {} | {} | {} | {} | {} |",
+                "| {} | {}{} | {} | {} | {} | {} | {} / {} | {} | {} |",
                 t.path,
                 t.variant,
                 if t.default { " (**default**)" } else { "" },
@@ -676,6 +677,8 @@ pub fn markdown(
                 show_opt(t.cpu_per_gb1.as_ref(), 2),
                 show_opt(t.throughput8_gbps.as_ref(), 2),
                 show_opt(t.cpu_per_gb8.as_ref(), 2),
+                pct(t.lost_pct1),
+                pct(t.lost_pct8),
                 show_opt(t.p50_us.as_ref(), 0),
                 show_opt(t.new_conn_p50_us.as_ref(), 0)
             );
