@@ -101,13 +101,13 @@ fn cross_node_64_mib_each_way_is_byte_identical_through_both_daemons() {
         assert!(sent >= packets, "{sent} packets sent to {peer}");
         let datagrams = value(
             samples,
-            "nodemesh_tunnel_udp_datagrams_total",
-            &[("peer", peer), ("op", "send")],
+            "nodemesh_tunnel_udp_datagrams_sent_total",
+            &[("peer", peer)],
         );
         let calls = value(
             samples,
-            "nodemesh_tunnel_udp_calls_total",
-            &[("peer", peer), ("op", "send")],
+            "nodemesh_tunnel_udp_send_calls_total",
+            &[("peer", peer)],
         );
         assert!(
             calls >= 1.0 && datagrams / calls >= 2.0,
@@ -132,7 +132,7 @@ fn cross_node_64_mib_each_way_is_byte_identical_through_both_daemons() {
         "nodemesh_pods_registered",
         "nodemesh_tunnel_rtt_seconds",
         "nodemesh_tunnel_packets_lost_total",
-        "nodemesh_tunnel_udp_calls_total",
+        "nodemesh_tunnel_udp_send_calls_total",
     ] {
         assert!(
             scraped.iter().any(|s| s.name == metric),

@@ -295,7 +295,6 @@ fn tunnels_json(tunnels: &[TunnelInfo]) -> serde_json::Value {
                     "udp_datagrams_sent": t.path.totals.tx_datagrams,
                     "udp_send_calls": t.path.totals.tx_ios,
                     "udp_datagrams_received": t.path.totals.rx_datagrams,
-                    "udp_receive_calls": t.path.totals.rx_ios,
                 },
             })
         })
@@ -351,7 +350,6 @@ mod tests {
                     tx_datagrams: 100,
                     tx_ios: 5,
                     rx_datagrams: 40,
-                    rx_ios: 40,
                 },
             },
         };
@@ -365,7 +363,7 @@ mod tests {
                     "rtt_us": 250, "congestion_window": 1048576, "mtu": 1452,
                     "packets_sent": 100, "packets_lost": 1, "congestion_events": 1,
                     "udp_datagrams_sent": 100, "udp_send_calls": 5,
-                    "udp_datagrams_received": 40, "udp_receive_calls": 40,
+                    "udp_datagrams_received": 40,
                 },
             }])
         );

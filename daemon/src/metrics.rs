@@ -45,12 +45,14 @@ pub const TUNNEL_PACKETS_SENT: &str = "nodemesh_tunnel_packets_sent_total";
 pub const TUNNEL_PACKETS_LOST: &str = "nodemesh_tunnel_packets_lost_total";
 /// Counter: congestion events (window reductions) on tunnels to `peer`.
 pub const TUNNEL_CONGESTION_EVENTS: &str = "nodemesh_tunnel_congestion_events_total";
-/// Counter: UDP datagrams of tunnels to `peer`; label `op` (`send`,
-/// `receive`). With GSO each segment counts.
-pub const TUNNEL_UDP_DATAGRAMS: &str = "nodemesh_tunnel_udp_datagrams_total";
-/// Counter: system calls that sent (`op="send"`) or received (`receive`)
-/// them: datagrams per call is the GSO / GRO batch size.
-pub const TUNNEL_UDP_CALLS: &str = "nodemesh_tunnel_udp_calls_total";
+/// Counter: UDP datagrams sent on tunnels to `peer` (with GSO each
+/// segment counts).
+pub const TUNNEL_UDP_DATAGRAMS_SENT: &str = "nodemesh_tunnel_udp_datagrams_sent_total";
+/// Counter: UDP datagrams received on tunnels from `peer`.
+pub const TUNNEL_UDP_DATAGRAMS_RECEIVED: &str = "nodemesh_tunnel_udp_datagrams_received_total";
+/// Counter: `sendmsg` calls that sent the datagrams of tunnels to `peer`:
+/// datagrams sent per call is the GSO batch.
+pub const TUNNEL_UDP_SEND_CALLS: &str = "nodemesh_tunnel_udp_send_calls_total";
 /// Gauge: smoothed round-trip time of the newest open tunnel to `peer` in
 /// `direction`, seconds; 0 while none is open.
 pub const TUNNEL_RTT: &str = "nodemesh_tunnel_rtt_seconds";

@@ -1398,13 +1398,13 @@ mod tests {
             // 180 kB out in packets of at most 1,452 bytes: at least 124.
             let sent = get(r#"nodemesh_tunnel_packets_sent_total{peer="n1"}"#);
             assert!(sent >= 124.0, "{sent}");
-            let datagrams = get(r#"nodemesh_tunnel_udp_datagrams_total{peer="n1",op="send"}"#);
-            let calls = get(r#"nodemesh_tunnel_udp_calls_total{peer="n1",op="send"}"#);
+            let datagrams = get(r#"nodemesh_tunnel_udp_datagrams_sent_total{peer="n1"}"#);
+            let calls = get(r#"nodemesh_tunnel_udp_send_calls_total{peer="n1"}"#);
             assert!(
                 datagrams >= 124.0 && calls >= 1.0 && calls <= datagrams,
                 "{datagrams} in {calls}"
             );
-            assert!(get(r#"nodemesh_tunnel_udp_datagrams_total{peer="n1",op="receive"}"#) >= 124.0);
+            assert!(get(r#"nodemesh_tunnel_udp_datagrams_received_total{peer="n1"}"#) >= 124.0);
             let gauge = |name: &str| format!(r#"{name}{{peer="n1",direction="dialled"}}"#);
             assert!(get(&gauge("nodemesh_tunnel_rtt_seconds")) > 0.0);
             assert!(get(&gauge("nodemesh_tunnel_congestion_window_bytes")) > 0.0);

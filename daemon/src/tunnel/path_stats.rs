@@ -1,6 +1,6 @@
 //! The tunnels' QUIC path statistics (quinn's `ConnectionStats`) as metrics
 //! and in `/config_dump`: packets sent and lost, congestion events, UDP
-//! datagrams and the system calls that carried them, and each connection's
+//! datagrams and the `sendmsg` calls that sent them, and each connection's
 //! current RTT, congestion window and path MTU.
 //!
 //! quinn keeps cumulative totals per connection. Counters here are per peer
@@ -45,10 +45,9 @@ pub struct Totals {
     pub tx_datagrams: u64,
     /// `sendmsg` calls that sent them.
     pub tx_ios: u64,
-    /// UDP datagrams received.
+    /// UDP datagrams received. (quinn counts packets, not receive calls,
+    /// on this side: the GRO batch is not visible per connection.)
     pub rx_datagrams: u64,
-    /// Receive calls that delivered them.
-    pub rx_ios: u64,
 }
 
 impl From<&ConnectionStats> for PathInfo {
@@ -64,7 +63,6 @@ impl From<&ConnectionStats> for PathInfo {
                 tx_datagrams: s.udp_tx.datagrams,
                 tx_ios: s.udp_tx.ios,
                 rx_datagrams: s.udp_rx.datagrams,
-                rx_ios: s.udp_rx.ios,
             },
         }
     }
@@ -83,7 +81,6 @@ impl Totals {
             tx_datagrams: self.tx_datagrams.saturating_sub(earlier.tx_datagrams),
             tx_ios: self.tx_ios.saturating_sub(earlier.tx_ios),
             rx_datagrams: self.rx_datagrams.saturating_sub(earlier.rx_datagrams),
-            rx_ios: self.rx_ios.saturating_sub(earlier.rx_ios),
         }
     }
 }
@@ -111,14 +108,9 @@ impl Exported {
         counter(m::TUNNEL_PACKETS_SENT, delta.sent_packets);
         counter(m::TUNNEL_PACKETS_LOST, delta.lost_packets);
         counter(m::TUNNEL_CONGESTION_EVENTS, delta.congestion_events);
-        let udp = |op: &'static str, datagrams: u64, ios: u64| {
-            metrics::counter!(m::TUNNEL_UDP_DATAGRAMS, "peer" => peer.to_owned(), "op" => op)
-                .increment(datagrams);
-            metrics::counter!(m::TUNNEL_UDP_CALLS, "peer" => peer.to_owned(), "op" => op)
-                .increment(ios);
-        };
-        udp("send", delta.tx_datagrams, delta.tx_ios);
-        udp("receive", delta.rx_datagrams, delta.rx_ios);
+        counter(m::TUNNEL_UDP_DATAGRAMS_SENT, delta.tx_datagrams);
+        counter(m::TUNNEL_UDP_DATAGRAMS_RECEIVED, delta.rx_datagrams);
+        counter(m::TUNNEL_UDP_SEND_CALLS, delta.tx_ios);
         now
     }
 }
@@ -145,7 +137,6 @@ mod tests {
             tx_datagrams: 10,
             tx_ios: 2,
             rx_datagrams: 5,
-            rx_ios: 5,
         };
         let b = Totals {
             sent_packets: 25,
@@ -154,7 +145,6 @@ mod tests {
             tx_datagrams: 25,
             tx_ios: 3,
             rx_datagrams: 9,
-            rx_ios: 6,
         };
         assert_eq!(
             b.since(&a),
@@ -165,7 +155,6 @@ mod tests {
                 tx_datagrams: 15,
                 tx_ios: 1,
                 rx_datagrams: 4,
-                rx_ios: 1,
             }
         );
         assert_eq!(a.since(&b).sent_packets, 0, "saturates");
