@@ -1,6 +1,7 @@
 //! The demo's per-edge table: connections and bytes per (reporter, source
 //! workload, destination workload, route, tls), summed from the daemons'
-//! metrics, and the number of open tunnels.
+//! metrics, the number of open tunnels, and each tunnel's path (RTT, packets
+//! sent and lost, GSO batch).
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -85,6 +86,77 @@ pub fn held_tunnels(samples: &[Sample]) -> f64 {
     sum(samples, TUNNELS, &[])
 }
 
+/// What one daemon's metrics say about its tunnels to one peer node.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct TunnelPath {
+    /// Peer node.
+    pub peer: String,
+    /// Smoothed RTT of its newest open tunnel, seconds (0: none open).
+    pub rtt_s: f64,
+    /// QUIC packets sent.
+    pub sent: f64,
+    /// Of those, declared lost.
+    pub lost: f64,
+    /// UDP datagrams sent.
+    pub datagrams: f64,
+    /// `sendmsg` calls that sent them.
+    pub send_calls: f64,
+}
+
+impl TunnelPath {
+    /// One line: `to n2: RTT 0.41 ms, 2913 packets sent, 0 lost, 12.3 datagrams per sendmsg`.
+    pub fn render(&self) -> String {
+        let batch = if self.send_calls > 0.0 {
+            format!(
+                ", {:.1} datagrams per sendmsg",
+                self.datagrams / self.send_calls
+            )
+        } else {
+            String::new()
+        };
+        format!(
+            "to {}: RTT {:.2} ms, {:.0} packets sent, {:.0} lost{batch}",
+            self.peer,
+            self.rtt_s * 1e3,
+            self.sent,
+            self.lost
+        )
+    }
+}
+
+/// The tunnel paths in one daemon's samples, by peer (peers it has sent to).
+pub fn tunnel_paths(samples: &[Sample]) -> Vec<TunnelPath> {
+    let mut peers: Vec<&str> = samples
+        .iter()
+        .filter(|s| s.name == "nodemesh_tunnel_packets_sent_total")
+        .map(|s| s.label("peer"))
+        .collect();
+    peers.sort_unstable();
+    peers.dedup();
+    peers
+        .into_iter()
+        .map(|peer| {
+            let by_peer = [("peer", peer)];
+            TunnelPath {
+                peer: peer.to_owned(),
+                rtt_s: samples
+                    .iter()
+                    .filter(|s| s.name == "nodemesh_tunnel_rtt_seconds" && s.label("peer") == peer)
+                    .map(|s| s.value)
+                    .fold(0.0, f64::max),
+                sent: sum(samples, "nodemesh_tunnel_packets_sent_total", &by_peer),
+                lost: sum(samples, "nodemesh_tunnel_packets_lost_total", &by_peer),
+                datagrams: sum(
+                    samples,
+                    "nodemesh_tunnel_udp_datagrams_sent_total",
+                    &by_peer,
+                ),
+                send_calls: sum(samples, "nodemesh_tunnel_udp_send_calls_total", &by_peer),
+            }
+        })
+        .collect()
+}
+
 /// The most QUIC connections `nodes` nodes hold: one per node pair.
 pub fn max_tunnels(nodes: usize) -> usize {
     nodes * nodes.saturating_sub(1) / 2
@@ -167,6 +239,12 @@ nodemesh_tcp_bytes_total{direction="src_to_dst",reporter="source",src_namespace=
 nodemesh_tcp_bytes_total{direction="dst_to_src",reporter="source",src_namespace="lab",src_workload="a",dst_namespace="lab",dst_workload="b",tls="true",route="tunnel"} 512
 nodemesh_tunnels_open{peer="n2",direction="dialled"} 1
 nodemesh_tunnels_open{peer="n3",direction="accepted"} 1
+nodemesh_tunnel_packets_sent_total{peer="n2"} 2913
+nodemesh_tunnel_packets_lost_total{peer="n2"} 1
+nodemesh_tunnel_udp_datagrams_sent_total{peer="n2"} 2913
+nodemesh_tunnel_udp_send_calls_total{peer="n2"} 237
+nodemesh_tunnel_rtt_seconds{peer="n2",direction="dialled"} 0.00041
+nodemesh_tunnel_rtt_seconds{peer="n2",direction="accepted"} 0
 "#;
         let samples = parse(page).expect("parse");
         let e = edges(&samples);
@@ -186,5 +264,13 @@ nodemesh_tunnels_open{peer="n3",direction="accepted"} 1
             "{table}"
         );
         assert!(table.lines().next().expect("header").starts_with("SOURCE"));
+
+        let paths = tunnel_paths(&samples);
+        assert_eq!(paths.len(), 1, "{paths:?}");
+        assert_eq!(
+            paths[0].render(),
+            "to n2: RTT 0.41 ms, 2913 packets sent, 1 lost, 12.3 datagrams per sendmsg"
+        );
+        assert!(tunnel_paths(&[]).is_empty());
     }
 }

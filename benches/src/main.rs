@@ -505,8 +505,12 @@ fn demo_run(opts: &LabOptions, mib: u64) -> Result<(), LabError> {
         }
         let mut tunnels = 0.0;
         for n in lab.nodes() {
-            let t = demo::open_tunnels(&lab.metrics(n.index)?);
+            let samples = lab.metrics(n.index)?;
+            let t = demo::open_tunnels(&samples);
             out!("  node {}: {t:.0} tunnel(s) dialled to peers", n.name);
+            for path in demo::tunnel_paths(&samples) {
+                out!("    {}", path.render());
+            }
             tunnels += t;
         }
         let nodes = lab.nodes().len();
