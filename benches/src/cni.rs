@@ -301,26 +301,25 @@ impl Runtime {
     }
 }
 
-/// The first IPv4 address of a CNI result (`ips[].address`, `a.b.c.d/len`).
-pub fn result_ipv4(result: &Value) -> Option<Ipv4Addr> {
+/// The first address of type `A` in a CNI result (`ips[].address`,
+/// `addr/len`), without its prefix length.
+fn result_address<A: std::str::FromStr>(result: &Value) -> Option<A> {
     result
         .get("ips")?
         .as_array()?
         .iter()
         .filter_map(|ip| ip.get("address")?.as_str())
-        .filter_map(|a| a.split('/').next()?.parse::<Ipv4Addr>().ok())
-        .next()
+        .find_map(|a| a.split('/').next()?.parse().ok())
 }
 
-/// The first IPv6 address of a CNI result (without prefix length).
+/// The first IPv4 address of a CNI result.
+pub fn result_ipv4(result: &Value) -> Option<Ipv4Addr> {
+    result_address(result)
+}
+
+/// The first IPv6 address of a CNI result.
 pub fn result_ipv6(result: &Value) -> Option<Ipv6Addr> {
-    result
-        .get("ips")?
-        .as_array()?
-        .iter()
-        .filter_map(|ip| ip.get("address")?.as_str())
-        .filter_map(|a| a.split('/').next()?.parse::<Ipv6Addr>().ok())
-        .next()
+    result_address(result)
 }
 
 #[cfg(test)]

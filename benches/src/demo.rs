@@ -6,6 +6,8 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
+use nodemesh::metrics as m;
+
 use crate::metrics::{sum, Sample};
 
 /// Connections opened.
@@ -128,7 +130,7 @@ impl TunnelPath {
 pub fn tunnel_paths(samples: &[Sample]) -> Vec<TunnelPath> {
     let mut peers: Vec<&str> = samples
         .iter()
-        .filter(|s| s.name == "nodemesh_tunnel_packets_sent_total")
+        .filter(|s| s.name == m::TUNNEL_PACKETS_SENT)
         .map(|s| s.label("peer"))
         .collect();
     peers.sort_unstable();
@@ -141,17 +143,13 @@ pub fn tunnel_paths(samples: &[Sample]) -> Vec<TunnelPath> {
                 peer: peer.to_owned(),
                 rtt_s: samples
                     .iter()
-                    .filter(|s| s.name == "nodemesh_tunnel_rtt_seconds" && s.label("peer") == peer)
+                    .filter(|s| s.name == m::TUNNEL_RTT && s.label("peer") == peer)
                     .map(|s| s.value)
                     .fold(0.0, f64::max),
-                sent: sum(samples, "nodemesh_tunnel_packets_sent_total", &by_peer),
-                lost: sum(samples, "nodemesh_tunnel_packets_lost_total", &by_peer),
-                datagrams: sum(
-                    samples,
-                    "nodemesh_tunnel_udp_datagrams_sent_total",
-                    &by_peer,
-                ),
-                send_calls: sum(samples, "nodemesh_tunnel_udp_send_calls_total", &by_peer),
+                sent: sum(samples, m::TUNNEL_PACKETS_SENT, &by_peer),
+                lost: sum(samples, m::TUNNEL_PACKETS_LOST, &by_peer),
+                datagrams: sum(samples, m::TUNNEL_UDP_DATAGRAMS_SENT, &by_peer),
+                send_calls: sum(samples, m::TUNNEL_UDP_SEND_CALLS, &by_peer),
             }
         })
         .collect()

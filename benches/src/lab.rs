@@ -818,14 +818,15 @@ impl Lab {
             what: format!("ADD result of pod {name}"),
             problem: format!("no IPv4 address in {result}"),
         })?;
-        let ip6 = match self.state.dual_stack {
-            false => None,
-            true => Some(
+        let ip6 = if self.state.dual_stack {
+            Some(
                 cni::result_ipv6(&result).ok_or_else(|| LabError::CniFormat {
                     what: format!("ADD result of pod {name}"),
                     problem: format!("no IPv6 address in {result} (the lab is dual-stack)"),
                 })?,
-            ),
+            )
+        } else {
+            None
         };
         let pod = &mut self.state.pods[pod_idx];
         pod.result = Some(result);

@@ -116,8 +116,8 @@ pub struct TuningResult {
 fn tunnel_packets(lab: &Lab) -> Option<(f64, f64)> {
     let m = lab.metrics(1).ok()?;
     Some((
-        crate::metrics::sum(&m, "nodemesh_tunnel_packets_sent_total", &[]),
-        crate::metrics::sum(&m, "nodemesh_tunnel_packets_lost_total", &[]),
+        crate::metrics::sum(&m, nodemesh::metrics::TUNNEL_PACKETS_SENT, &[]),
+        crate::metrics::sum(&m, nodemesh::metrics::TUNNEL_PACKETS_LOST, &[]),
     ))
 }
 
