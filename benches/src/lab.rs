@@ -105,8 +105,13 @@ pub struct LabOptions {
     /// `max_udp_payload` follows (MTU - 28). `None`: the kernel default (1500).
     pub underlay_mtu: Option<u32>,
     /// Dual-stack pods: an IPv6 address beside the IPv4 one, from the node's
-    /// `fd00:78:<node>::/64` (see [`topology`]). The tunnels stay on IPv4.
+    /// `fd00:78:<node>::/64` (see [`topology`]). The tunnels stay on IPv4
+    /// unless [`LabOptions::ipv6_underlay`].
     pub dual_stack: bool,
+    /// The daemons' node addresses (their tunnel endpoints) are the nodes'
+    /// IPv6 underlay addresses `fd00:77::<node>`, so every tunnel runs over
+    /// IPv6. Needs `dual_stack`, which gives the nodes those addresses.
+    pub ipv6_underlay: bool,
 }
 
 impl LabOptions {
@@ -121,12 +126,21 @@ impl LabOptions {
             bin_dir: None,
             underlay_mtu: None,
             dual_stack: false,
+            ipv6_underlay: false,
         }
     }
 
     /// Gives every pod an IPv6 address too ([`LabOptions::dual_stack`]).
     pub fn dual_stack(mut self) -> Self {
         self.dual_stack = true;
+        self
+    }
+
+    /// Runs the tunnels over the nodes' IPv6 underlay addresses
+    /// ([`LabOptions::ipv6_underlay`]); makes the lab dual-stack.
+    pub fn ipv6_underlay(mut self) -> Self {
+        self.dual_stack = true;
+        self.ipv6_underlay = true;
         self
     }
 
@@ -157,6 +171,14 @@ impl LabOptions {
                     self.pods_per_node,
                     topology::MAX_PODS_PER_NODE
                 ),
+            });
+        }
+        if self.ipv6_underlay && !self.dual_stack {
+            return Err(LabError::BadOption {
+                option: "ipv6_underlay",
+                problem: "the nodes have IPv6 underlay addresses only in a dual-stack lab: \
+                          add --dual-stack"
+                    .into(),
             });
         }
         Ok(())
@@ -230,6 +252,9 @@ pub struct LabState {
     /// Dual-stack pods ([`LabOptions::dual_stack`]).
     #[serde(default)]
     pub dual_stack: bool,
+    /// Tunnels over IPv6 ([`LabOptions::ipv6_underlay`]).
+    #[serde(default)]
+    pub ipv6_underlay: bool,
 }
 
 impl LabState {
@@ -271,7 +296,7 @@ impl LabState {
                 .iter()
                 .map(|n| Node {
                     name: n.name.clone(),
-                    address: IpAddr::V4(n.address),
+                    address: self.tunnel_address(n),
                     pod_cidrs: std::iter::once(n.pod_cidr.clone())
                         .chain(self.dual_stack.then(|| topology::pod_cidr6(n.index)))
                         .filter_map(|c| c.parse().ok())
@@ -298,6 +323,16 @@ impl LabState {
                 .collect(),
             services: self.services.clone(),
             ..ClusterModel::default()
+        }
+    }
+
+    /// Node `n`'s daemon address, its tunnel endpoint: the IPv4 underlay
+    /// address, or the IPv6 one with [`LabOptions::ipv6_underlay`].
+    pub fn tunnel_address(&self, n: &NodeState) -> IpAddr {
+        if self.ipv6_underlay {
+            IpAddr::V6(topology::node_address6(n.index))
+        } else {
+            IpAddr::V4(n.address)
         }
     }
 
@@ -495,6 +530,7 @@ impl Lab {
                 services: Vec::new(),
                 underlay_mtu: opts.underlay_mtu,
                 dual_stack: opts.dual_stack,
+                ipv6_underlay: opts.ipv6_underlay,
             },
             daemons: BTreeMap::new(),
             predecessors: BTreeMap::new(),
@@ -524,7 +560,11 @@ impl Lab {
                 "creating node {} (netns {}, {})",
                 topology::node_name(i),
                 topology::node_netns(&prefix, i),
-                topology::node_address(i)
+                if opts.ipv6_underlay {
+                    IpAddr::V6(topology::node_address6(i))
+                } else {
+                    IpAddr::V4(topology::node_address(i))
+                }
             ));
             check_interrupt()?;
             lab.add_node_state(i)?;
@@ -714,17 +754,19 @@ impl Lab {
         if let Some(log_level) = log_level {
             std::fs::create_dir_all(&paths.state_dir)
                 .map_err(|e| LabError::io(&paths.state_dir, e))?;
+            let address = self.state.tunnel_address(n);
             let mut config = daemon::node_config(
                 &n.name,
-                IpAddr::V4(n.address),
+                address,
                 &self.cert_dir(),
                 &paths,
                 &self.state.discovery_file(),
                 log_level,
             );
             if let Some(mtu) = self.state.underlay_mtu {
-                // IPv4 underlay: 20 bytes of IP and 8 of UDP header.
-                config.tunnel.max_udp_payload = u16::try_from(mtu.saturating_sub(28))
+                // 8 bytes of UDP header and 20 of IPv4 or 40 of IPv6.
+                let headers = if address.is_ipv4() { 28 } else { 48 };
+                config.tunnel.max_udp_payload = u16::try_from(mtu.saturating_sub(headers))
                     .unwrap_or(u16::MAX)
                     .min(65527);
             }

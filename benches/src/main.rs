@@ -173,9 +173,15 @@ struct Shape {
     underlay_mtu: Option<u32>,
     /// Dual-stack pods: each gets an IPv6 address (fd00:78:<node>::/64)
     /// beside its IPv4 one, and `demo` also sends its traffic over IPv6.
-    /// The tunnels between nodes stay on the IPv4 underlay.
+    /// The tunnels between nodes stay on the IPv4 underlay unless
+    /// --ipv6-underlay.
     #[arg(long)]
     dual_stack: bool,
+    /// Run the tunnels between nodes over IPv6: each daemon's node address
+    /// (its QUIC endpoint) is its node's fd00:77::<node>. Implies
+    /// --dual-stack.
+    #[arg(long)]
+    ipv6_underlay: bool,
 }
 
 impl Shape {
@@ -188,7 +194,8 @@ impl Shape {
             log_level: self.log_level.clone(),
             bin_dir: self.bin_dir.clone(),
             underlay_mtu: self.underlay_mtu,
-            dual_stack: self.dual_stack,
+            dual_stack: self.dual_stack || self.ipv6_underlay,
+            ipv6_underlay: self.ipv6_underlay,
         }
     }
 }
@@ -350,7 +357,11 @@ fn up(opts: &LabOptions) -> Result<Lab, LabError> {
         opts.nodes,
         opts.pods_per_node,
         if opts.mesh { "on" } else { "off" },
-        if opts.dual_stack { ", dual-stack" } else { "" }
+        match (opts.dual_stack, opts.ipv6_underlay) {
+            (_, true) => ", dual-stack, tunnels over IPv6",
+            (true, false) => ", dual-stack",
+            (false, false) => "",
+        }
     );
     Lab::up_with_progress(opts.clone(), &mut |step, total, what| {
         out!("[{step}/{total}] {what} ...");
@@ -417,7 +428,7 @@ fn print_state(state: &LabState) {
             "{:<5} {:<14} {:<10} {:<13} {:<8} {:<6} {}",
             n.name,
             n.netns,
-            n.address,
+            state.tunnel_address(n),
             n.pod_cidr,
             pid,
             ready,

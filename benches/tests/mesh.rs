@@ -738,6 +738,47 @@ fn dual_stack_pods_are_meshed_over_ipv6_across_nodes_and_within_a_node() {
     assert_eq!(report.server_hash, report.sent_hash);
 }
 
+/// Nodes whose addresses are IPv6 (an IPv6-only or IPv6-first underlay):
+/// each daemon binds its QUIC endpoint on its node's `fd00:77::<node>`, and
+/// the tunnel between the two nodes runs over IPv6 while it carries the
+/// pods' IPv4 and IPv6 connections alike. The daemons report the tunnel's
+/// IPv6 remote address, and its path statistics count the datagrams.
+#[test]
+fn tunnels_run_over_an_ipv6_underlay() {
+    let lab = Lab::up(LabOptions::for_test(2, 1).ipv6_underlay())
+        .expect("lab up (run `cargo build --workspace --bins` first)");
+    let (client, server) = (lab.pod(1, 1).expect("n1-p1"), lab.pod(2, 1).expect("n2-p1"));
+    for family in [Family::V4, Family::V6] {
+        let report = lab
+            .transfer_over(&client, &server, family, 0, 2 * MIB)
+            .unwrap_or_else(|e| panic!("{family:?} pods over an IPv6 underlay: {e}"));
+        report
+            .verify(&format!("{family:?} pods over an IPv6 underlay"), 2 * MIB)
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+
+    let tunnels = dumped_tunnels(&lab, 1);
+    assert_eq!(tunnels.len(), 1, "one tunnel n1 -> n2: {tunnels:?}");
+    assert_eq!(
+        tunnels[0]["remote_addr"], "[fd00:77::2]:15008",
+        "the tunnel runs between the nodes' IPv6 addresses: {tunnels:?}"
+    );
+    let n1 = metrics(&lab, 1);
+    let peer = [("peer", "n2")];
+    assert!(value(&n1, "nodemesh_tunnel_udp_datagrams_sent_total", &peer) > 0.0);
+    assert!(
+        value(
+            &n1,
+            "nodemesh_tcp_bytes_total",
+            &[("route", "tunnel"), ("direction", "src_to_dst")]
+        ) >= (4 * MIB) as f64,
+        "both transfers went through the tunnel"
+    );
+    let prefix = lab.prefix().to_owned();
+    drop(lab);
+    assert_clean(&prefix);
+}
+
 /// `client_address` of pod `name` in node 2's `/config_dump`.
 fn client_address_shown(lab: &Lab, name: &str) -> Option<bool> {
     config_dump(lab, 2)["local_pods"]

@@ -203,6 +203,7 @@ impl Daemon {
             // Readiness waits for the first full list of every watched kind.
             #[cfg(feature = "kubernetes")]
             tokio::spawn(discovery::kubernetes::run_inferred(
+                config.node_ip(),
                 registry.clone(),
                 ready.clone(),
                 shutdown.clone(),

@@ -437,6 +437,7 @@ fn start_source(api: &FakeApi) -> Source {
     let stop = CancellationToken::new();
     tokio::spawn(kubernetes::run(
         api.client(),
+        ip("192.0.2.11"),
         registry.clone(),
         ready.clone(),
         stop.clone(),

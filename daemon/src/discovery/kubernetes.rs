@@ -122,8 +122,10 @@ impl Kind {
 pub struct NodeRecord {
     /// Name.
     pub name: String,
-    /// First `InternalIP` (else `ExternalIP`): where its daemon's tunnel is.
-    pub address: IpAddr,
+    /// Its `InternalIP`s, then its `ExternalIP`s, each in the order the
+    /// kubelet listed them (primary family first): where its daemon's tunnel
+    /// can be; [`NodeRecord::tunnel_address`] picks one.
+    pub addresses: Vec<IpAddr>,
     /// `spec.podCIDRs` (or `spec.podCIDR`).
     pub pod_cidrs: Vec<IpNet>,
 }
@@ -131,14 +133,17 @@ pub struct NodeRecord {
 impl NodeRecord {
     /// `None` for a node without a usable address (not routable yet).
     pub fn from_object(n: &core::Node) -> Option<Self> {
-        let addresses = n.status.as_ref()?.addresses.as_ref()?;
-        let pick = |kind: &str| {
-            addresses
+        let listed = n.status.as_ref()?.addresses.as_ref()?;
+        let of_type = |kind: &'static str| {
+            listed
                 .iter()
-                .filter(|a| a.type_ == kind)
-                .find_map(|a| a.address.parse::<IpAddr>().ok())
+                .filter(move |a| a.type_ == kind)
+                .filter_map(|a| a.address.parse::<IpAddr>().ok())
         };
-        let address = pick("InternalIP").or_else(|| pick("ExternalIP"))?;
+        let addresses: Vec<IpAddr> = of_type("InternalIP").chain(of_type("ExternalIP")).collect();
+        if addresses.is_empty() {
+            return None;
+        }
         let spec = n.spec.as_ref();
         let mut cidrs: Vec<&String> = spec
             .and_then(|s| s.pod_cidrs.as_ref())
@@ -149,9 +154,26 @@ impl NodeRecord {
         }
         Some(Self {
             name: n.name_any(),
-            address,
+            addresses,
             pod_cidrs: cidrs.iter().filter_map(|c| c.parse().ok()).collect(),
         })
+    }
+
+    /// Where this node's daemon is dialled from a daemon bound on `local`:
+    /// its first address of `local`'s family (a tunnel endpoint bound to an
+    /// IPv4 address cannot reach an IPv6 one, and the reverse), else its
+    /// first address. With no `local` (unknown), its first address. On a
+    /// dual-stack cluster this keeps every tunnel in the family of the
+    /// nodes' `status.hostIP`, whatever order a node lists its addresses in.
+    pub fn tunnel_address(&self, local: Option<IpAddr>) -> Option<IpAddr> {
+        local
+            .and_then(|l| {
+                self.addresses
+                    .iter()
+                    .find(|a| a.is_ipv4() == l.is_ipv4())
+                    .copied()
+            })
+            .or_else(|| self.addresses.first().copied())
     }
 }
 
@@ -567,6 +589,9 @@ pub struct KubeState {
     pub namespaces: Store<NamespaceRecord>,
     /// Policies by `namespace/name`.
     pub policies: Store<PolicyRecord>,
+    /// This daemon's node address (`node_address`), whose family the
+    /// tunnels use: see [`NodeRecord::tunnel_address`].
+    pub local_address: Option<IpAddr>,
 }
 
 impl KubeState {
@@ -622,10 +647,12 @@ impl KubeState {
             .nodes
             .items()
             .values()
-            .map(|n| Node {
-                name: n.name.clone(),
-                address: n.address,
-                pod_cidrs: n.pod_cidrs.clone(),
+            .filter_map(|n| {
+                Some(Node {
+                    name: n.name.clone(),
+                    address: n.tunnel_address(self.local_address)?,
+                    pod_cidrs: n.pod_cidrs.clone(),
+                })
             })
             .collect();
         nodes.sort_by(|a, b| a.name.cmp(&b.name));
@@ -891,6 +918,7 @@ pub enum KubeError {
 /// Infers the client (retrying with a 5 s pause while it fails, reported in
 /// readiness), then [`run`]s until `shutdown`.
 pub async fn run_inferred(
+    node_address: IpAddr,
     registry: Arc<Registry>,
     ready: Arc<Readiness>,
     shutdown: CancellationToken,
@@ -908,20 +936,25 @@ pub async fn run_inferred(
             }
         }
     };
-    run(client, registry, ready, shutdown).await;
+    run(client, node_address, registry, ready, shutdown).await;
 }
 
 /// Watches every kind with `client` and applies the model to `registry`
 /// until `shutdown`. Marks discovery synced in `ready` once every kind has
-/// been listed.
+/// been listed. Peers are dialled in the family of `node_address`, the
+/// address this daemon's tunnel endpoint is bound to.
 pub async fn run(
     client: Client,
+    node_address: IpAddr,
     registry: Arc<Registry>,
     ready: Arc<Readiness>,
     shutdown: CancellationToken,
 ) {
     let mut streams = streams(&client);
-    let mut state = KubeState::default();
+    let mut state = KubeState {
+        local_address: Some(node_address),
+        ..KubeState::default()
+    };
     let mut dirty = false;
     let mut applied_once = false;
     info!("kubernetes discovery: listing nodes, pods, services, endpointslices, namespaces, authorizationpolicies");
@@ -1045,6 +1078,80 @@ mod tests {
         assert!(!s.apply(Event::Delete(("d".into(), None))));
     }
 
+    fn node(name: &str, addresses: &[(&str, &str)]) -> core::Node {
+        let listed: Vec<serde_json::Value> = addresses
+            .iter()
+            .map(|(t, a)| serde_json::json!({"type": t, "address": a}))
+            .collect();
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name},
+            "status": {"addresses": listed},
+        }))
+        .expect("node")
+    }
+
+    #[test]
+    fn peers_are_dialled_in_the_family_of_the_local_node_address() {
+        let dual = NodeRecord::from_object(&node(
+            "dual",
+            &[
+                ("Hostname", "dual"),
+                ("ExternalIP", "203.0.113.1"),
+                ("InternalIP", "192.0.2.1"),
+                ("InternalIP", "2001:db8::1"),
+            ],
+        ))
+        .expect("kept");
+        assert_eq!(
+            dual.addresses,
+            ["192.0.2.1", "2001:db8::1", "203.0.113.1"].map(|a| a.parse::<IpAddr>().expect("ip"))
+        );
+        let v6_first = NodeRecord::from_object(&node(
+            "v6-first",
+            &[("InternalIP", "2001:db8::2"), ("InternalIP", "192.0.2.2")],
+        ))
+        .expect("kept");
+        let v4_only = NodeRecord::from_object(&node("v4-only", &[("InternalIP", "192.0.2.3")]))
+            .expect("kept");
+        let at = |r: &NodeRecord, local: Option<&str>| {
+            r.tunnel_address(local.map(|l| l.parse().expect("ip")))
+                .map(|a| a.to_string())
+        };
+        // An IPv4 endpoint dials IPv4, an IPv6 one IPv6, whatever the order.
+        assert_eq!(at(&dual, Some("192.0.2.9")).as_deref(), Some("192.0.2.1"));
+        assert_eq!(
+            at(&dual, Some("2001:db8::9")).as_deref(),
+            Some("2001:db8::1")
+        );
+        assert_eq!(
+            at(&v6_first, Some("192.0.2.9")).as_deref(),
+            Some("192.0.2.2")
+        );
+        // No address of the local family: the first (the dial will say why
+        // it fails); local unknown: the first.
+        assert_eq!(
+            at(&v4_only, Some("2001:db8::9")).as_deref(),
+            Some("192.0.2.3")
+        );
+        assert_eq!(at(&v6_first, None).as_deref(), Some("2001:db8::2"));
+        // No InternalIP: the ExternalIP; no address at all: not kept.
+        let external =
+            NodeRecord::from_object(&node("ext", &[("ExternalIP", "203.0.113.4")])).expect("kept");
+        assert_eq!(at(&external, None).as_deref(), Some("203.0.113.4"));
+        assert!(NodeRecord::from_object(&node("none", &[("Hostname", "none")])).is_none());
+
+        // The model carries the chosen address.
+        let mut st = KubeState {
+            local_address: Some("2001:db8::9".parse().expect("ip")),
+            ..KubeState::default()
+        };
+        st.nodes.apply(Event::Apply(("dual".into(), Some(dual))));
+        assert_eq!(
+            st.model().nodes[0].address,
+            "2001:db8::1".parse::<IpAddr>().expect("ip")
+        );
+    }
+
     #[test]
     fn config_accepts_the_kubernetes_source() {
         let c: crate::config::Config =
@@ -1063,7 +1170,7 @@ mod tests {
             "n1".into(),
             Some(NodeRecord {
                 name: "n1".into(),
-                address: "192.0.2.1".parse().expect("ip"),
+                addresses: vec!["192.0.2.1".parse().expect("ip")],
                 pod_cidrs: vec![],
             }),
         )));
