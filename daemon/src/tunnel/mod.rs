@@ -109,6 +109,21 @@ pub enum TunnelError {
         /// Why.
         source: quinn::ConnectError,
     },
+    /// The peer's address is of the other IP family than the address this
+    /// node's tunnel endpoint is bound to, so no packet could reach it.
+    #[error(
+        "cannot dial peer {peer} at {addr}: this node's tunnel endpoint is bound to {local}, \
+         the other IP family; give every daemon a node_address of one family (on a dual-stack \
+         cluster, the Kubernetes source picks each peer's address of this node's family)"
+    )]
+    AddressFamily {
+        /// Peer node.
+        peer: String,
+        /// Its address.
+        addr: SocketAddr,
+        /// This node's endpoint address.
+        local: SocketAddr,
+    },
     /// The handshake failed (including certificate refusal).
     #[error("handshake with peer {peer} at {addr} failed: {source}")]
     Handshake {
@@ -494,6 +509,22 @@ impl Tunnels {
 
     async fn dial(&self, peer: &str, addr: SocketAddr) -> Result<Connection, TunnelError> {
         debug!(peer, %addr, "dialling tunnel");
+        let handshakes = |result: &'static str| {
+            metrics::counter!(m::TUNNEL_HANDSHAKES, "peer" => peer.to_owned(), "side" => "client", "result" => result)
+                .increment(1)
+        };
+        if let Ok(local) = self.endpoint.local_addr() {
+            if !can_reach(local, addr) {
+                handshakes("error");
+                let e = TunnelError::AddressFamily {
+                    peer: peer.to_owned(),
+                    addr,
+                    local,
+                };
+                warn!(peer, %addr, %local, error = %e, "tunnel cannot be dialled");
+                return Err(e);
+            }
+        }
         let connecting = self
             .endpoint
             .connect_with(self.client_config(), addr, peer)
@@ -503,10 +534,6 @@ impl Tunnels {
                 source,
             })?;
         let result = tokio::time::timeout(self.handshake_timeout, connecting).await;
-        let handshakes = |result: &'static str| {
-            metrics::counter!(m::TUNNEL_HANDSHAKES, "peer" => peer.to_owned(), "side" => "client", "result" => result)
-                .increment(1)
-        };
         let conn = match result {
             Ok(Ok(c)) => c,
             Ok(Err(source)) => {
@@ -772,6 +799,13 @@ fn quic_configs(
     // packets of connections a daemon owns (see `cid`).
     client.initial_dst_cid_provider(cid::initial_dcid_provider());
     Ok((server, client))
+}
+
+/// Whether an endpoint bound to `local` can send to `remote`: same family,
+/// or `local` is IPv6's unspecified address, whose socket also reaches IPv4
+/// through mapped addresses.
+fn can_reach(local: SocketAddr, remote: SocketAddr) -> bool {
+    local.is_ipv4() == remote.is_ipv4() || (local.is_ipv6() && local.ip().is_unspecified())
 }
 
 /// Status codes double as QUIC stream reset and stop codes.
@@ -1097,6 +1131,61 @@ mod tests {
     }
 
     const BOUND: Duration = Duration::from_secs(20);
+
+    // Paused time: "at once" means before any timer could fire.
+    #[tokio::test(start_paused = true)]
+    async fn a_peer_of_the_other_ip_family_is_refused_at_once_with_the_reason() {
+        let ca = generate_ca(TD, 30).expect("ca");
+        let (server, client) = tls(&creds(&ca, "n1", 30));
+        let steering = Steering {
+            tag: Tag::random_except(None),
+            predecessor: None,
+        };
+        let v6 = match Tunnels::bind(
+            SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, 0)),
+            "n1",
+            &TunnelConfig {
+                udp_buffer: 1 << 20,
+                ..TunnelConfig::default()
+            },
+            server,
+            client,
+            steering,
+        ) {
+            Ok(t) => t,
+            // A machine without IPv6 on loopback has nothing to test.
+            Err(TunnelError::Bind { source, .. })
+                if source.kind() == std::io::ErrorKind::AddrNotAvailable =>
+            {
+                return;
+            }
+            Err(e) => panic!("bind [::1]: {e}"),
+        };
+        let peer = SocketAddr::from(([127, 0, 0, 1], 15008));
+        // No handshake is attempted: the error is immediate (not a
+        // handshake timeout) and says what to change.
+        let err = tokio::time::timeout(Duration::from_secs(1), v6.connection("n2", peer))
+            .await
+            .expect("refused at once")
+            .map(|_| ())
+            .expect_err("an IPv4 peer from an IPv6 endpoint");
+        assert!(matches!(err, TunnelError::AddressFamily { .. }), "{err:?}");
+        let text = err.to_string();
+        assert!(
+            text.contains("127.0.0.1:15008")
+                && text.contains("[::1]:")
+                && text.contains("node_address"),
+            "{text}"
+        );
+        assert!(
+            can_reach("[::]:1".parse().expect("a"), peer),
+            "a [::] socket reaches IPv4"
+        );
+        assert!(!can_reach(
+            "0.0.0.0:1".parse().expect("a"),
+            "[::1]:1".parse().expect("a")
+        ));
+    }
 
     #[tokio::test]
     async fn a_tunnel_either_side_dialled_carries_streams_both_ways_with_one_handshake() {
