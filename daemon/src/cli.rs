@@ -108,7 +108,8 @@ pub struct RunArgs {
     /// This node's name (Kubernetes node name).
     #[arg(long, env = "NODEMESH_NODE_NAME")]
     pub node_name: Option<String>,
-    /// This node's IP address, where peers reach its tunnel.
+    /// This node's IP address, where peers reach its tunnel (IPv4 or IPv6:
+    /// the tunnels run in its family).
     #[arg(long, env = "NODEMESH_NODE_ADDRESS")]
     pub node_address: Option<IpAddr>,
     /// SPIFFE trust domain [default: cluster.local].

@@ -31,7 +31,8 @@ pub struct Config {
     /// This node's name, as Kubernetes knows it. Required (no default).
     /// Env `NODEMESH_NODE_NAME`.
     pub node_name: String,
-    /// This node's address, where peers reach its tunnel. Required.
+    /// This node's address, where peers reach its tunnel. Required. IPv4 or
+    /// IPv6: the tunnel endpoint binds it, so the tunnels run in its family.
     pub node_address: Option<IpAddr>,
     /// SPIFFE trust domain. Default `cluster.local`.
     pub trust_domain: String,
