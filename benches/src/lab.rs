@@ -329,11 +329,7 @@ impl LabState {
     /// Node `n`'s daemon address, its tunnel endpoint: the IPv4 underlay
     /// address, or the IPv6 one with [`LabOptions::ipv6_underlay`].
     pub fn tunnel_address(&self, n: &NodeState) -> IpAddr {
-        if self.ipv6_underlay {
-            IpAddr::V6(topology::node_address6(n.index))
-        } else {
-            IpAddr::V4(n.address)
-        }
+        topology::tunnel_address(n.index, self.ipv6_underlay)
     }
 
     /// Path of the shared discovery file.
@@ -560,11 +556,7 @@ impl Lab {
                 "creating node {} (netns {}, {})",
                 topology::node_name(i),
                 topology::node_netns(&prefix, i),
-                if opts.ipv6_underlay {
-                    IpAddr::V6(topology::node_address6(i))
-                } else {
-                    IpAddr::V4(topology::node_address(i))
-                }
+                topology::tunnel_address(i, opts.ipv6_underlay)
             ));
             check_interrupt()?;
             lab.add_node_state(i)?;

@@ -186,7 +186,7 @@ struct Shape {
 
 impl Shape {
     fn options(&self, prefix: &str) -> LabOptions {
-        LabOptions {
+        let opts = LabOptions {
             prefix: prefix.to_owned(),
             nodes: self.nodes,
             pods_per_node: self.pods_per_node,
@@ -194,8 +194,13 @@ impl Shape {
             log_level: self.log_level.clone(),
             bin_dir: self.bin_dir.clone(),
             underlay_mtu: self.underlay_mtu,
-            dual_stack: self.dual_stack || self.ipv6_underlay,
-            ipv6_underlay: self.ipv6_underlay,
+            dual_stack: self.dual_stack,
+            ipv6_underlay: false,
+        };
+        if self.ipv6_underlay {
+            opts.ipv6_underlay()
+        } else {
+            opts
         }
     }
 }

@@ -14,7 +14,7 @@
 //! namespaces (addresses are unique by construction), so addresses are usable
 //! at once. The tunnels stay on the IPv4 underlay.
 
-use std::net::{Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use crate::error::LabError;
 use crate::netns::{add_netns, ip, write_sysctl};
@@ -85,6 +85,16 @@ pub fn pod_cidr(node: usize) -> String {
 /// A node's IPv6 underlay address `fd00:77::<node>` (dual-stack labs).
 pub fn node_address6(node: usize) -> Ipv6Addr {
     Ipv6Addr::new(0xfd00, 0x77, 0, 0, 0, 0, 0, hextet(node))
+}
+
+/// A node's daemon address, its tunnel endpoint: [`node_address`], or
+/// [`node_address6`] when the tunnels run over IPv6.
+pub fn tunnel_address(node: usize, ipv6: bool) -> IpAddr {
+    if ipv6 {
+        IpAddr::V6(node_address6(node))
+    } else {
+        IpAddr::V4(node_address(node))
+    }
 }
 
 /// A node's IPv6 pod CIDR `fd00:78:<node>::/64` (dual-stack labs), as text.
