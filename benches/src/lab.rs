@@ -226,6 +226,10 @@ pub struct PodState {
     /// pod: bridge only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub conflist: Option<Value>,
+    /// Labels published in discovery besides `app: <pod name>` (see
+    /// [`Lab::set_pod_labels`]).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
 }
 
 /// Everything a lab made, as recorded in `state.json`.
@@ -316,7 +320,9 @@ impl LabState {
                         ips: std::iter::once(IpAddr::V4(ip))
                             .chain(p.ip6.map(IpAddr::V6))
                             .collect(),
-                        labels: BTreeMap::from([("app".to_owned(), p.invocation.pod_name.clone())]),
+                        labels: std::iter::once(("app".to_owned(), p.invocation.pod_name.clone()))
+                            .chain(p.labels.clone())
+                            .collect(),
                         annotations: BTreeMap::new(),
                     })
                 })
@@ -445,6 +451,7 @@ pub fn service(
                 target_ref: Some(p.name.clone()),
             })
             .collect(),
+        split: None,
     }
 }
 
@@ -662,6 +669,18 @@ impl Lab {
     /// (its `nodemesh_discovery_reloads_total{result="ok"}` rose), up to
     /// [`DISCOVERY_APPLY_TIMEOUT`]. A model a daemon refuses is an error.
     pub fn set_discovery_extra(&mut self, extra: ClusterModel) -> Result<(), LabError> {
+        self.discovery_extra = extra;
+        self.publish_discovery_and_wait()
+    }
+
+    /// Writes discovery and waits until every running daemon has applied it
+    /// (its `nodemesh_discovery_reloads_total{result="ok"}` rose), up to
+    /// [`DISCOVERY_APPLY_TIMEOUT`]; at once if the file's content did not
+    /// change (the daemons do not reload an unchanged file). A model a
+    /// daemon refuses is an error.
+    fn publish_discovery_and_wait(&mut self) -> Result<(), LabError> {
+        let path = self.state.discovery_file();
+        let previous = std::fs::read(&path).ok();
         let reloads = |lab: &Self, node: usize, result: &str| -> Result<f64, LabError> {
             Ok(metrics::sum(
                 &lab.metrics(node)?,
@@ -674,8 +693,10 @@ impl Lab {
         for &n in &running {
             before.push((n, reloads(self, n, "ok")?, reloads(self, n, "error")?));
         }
-        self.discovery_extra = extra;
         self.write_discovery()?;
+        if std::fs::read(&path).ok() == previous {
+            return Ok(());
+        }
         let deadline = Instant::now() + DISCOVERY_APPLY_TIMEOUT;
         for (n, ok, err) in before {
             loop {
@@ -833,6 +854,7 @@ impl Lab {
             ip: None,
             ip6: None,
             conflist,
+            labels: BTreeMap::new(),
         });
         let pod_idx = self.state.pods.len() - 1;
         self.state.save()?;
@@ -952,12 +974,39 @@ impl Lab {
         Ok(topology::node_netns(&self.state.prefix, index))
     }
 
-    /// Replaces the services in discovery and publishes them to the daemons.
+    /// Replaces the services in discovery, publishes them to the daemons and
+    /// waits until every running daemon has applied them (as
+    /// [`Lab::set_discovery_extra`] does).
     pub fn set_services(&mut self, services: Vec<Service>) -> Result<(), LabError> {
         self.state.services = services;
         self.state.save()?;
         if self.state.mesh {
-            self.publish_discovery()?;
+            self.publish_discovery_and_wait()?;
+        }
+        Ok(())
+    }
+
+    /// Sets the labels pod `pod` carries in discovery besides
+    /// `app: <pod name>` (e.g. `track: canary` for a traffic split), then
+    /// publishes and waits as [`Lab::set_services`] does.
+    pub fn set_pod_labels(
+        &mut self,
+        pod: &PodHandle,
+        labels: BTreeMap<String, String>,
+    ) -> Result<(), LabError> {
+        let state = self
+            .state
+            .pods
+            .iter_mut()
+            .find(|p| p.node == pod.node && p.index == pod.index)
+            .ok_or_else(|| LabError::BadOption {
+                option: "pod",
+                problem: format!("{} is not a pod of this lab", pod.name),
+            })?;
+        state.labels = labels;
+        self.state.save()?;
+        if self.state.mesh {
+            self.publish_discovery_and_wait()?;
         }
         Ok(())
     }

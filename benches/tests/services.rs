@@ -5,7 +5,9 @@
 //!
 //! Topology: client `n1-p1`; three servers of service `lab/web` — `n1-p2`
 //! (same node, local route) and `n2-p1`, `n2-p2` (tunnel). Each server answers
-//! every connection with its pod name and a newline, then waits for EOF.
+//! every connection with its pod name and a newline, then waits for EOF. The
+//! traffic split test labels them `track=stable` (`n1-p2`, `n2-p1`) and
+//! `track=canary` (`n2-p2`).
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write};
@@ -15,9 +17,10 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use nodemesh::discovery::model::TrafficSplit;
 use nodemesh_lab::lab::{self, Lab, LabOptions, PodHandle};
 use nodemesh_lab::metrics::sum;
-use nodemesh_lab::traffic;
+use nodemesh_lab::{dashboard, traffic};
 
 /// Lab prefix naming this branch (`kube`), unique per process and call.
 fn prefix() -> String {
@@ -245,4 +248,109 @@ fn unready_endpoints_get_no_connections() {
     lab.set_services(vec![service]).expect("publish");
     let (name, _s) = call(&client, vip).expect("served once ready");
     assert_eq!(name, server.name);
+}
+
+/// A traffic split (canary) end to end: service `lab/web` with two
+/// `track=stable` servers (`n1-p2` local, `n2-p1` over the tunnel) and one
+/// `track=canary` server (`n2-p2`), split stable 80 / canary 20.
+///
+/// Bound: N = 1000 sequential connections, each one independently reaches
+/// the canary with p = 0.2, so the canary's count is Binomial(1000, 0.2):
+/// mean 200, sd = sqrt(1000 · 0.2 · 0.8) ≈ 12.6; the test accepts 200 ± 76
+/// (6 sd, a false failure about once in 5·10^8 runs). A balancer ignoring
+/// the weights would give the canary 1/3 (mean 333, sd 14.9) or 1/2 (one
+/// group of two): far outside. Then the split is rewritten to stable 0 /
+/// canary 100 and, once every daemon has applied it (its discovery reload
+/// counter rose), every new connection reaches the canary.
+#[test]
+fn a_traffic_split_follows_its_weights_and_a_rewrite() {
+    const N: usize = 1000;
+    let mut lab = lab_up(2, 2);
+    let client = lab.pod(1, 1).expect("n1-p1");
+    let stable = [lab.pod(1, 2).expect("n1-p2"), lab.pod(2, 1).expect("n2-p1")];
+    let canary = lab.pod(2, 2).expect("n2-p2");
+    for (pod, track) in [
+        (&stable[0], "stable"),
+        (&stable[1], "stable"),
+        (&canary, "canary"),
+    ] {
+        lab.set_pod_labels(
+            pod,
+            BTreeMap::from([("track".to_owned(), track.to_owned())]),
+        )
+        .expect("label pod");
+    }
+    let servers = [stable[0].clone(), stable[1].clone(), canary.clone()];
+    let _running: Vec<NameServer> = servers.iter().map(NameServer::start).collect();
+    let vip = SocketAddr::new(IpAddr::from(CLUSTER_IP), PORT);
+    let split = |stable: u32, canary: u32| {
+        let mut s = lab::service("web", vip.ip(), PORT, TARGET_PORT, &servers);
+        s.split = Some(TrafficSplit {
+            label: "track".into(),
+            weights: vec![("stable".into(), stable), ("canary".into(), canary)],
+        });
+        s
+    };
+    lab.set_services(vec![split(80, 20)])
+        .expect("publish 80/20");
+
+    let mut counts: BTreeMap<String, usize> = BTreeMap::new();
+    for i in 0..N {
+        let (name, _s) = call(&client, vip).unwrap_or_else(|e| panic!("connection {i}: {e}"));
+        *counts.entry(name).or_default() += 1;
+    }
+    eprintln!("{N} connections at 80/20: {counts:?}");
+    let got = |name: &str| counts.get(name).copied().unwrap_or(0);
+    let on_canary = got(&canary.name);
+    assert!(
+        (124..=276).contains(&on_canary),
+        "canary got {on_canary} of {N}; expected 200 ± 76 (6 sd): {counts:?}"
+    );
+    assert_eq!(got(&stable[0].name) + got(&stable[1].name) + on_canary, N);
+    for s in &stable {
+        assert!(got(&s.name) > 0, "{} in rotation: {counts:?}", s.name);
+    }
+    // An operator sees the split: choices per group, and connections per
+    // destination workload (each lab pod is its own workload).
+    let samples = lab.metrics(1).expect("metrics");
+    let picks = |group: &str| {
+        sum(
+            &samples,
+            "nodemesh_traffic_split_picks_total",
+            &[("service", "lab/web"), ("group", group)],
+        )
+    };
+    assert_eq!(picks("canary"), on_canary as f64);
+    assert_eq!(picks("stable"), (N - on_canary) as f64);
+    let opened = sum(
+        &samples,
+        "nodemesh_connections_opened_total",
+        &[
+            ("reporter", "source"),
+            ("dst_workload", canary.name.as_str()),
+        ],
+    );
+    assert_eq!(opened, on_canary as f64);
+    // The shipped dashboard's split panel queries these real series.
+    let dash: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dashboard::path()).expect("read the dashboard"),
+    )
+    .expect("dashboard JSON");
+    let declared = dashboard::declared_metric_names().expect("daemon sources");
+    let problems = dashboard::problems(&dash, &samples, &declared);
+    assert!(problems.is_empty(), "dashboard problems: {problems:#?}");
+
+    // Rewrite: everything to the canary. set_services returns once every
+    // daemon has applied the new file.
+    lab.set_services(vec![split(0, 100)])
+        .expect("publish 0/100");
+    for i in 0..200 {
+        let (name, _s) = call(&client, vip).unwrap_or_else(|e| panic!("connection {i}: {e}"));
+        assert_eq!(name, canary.name, "connection {i} after the rewrite");
+    }
+    drop(_running);
+    let prefix = lab.prefix().to_owned();
+    drop(lab);
+    let left = lab::wait_clean(&prefix, Duration::from_secs(10)).expect("leftovers");
+    assert!(left.is_clean(), "lab {prefix} left {left:?}");
 }

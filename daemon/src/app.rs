@@ -273,6 +273,10 @@ impl Daemon {
             outbound_port: config.ports.outbound,
             connect_timeout: config.connect_timeout(),
             tracker: ConnTracker::default(),
+            limits: Arc::new(crate::limits::Limits::new(
+                config.limits.max_connections_per_pod,
+                config.limits.max_connections,
+            )),
             shutdown: shutdown.clone(),
             handed_over: CancellationToken::new(),
         });

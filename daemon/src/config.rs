@@ -87,6 +87,36 @@ pub struct Config {
     /// wake-ups); raise it where one daemon must carry more than a core's
     /// worth of traffic. See docs/benchmarks.md (tuning).
     pub worker_threads: usize,
+    /// Admission limits of the shared proxy.
+    pub limits: LimitsConfig,
+}
+
+/// Admission limits (`limits`): a connection over a limit is reset at once
+/// (a tunnel stream is answered `unavailable`), counted in
+/// `nodemesh_connections_limited_total` and logged.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Connections one local pod may have open through its outbound
+    /// listener at once, whatever their destination. Default 4096: one pod
+    /// that opens connections without closing them is refused at its own
+    /// limit while its neighbours keep connecting, and cannot take all of a
+    /// tunnel's streams to a peer (`tunnel.max_streams`, 10000).
+    pub max_connections_per_pod: usize,
+    /// Connections the daemon proxies at once in all (outbound, plaintext
+    /// inbound, tunnel streams from peers). Default 65536: about 250 MiB of
+    /// daemon memory at the ~3.8 KiB an idle connection costs (two file
+    /// descriptors at most each), more while connections move data.
+    pub max_connections: usize,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            max_connections_per_pod: crate::limits::DEFAULT_MAX_PER_POD,
+            max_connections: crate::limits::DEFAULT_MAX_TOTAL,
+        }
+    }
 }
 
 /// Node certificate files (PEM).
@@ -307,6 +337,7 @@ impl Default for Config {
             log_format: LogFormat::Text,
             tcp_relay: crate::relay_splice::TcpRelay::Splice,
             worker_threads: 1,
+            limits: LimitsConfig::default(),
         }
     }
 }
@@ -528,6 +559,24 @@ impl Config {
                 "use a few seconds, such as 5000",
             ));
         }
+        let l = &self.limits;
+        if l.max_connections == 0 {
+            return Err(invalid(
+                "limits.max_connections",
+                "is 0, which would refuse every connection",
+                "allow at least 1 (default 65536)",
+            ));
+        }
+        if l.max_connections_per_pod == 0 || l.max_connections_per_pod > l.max_connections {
+            return Err(invalid(
+                "limits.max_connections_per_pod",
+                format!(
+                    "is {} (limits.max_connections {})",
+                    l.max_connections_per_pod, l.max_connections
+                ),
+                "allow at least 1 and at most limits.max_connections (default 4096)",
+            ));
+        }
         if self.discovery.poll_interval_ms == 0 {
             return Err(invalid(
                 "discovery.poll_interval_ms",
@@ -688,6 +737,18 @@ mod tests {
                 "tunnel.initial_mtu",
             ),
             (Box::new(|c| c.drain_timeout_ms = 0), "drain_timeout_ms"),
+            (
+                Box::new(|c| c.limits.max_connections = 0),
+                "limits.max_connections",
+            ),
+            (
+                Box::new(|c| c.limits.max_connections_per_pod = 0),
+                "limits.max_connections_per_pod",
+            ),
+            (
+                Box::new(|c| c.limits.max_connections_per_pod = c.limits.max_connections + 1),
+                "limits.max_connections_per_pod",
+            ),
             (
                 Box::new(|c| c.tls.reload_interval_ms = 0),
                 "tls.reload_interval_ms",

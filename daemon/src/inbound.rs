@@ -39,6 +39,10 @@ use crate::tunnel::{reset_code, StreamGuard, Tunnel};
 /// How long a peer has to send a complete header on a new stream.
 pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// The reason of the `unavailable` status answered to a stream refused by
+/// the daemon's connection limit (`limits.max_connections`).
+pub const REASON_CONNECTION_LIMIT: &str = "connection_limit";
+
 /// Serves tunnels until shutdown: accepts incoming ones (registered in the
 /// pool for their peer node) and takes the ones this node dials, and serves
 /// the streams the peer opens on each with [`serve_streams`].
@@ -209,7 +213,36 @@ pub async fn handle_stream(
     let dst_w = proxy.workload_of(&pod);
     edge.dst_namespace = dst_w.namespace;
     edge.dst_workload = dst_w.workload;
-    // 3. Policy. Registered first, then evaluated on the newest snapshot, so
+    // 3. The daemon's connection limit: refused streams are answered
+    //    `unavailable`, so L1 resets its client (or tries another endpoint).
+    let _permit = match proxy.limits.admit(None) {
+        Ok(p) => p,
+        Err(refusal) => {
+            metrics::counter!(
+                m::CONNECTIONS_LIMITED,
+                "limit" => refusal.limit.label(),
+                "listener" => "tunnel",
+                "namespace" => edge.dst_namespace.clone(),
+                "workload" => edge.dst_workload.clone(),
+            )
+            .increment(1);
+            if refusal.first {
+                warn!(error = %refusal.limit, "tunnel stream refused by the daemon's connection limit; further refusals are logged at debug until one is admitted");
+            } else {
+                debug!(error = %refusal.limit, "tunnel stream refused by the daemon's connection limit");
+            }
+            return answer(
+                &peer,
+                &edge,
+                send,
+                recv,
+                StatusCode::Unavailable,
+                REASON_CONNECTION_LIMIT,
+            )
+            .await;
+        }
+    };
+    // 4. Policy. Registered first, then evaluated on the newest snapshot, so
     //    a policy change is seen either here or by the revocation scan.
     let live = proxy.registry.live().register(LiveConn {
         dst: header.dst,
@@ -260,6 +293,7 @@ pub async fn handle_stream(
         )
         .await;
     }
+    // 5. Connect into the pod.
     let tcp = match proxy.connect_into(&pod, header.src.ip(), header.dst).await {
         Ok(t) => t,
         Err(e) => {

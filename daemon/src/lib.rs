@@ -20,6 +20,7 @@ pub mod discovery;
 pub mod handover;
 pub mod identity;
 pub mod inbound;
+pub mod limits;
 pub mod metrics;
 pub mod netns;
 pub mod outbound;

@@ -88,6 +88,12 @@ pub const ENDPOINT_EJECTIONS: &str = "nodemesh_endpoint_ejections_total";
 /// Counter: service connections retried on another endpoint after a connect
 /// failure; label `service`.
 pub const SERVICE_RETRIES: &str = "nodemesh_service_retries_total";
+/// Counter: connections refused by an admission limit (`limits`); labels
+/// `limit` (`pod`: the source pod's `limits.max_connections_per_pod`;
+/// `daemon`: `limits.max_connections`), `listener` (`outbound`, `plaintext`,
+/// `tunnel`), `namespace`, `workload` (the local pod: the source pod for
+/// `outbound`, the destination pod for `plaintext` and `tunnel`).
+pub const CONNECTIONS_LIMITED: &str = "nodemesh_connections_limited_total";
 
 /// Counter: daemon hand-overs (zero-downtime upgrades, see `handover`);
 /// labels `role` (`successor`: this daemon took over; `predecessor`: this
@@ -100,6 +106,21 @@ pub const HANDOVER: &str = "nodemesh_handover_total";
 /// `draining` status): taken out of the pool and the stream retried on a new
 /// connection; label `peer`.
 pub const TUNNELS_RETIRED: &str = "nodemesh_tunnels_retired_total";
+
+// --- Traffic split (canary) and discovery objects ignored as invalid. ---
+
+/// Counter: endpoint choices made for connections to a service with a
+/// traffic split (`balancer`), by the chosen endpoint's group; labels
+/// `service` (`namespace/name`) and `group` (the value of the split's label,
+/// or `_unlisted` for an endpoint outside the split, chosen only when no
+/// group of the split has a usable endpoint). A retry on another endpoint is
+/// a second choice.
+pub const SPLIT_PICKS: &str = "nodemesh_traffic_split_picks_total";
+/// Counter: parts of Kubernetes objects discovery ignored as invalid while
+/// keeping the rest of the object; label `kind` (`traffic_split`: a
+/// Service's `nodemesh.io/split-*` annotations, the service is kept without a
+/// split). Counted each time such an object version is received.
+pub const DISCOVERY_INVALID: &str = "nodemesh_discovery_invalid_total";
 
 /// Placeholder for an unknown namespace or workload.
 pub const UNKNOWN: &str = "unknown";

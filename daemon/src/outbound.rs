@@ -280,10 +280,19 @@ async fn attempt(
     first: &mut Vec<u8>,
     client: Option<&TcpStream>,
 ) -> Attempt {
-    let (mut send, mut recv, guard) = match lease.open_bi().await {
-        Ok(s) => s,
-        Err(_) => return Attempt::GoingAway("tunnel connection closed"),
-    };
+    // Opening waits for stream credit when the peer's `tunnel.max_streams`
+    // are all in use: bounded, like a connect.
+    let (mut send, mut recv, guard) =
+        match tokio::time::timeout(proxy.connect_timeout, lease.open_bi()).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(_)) => return Attempt::GoingAway("tunnel connection closed"),
+            Err(_) => {
+                return Attempt::Failed(Failure::retryable(
+                    "tunnel_streams_exhausted",
+                    "every stream the peer allows on the tunnel (its tunnel.max_streams) stayed in use for connect_timeout_ms",
+                ))
+            }
+        };
     if let Some(tcp) = client {
         if let Err(e) = read_ready(tcp, first) {
             let _ = send.reset(reset_code(StatusCode::Internal));

@@ -25,9 +25,11 @@ use tracing::field::Empty;
 use tracing::{debug, info, info_span, warn, Instrument};
 
 use crate::config::ClientAddressConfig;
+use crate::limits::{PodConns, Refusal};
 use crate::metrics as m;
 use crate::netns::{listen_in, NetSysctl, Netns, SocketFactory, TCP_FWMARK_ACCEPT};
 use crate::proxy::Proxy;
+use crate::relay::reset_tcp;
 use crate::rtnl::ReturnPath;
 use crate::{handover, inbound, outbound, reuseport};
 
@@ -55,6 +57,9 @@ pub struct LocalPod {
     pub cancel: CancellationToken,
     /// The registration as received.
     pub registration: PodRegistration,
+    /// Its connections open through its outbound listener, against
+    /// `limits.max_connections_per_pod`.
+    pub conns: Arc<PodConns>,
 }
 
 /// Why a registration failed.
@@ -352,6 +357,7 @@ impl PodManager {
             client_address,
             cancel: CancellationToken::new(),
             registration: reg,
+            conns: Arc::default(),
         });
         let listeners = outs
             .into_iter()
@@ -552,7 +558,10 @@ async fn serve_listener(
     debug!(pod = %pod.name, listener = ?kind, "listener handed over and closed");
 }
 
-/// Serves one accepted connection in its own task and span.
+/// Serves one accepted connection in its own task and span, if the
+/// admission limits let it in (`limits`): a connection from the pod counts
+/// against the pod's and the daemon's limit, a plaintext one from outside
+/// against the daemon's. A refused connection is reset at once.
 fn spawn_connection(
     proxy: &Arc<Proxy>,
     pod: &Arc<LocalPod>,
@@ -560,6 +569,14 @@ fn spawn_connection(
     client: SocketAddr,
     kind: Listener,
 ) {
+    let permit = match kind {
+        Listener::Outbound => proxy.limits.admit(Some(&pod.conns)),
+        Listener::Plaintext => proxy.limits.admit(None),
+    };
+    let permit = match permit {
+        Ok(p) => p,
+        Err(refusal) => return refuse(proxy, pod, tcp, client, kind, refusal),
+    };
     let name = format_args!("{}/{}", pod.namespace, pod.name);
     let span = match kind {
         Listener::Outbound => {
@@ -572,6 +589,7 @@ fn spawn_connection(
     let (proxy, pod) = (proxy.clone(), pod.clone());
     tokio::spawn(
         async move {
+            let _permit = permit;
             let cancel = pod.cancel.clone();
             // Boxed per kind: the task holds the future of the path taken,
             // not the larger of the two.
@@ -586,6 +604,44 @@ fn spawn_connection(
         }
         .instrument(span),
     );
+}
+
+/// Resets a connection an admission limit refused, counts it, and logs it:
+/// at WARN for the first refusal of a burst, at DEBUG for the rest (a pod
+/// stuck at its limit would otherwise fill the log).
+fn refuse(
+    proxy: &Proxy,
+    pod: &LocalPod,
+    tcp: TcpStream,
+    client: SocketAddr,
+    kind: Listener,
+    refusal: Refusal,
+) {
+    reset_tcp(tcp);
+    let w = proxy.workload_of(pod);
+    let listener = match kind {
+        Listener::Outbound => "outbound",
+        Listener::Plaintext => "plaintext",
+    };
+    metrics::counter!(
+        m::CONNECTIONS_LIMITED,
+        "limit" => refusal.limit.label(),
+        "listener" => listener,
+        "namespace" => w.namespace,
+        "workload" => w.workload,
+    )
+    .increment(1);
+    if refusal.first {
+        warn!(
+            pod = %format_args!("{}/{}", pod.namespace, pod.name),
+            client.addr = %client,
+            listener,
+            error = %refusal.limit,
+            "connection refused by an admission limit; further refusals are logged at debug until one is admitted"
+        );
+    } else {
+        debug!(pod = %pod.name, client.addr = %client, listener, error = %refusal.limit, "connection refused by an admission limit");
+    }
 }
 
 /// Container ids become file names: keep them to a safe alphabet.

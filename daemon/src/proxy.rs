@@ -14,6 +14,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::identity::workload_spiffe_id;
+use crate::limits::Limits;
 use crate::metrics::{self as m, UNKNOWN};
 use crate::netns::{connect_in, Netns, Origin, SocketFactory};
 use crate::pods::LocalPod;
@@ -43,6 +44,8 @@ pub struct Proxy {
     pub connect_timeout: Duration,
     /// Connections in flight.
     pub tracker: ConnTracker,
+    /// Admission limits per local pod and per daemon.
+    pub limits: Arc<Limits>,
     /// Cancelled when the daemon stops accepting.
     pub shutdown: CancellationToken,
     /// Cancelled when a successor daemon has taken over (`handover`): new

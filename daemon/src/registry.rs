@@ -256,7 +256,7 @@ impl Registry {
             Ok(mut g) => *g = next.clone(),
             Err(poisoned) => *poisoned.into_inner() = next.clone(),
         }
-        self.services.apply(&model.services);
+        self.services.apply(&model.services, &model.pods);
         self.revoke(&next)
     }
 

@@ -7,8 +7,10 @@
 //! 410 when a watch asks for a version older than the server keeps. It replays
 //! real API objects (`tests/fixtures/k8s/*.json`). The registry is asserted
 //! after each step: initial list, add, modify, delete, a dropped watch, a
-//! 410 Gone with changes missed in between; and namespaces' mesh mode (label
-//! `nodemesh.io/mode`) as listed and as relabelled.
+//! 410 Gone with changes missed in between; namespaces' mesh mode (label
+//! `nodemesh.io/mode`) as listed and as relabelled; and a Service's traffic
+//! split (annotations `nodemesh.io/split-label` / `nodemesh.io/split-weights`),
+//! well-formed and malformed.
 
 use std::collections::{BTreeMap, HashMap};
 use std::convert::Infallible;
@@ -712,4 +714,130 @@ async fn namespace_modes_follow_the_label() {
     })
     .await;
     assert!(src.ready.discovery_synced());
+}
+
+/// The process's metrics (installed once; only the split test reads them).
+fn metrics_page() -> String {
+    static HANDLE: std::sync::OnceLock<metrics_exporter_prometheus::PrometheusHandle> =
+        std::sync::OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+            let handle = recorder.handle();
+            metrics::set_global_recorder(recorder).expect("the only recorder");
+            handle
+        })
+        .render()
+}
+
+fn invalid_splits_counted() -> f64 {
+    metrics_page()
+        .lines()
+        .find_map(|l| l.strip_prefix(r#"nodemesh_discovery_invalid_total{kind="traffic_split"} "#))
+        .map_or(0.0, |v| v.parse().expect("number"))
+}
+
+/// A service's split groups (value, weight), and its backends' (addr, group).
+type SplitView = (Option<Vec<(String, u32)>>, Vec<(String, Option<String>)>);
+
+/// The split of `vip`'s service and each backend's (addr, group).
+fn split_of(reg: &Registry, vip: &str) -> SplitView {
+    let Some(t) = reg.services().lookup(vip.parse().expect("addr")) else {
+        return (None, Vec::new());
+    };
+    let mut groups: Vec<_> = t
+        .backends
+        .iter()
+        .map(|b| (b.addr.to_string(), b.group.clone()))
+        .collect();
+    groups.sort();
+    (t.split.as_ref().map(|s| s.groups.clone()), groups)
+}
+
+#[tokio::test]
+async fn traffic_split_annotations_and_a_malformed_one() {
+    let _ = metrics_page();
+    let api = FakeApi::start().await;
+    // web-1 is the stable track, web-2 the canary.
+    let pods = fixture("pods.json");
+    for (i, track) in [(0, "stable"), (1, "canary")] {
+        let mut pod = pods[i].clone();
+        pod["metadata"]["labels"]["track"] = json!(track);
+        api.put(PODS, pod);
+    }
+    let annotated = |weights: &str| {
+        let mut web = fixture("services.json")[0].clone();
+        web["metadata"]["annotations"] = json!({
+            "nodemesh.io/split-label": "track",
+            "nodemesh.io/split-weights": weights,
+        });
+        web
+    };
+    api.put(SERVICES, annotated("stable=90, canary=10"));
+    let src = start_source(&api);
+    let reg = &src.registry;
+    eventually("first sync", || src.ready.discovery_synced()).await;
+    let groups = vec![
+        ("10.244.1.5:8080".to_owned(), Some("stable".to_owned())),
+        ("10.244.2.7:8080".to_owned(), Some("canary".to_owned())),
+    ];
+    let split = Some(vec![("stable".to_owned(), 90), ("canary".to_owned(), 10)]);
+    assert_eq!(
+        split_of(reg, "10.96.0.10:80"),
+        (split.clone(), groups.clone())
+    );
+    assert_eq!(
+        split_of(reg, "10.96.0.10:9090").0,
+        split,
+        "every port of the service"
+    );
+
+    // Malformed weights: the service stays, balanced without a split; the
+    // rest of discovery goes on; the problem is counted.
+    let before = invalid_splits_counted();
+    api.put(SERVICES, annotated("stable=90,canary"));
+    eventually("split dropped", || {
+        split_of(reg, "10.96.0.10:80").0.is_none()
+    })
+    .await;
+    let (_, kept) = split_of(reg, "10.96.0.10:80");
+    assert_eq!(kept.len(), 2, "both endpoints kept: {kept:?}");
+    assert!(kept.iter().all(|(_, g)| g.is_none()), "no split, no groups");
+    assert_eq!(
+        backends(reg, "10.96.0.1:443").len(),
+        1,
+        "other services kept"
+    );
+    assert!(has_pod(reg, "10.244.1.9"), "pods kept");
+    assert!(
+        invalid_splits_counted() >= before + 1.0,
+        "counted: {}",
+        metrics_page()
+    );
+    // A label without weights: the same.
+    let mut label_only = annotated("");
+    label_only["metadata"]["annotations"] = json!({"nodemesh.io/split-label": "track"});
+    let before = invalid_splits_counted();
+    api.put(SERVICES, label_only);
+    eventually("counted", || invalid_splits_counted() >= before + 1.0).await;
+    assert!(split_of(reg, "10.96.0.10:80").0.is_none());
+
+    // Fixed, and flipped to the canary: applied.
+    api.put(SERVICES, annotated("stable=0,canary=100"));
+    eventually("split back", || split_of(reg, "10.96.0.10:80").0.is_some()).await;
+    assert_eq!(
+        split_of(reg, "10.96.0.10:80"),
+        (
+            Some(vec![("stable".to_owned(), 0), ("canary".to_owned(), 100)]),
+            groups
+        )
+    );
+    let t = reg
+        .services()
+        .lookup("10.96.0.10:80".parse().expect("addr"))
+        .expect("service");
+    for _ in 0..50 {
+        let lease = reg.services().pick(&t, &[]).expect("pick");
+        assert_eq!(lease.backend().group.as_deref(), Some("canary"));
+    }
 }

@@ -187,6 +187,55 @@ mod tests {
     }
 
     #[test]
+    fn a_bad_traffic_split_refuses_the_file_whole() {
+        const GOOD: &str = r#"
+nodes: [{name: n1, address: 10.0.0.1}]
+pods:
+  - {namespace: shop, name: web-1, node: n1, ips: [10.78.1.2], labels: {track: stable}}
+  - {namespace: shop, name: web-2, node: n1, ips: [10.78.1.3], labels: {track: canary}}
+services:
+  - namespace: shop
+    name: web
+    cluster_ips: [10.96.0.10]
+    ports: [{port: 80, target_port: 8080}]
+    split: {label: track, weights: {stable: 90, canary: 10}}
+    endpoints:
+      - {ip: 10.78.1.2, target_ref: web-1}
+      - {ip: 10.78.1.3, target_ref: web-2}
+"#;
+        let dir = tempfile::tempdir().expect("tmp");
+        let path = dir.path().join("d.yaml");
+        let reg = Registry::new("n1", 15008);
+        let ready = Readiness::default();
+        let mut last = None;
+        std::fs::write(&path, GOOD).expect("write");
+        poll_once(&path, &mut last, &reg, &ready);
+        let vip = "10.96.0.10:80".parse().expect("addr");
+        let groups = |reg: &Registry| {
+            let t = reg.services().lookup(vip).expect("service");
+            t.backends
+                .iter()
+                .map(|b| b.group.clone().unwrap_or_default())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(groups(&reg), ["stable", "canary"]);
+        let gen = reg.snapshot().generation;
+
+        // All weights zero: refused whole, the last good model (and split) stays.
+        let bad = GOOD.replace("stable: 90, canary: 10", "stable: 0, canary: 0");
+        std::fs::write(&path, &bad).expect("write");
+        poll_once(&path, &mut last, &reg, &ready);
+        assert_eq!(reg.snapshot().generation, gen);
+        assert_eq!(groups(&reg), ["stable", "canary"]);
+        let e = parse(&bad, &path).expect_err("refused");
+        assert!(
+            e.to_string()
+                .contains("services[0] (shop/web).split: every weight is 0"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn errors_name_file_and_problem() {
         let p = Path::new("/etc/nodemesh/discovery.yaml");
         let e = parse(

@@ -24,6 +24,12 @@
 //! Pods are kept from the moment they are scheduled, before they have an
 //! address, so a CNI ADD can learn that a pod opted out
 //! (`nodemesh.io/inject: disabled`, the only annotation kept).
+//!
+//! A Service's traffic split (canary) comes from its annotations
+//! [`SPLIT_LABEL_ANNOTATION`] and [`SPLIT_WEIGHTS_ANNOTATION`], parsed when
+//! the Service arrives. Malformed ones never refuse anything: the service is
+//! kept without a split, with a warning naming the service, the annotation
+//! and the problem, and `nodemesh_discovery_invalid_total{kind="traffic_split"}`.
 
 use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
@@ -44,7 +50,7 @@ use tracing::{debug, info, warn};
 
 use super::model::{
     is_dns_label, AuthorizationPolicy, ClusterModel, Endpoint, Mode, Namespace, Node, Pod,
-    Protocol, Service, ServicePort, INJECT_ANNOTATION,
+    Protocol, Service, ServicePort, SplitError, TrafficSplit, INJECT_ANNOTATION, MAX_SPLIT_WEIGHT,
 };
 use crate::admin::Readiness;
 use crate::metrics as m;
@@ -60,6 +66,120 @@ pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 /// Label of a Namespace setting its mesh mode: `strict` or `permissive`
 /// (absent: permissive; any other value: permissive, with a warning).
 pub const MODE_LABEL: &str = "nodemesh.io/mode";
+
+/// Service annotation naming the pod label whose values are the groups of
+/// the service's traffic split, e.g. `track`.
+pub const SPLIT_LABEL_ANNOTATION: &str = "nodemesh.io/split-label";
+
+/// Service annotation giving each group's weight: comma-separated
+/// `<label value>=<weight>`, e.g. `stable=90,canary=10` (weights
+/// `0..=10000`; spaces around entries are ignored).
+pub const SPLIT_WEIGHTS_ANNOTATION: &str = "nodemesh.io/split-weights";
+
+/// `kind` label of `nodemesh_discovery_invalid_total` for split annotations.
+pub const INVALID_TRAFFIC_SPLIT: &str = "traffic_split";
+
+/// Why a Service's split annotations are ignored.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SplitAnnotationError {
+    /// The weights are given without the label.
+    #[error("{SPLIT_WEIGHTS_ANNOTATION} is set but {SPLIT_LABEL_ANNOTATION} is not; set both (e.g. {SPLIT_LABEL_ANNOTATION}: track) or neither")]
+    MissingLabel,
+    /// The label is given without the weights.
+    #[error("{SPLIT_LABEL_ANNOTATION} is set but {SPLIT_WEIGHTS_ANNOTATION} is not; set both (e.g. {SPLIT_WEIGHTS_ANNOTATION}: \"stable=90,canary=10\") or neither")]
+    MissingWeights,
+    /// An entry of the weights is not `<value>=<weight>`.
+    #[error("entry {entry:?} is not <label value>=<weight>; write e.g. \"stable=90,canary=10\"")]
+    BadEntry {
+        /// The entry.
+        entry: String,
+    },
+    /// A weight is not a whole number.
+    #[error("weight {weight:?} of {value:?} is not a whole number; weights are 0..={max}", max = MAX_SPLIT_WEIGHT)]
+    BadWeight {
+        /// The label value.
+        value: String,
+        /// What was written as its weight.
+        weight: String,
+    },
+    /// The annotations parse but the split cannot be used.
+    #[error(transparent)]
+    Invalid(#[from] SplitError),
+}
+
+impl SplitAnnotationError {
+    /// The annotation at fault.
+    pub fn annotation(&self) -> &'static str {
+        match self {
+            Self::MissingLabel | Self::Invalid(SplitError::EmptyLabel) => SPLIT_LABEL_ANNOTATION,
+            _ => SPLIT_WEIGHTS_ANNOTATION,
+        }
+    }
+}
+
+/// Parses a Service's split annotations: `Ok(None)` when neither is set.
+pub fn parse_split(
+    label: Option<&str>,
+    weights: Option<&str>,
+) -> Result<Option<TrafficSplit>, SplitAnnotationError> {
+    let (label, weights) = match (label, weights) {
+        (None, None) => return Ok(None),
+        (Some(_), None) => return Err(SplitAnnotationError::MissingWeights),
+        (None, Some(_)) => return Err(SplitAnnotationError::MissingLabel),
+        (Some(l), Some(w)) => (l, w),
+    };
+    let mut parsed = Vec::new();
+    for entry in weights.split(',').map(str::trim).filter(|e| !e.is_empty()) {
+        let Some((value, weight)) = entry.split_once('=') else {
+            return Err(SplitAnnotationError::BadEntry {
+                entry: entry.to_owned(),
+            });
+        };
+        let (value, weight) = (value.trim(), weight.trim());
+        if value.is_empty() {
+            return Err(SplitAnnotationError::BadEntry {
+                entry: entry.to_owned(),
+            });
+        }
+        let weight: u32 = weight
+            .parse()
+            .map_err(|_| SplitAnnotationError::BadWeight {
+                value: value.to_owned(),
+                weight: weight.to_owned(),
+            })?;
+        parsed.push((value.to_owned(), weight));
+    }
+    let split = TrafficSplit {
+        label: label.trim().to_owned(),
+        weights: parsed,
+    };
+    split.check()?;
+    Ok(Some(split))
+}
+
+/// The split of Service `namespace/name` from its annotations; a malformed
+/// one is logged at warn, counted, and gives no split.
+fn split_of(
+    namespace: &str,
+    name: &str,
+    annotations: &std::collections::BTreeMap<String, String>,
+) -> Option<TrafficSplit> {
+    let label = annotations.get(SPLIT_LABEL_ANNOTATION).map(String::as_str);
+    let weights = annotations
+        .get(SPLIT_WEIGHTS_ANNOTATION)
+        .map(String::as_str);
+    match parse_split(label, weights) {
+        Ok(split) => split,
+        Err(e) => {
+            let annotation = e.annotation();
+            let value = annotations.get(annotation).map_or("", String::as_str);
+            warn!(service = %format_args!("{namespace}/{name}"), annotation, value = %value, problem = %e,
+                "traffic split annotation ignored; the service is balanced over all its ready endpoints");
+            metrics::counter!(m::DISCOVERY_INVALID, "kind" => INVALID_TRAFFIC_SPLIT).increment(1);
+            None
+        }
+    }
+}
 
 /// The policy custom resource.
 pub fn policy_resource() -> ApiResource {
@@ -278,6 +398,8 @@ pub struct ServiceRecord {
     pub cluster_ips: Vec<IpAddr>,
     /// Ports.
     pub ports: Vec<ServicePortRecord>,
+    /// Traffic split from the annotations, if set and valid.
+    pub split: Option<TrafficSplit>,
 }
 
 fn protocol(p: Option<&str>) -> Option<Protocol> {
@@ -325,12 +447,15 @@ impl ServiceRecord {
                 })
             })
             .collect();
+        let (namespace, name) = (s.namespace().unwrap_or_default(), s.name_any());
+        let split = split_of(&namespace, &name, s.annotations());
         Some(Self {
-            namespace: s.namespace().unwrap_or_default(),
-            name: s.name_any(),
+            namespace,
+            name,
             // "None" (headless) and "" do not parse: dropped.
             cluster_ips: ips.iter().filter_map(|i| i.parse().ok()).collect(),
             ports,
+            split,
         })
     }
 }
@@ -763,6 +888,7 @@ impl KubeState {
                 cluster_ips: s.cluster_ips.clone(),
                 ports,
                 endpoints,
+                split: s.split.clone(),
             });
         }
         let mut policies: Vec<AuthorizationPolicy> = self
@@ -1194,6 +1320,7 @@ mod tests {
                         protocol: Protocol::Tcp,
                     },
                 ],
+                split: None,
             }),
         )));
         st.slices.apply(Event::Apply((
@@ -1282,6 +1409,21 @@ mod conversion_tests {
     #[derive(Clone, Default)]
     struct Logs(Arc<std::sync::Mutex<Vec<u8>>>);
 
+    impl Logs {
+        /// A subscriber writing formatted lines (no colours) into the logs.
+        fn subscriber() -> (Self, impl tracing::Subscriber + Send + Sync) {
+            let logs = Self::default();
+            let subscriber = tracing_subscriber::fmt()
+                .with_writer({
+                    let logs = logs.clone();
+                    move || logs.clone()
+                })
+                .with_ansi(false)
+                .finish();
+            (logs, subscriber)
+        }
+    }
+
     impl std::io::Write for Logs {
         fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
             self.0.lock().expect("lock").extend_from_slice(buf);
@@ -1294,14 +1436,7 @@ mod conversion_tests {
 
     #[test]
     fn a_bad_mode_value_is_logged_with_the_namespace_and_the_value() {
-        let logs = Logs::default();
-        let subscriber = tracing_subscriber::fmt()
-            .with_writer({
-                let logs = logs.clone();
-                move || logs.clone()
-            })
-            .with_ansi(false)
-            .finish();
+        let (logs, subscriber) = Logs::subscriber();
         tracing::subscriber::with_default(subscriber, || {
             NamespaceRecord::from_object(&namespace("batch", Some("enforce")));
             NamespaceRecord::from_object(&namespace("shop", Some("strict")));
@@ -1337,6 +1472,159 @@ mod conversion_tests {
             .map(|n| (n.name.as_str(), n.mode))
             .collect();
         assert_eq!(names, [("alpha", Mode::Strict), ("zeta", Mode::Strict)]);
+    }
+
+    #[test]
+    fn split_annotations_parse_and_bad_ones_are_named() {
+        let ok = parse_split(Some("track"), Some(" stable=90 , canary = 10,"))
+            .expect("valid")
+            .expect("split");
+        assert_eq!(ok.label, "track");
+        assert_eq!(
+            ok.weights,
+            [("stable".to_owned(), 90), ("canary".to_owned(), 10)]
+        );
+        assert_eq!(parse_split(None, None), Ok(None));
+        let cases: [(Option<&str>, Option<&str>, SplitAnnotationError, &str); 9] = [
+            (
+                Some("track"),
+                None,
+                SplitAnnotationError::MissingWeights,
+                SPLIT_WEIGHTS_ANNOTATION,
+            ),
+            (
+                None,
+                Some("a=1"),
+                SplitAnnotationError::MissingLabel,
+                SPLIT_LABEL_ANNOTATION,
+            ),
+            (
+                Some("track"),
+                Some("stable:90"),
+                SplitAnnotationError::BadEntry {
+                    entry: "stable:90".into(),
+                },
+                SPLIT_WEIGHTS_ANNOTATION,
+            ),
+            (
+                Some("track"),
+                Some("=90"),
+                SplitAnnotationError::BadEntry {
+                    entry: "=90".into(),
+                },
+                SPLIT_WEIGHTS_ANNOTATION,
+            ),
+            (
+                Some("track"),
+                Some("stable=ninety"),
+                SplitAnnotationError::BadWeight {
+                    value: "stable".into(),
+                    weight: "ninety".into(),
+                },
+                SPLIT_WEIGHTS_ANNOTATION,
+            ),
+            (
+                Some("track"),
+                Some("stable=-1"),
+                SplitAnnotationError::BadWeight {
+                    value: "stable".into(),
+                    weight: "-1".into(),
+                },
+                SPLIT_WEIGHTS_ANNOTATION,
+            ),
+            (
+                Some(" "),
+                Some("stable=1"),
+                SplitAnnotationError::Invalid(SplitError::EmptyLabel),
+                SPLIT_LABEL_ANNOTATION,
+            ),
+            (
+                Some("track"),
+                Some("stable=0,canary=0"),
+                SplitAnnotationError::Invalid(SplitError::AllZero),
+                SPLIT_WEIGHTS_ANNOTATION,
+            ),
+            (
+                Some("track"),
+                Some("a=1,a=2"),
+                SplitAnnotationError::Invalid(SplitError::DuplicateValue { value: "a".into() }),
+                SPLIT_WEIGHTS_ANNOTATION,
+            ),
+        ];
+        for (label, weights, want, annotation) in cases {
+            let e = parse_split(label, weights).expect_err(weights.unwrap_or("-"));
+            assert_eq!(e, want);
+            assert_eq!(e.annotation(), annotation, "{e}");
+        }
+        assert!(matches!(
+            parse_split(Some("track"), Some("")),
+            Err(SplitAnnotationError::Invalid(SplitError::NoWeights { .. }))
+        ));
+        assert!(matches!(
+            parse_split(Some("track"), Some("a=10001")),
+            Err(SplitAnnotationError::Invalid(SplitError::WeightTooLarge {
+                weight: 10_001,
+                ..
+            }))
+        ));
+    }
+
+    fn annotated_service(annotations: serde_json::Value) -> core::Service {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "web", "namespace": "shop", "annotations": annotations},
+            "spec": {"clusterIP": "10.96.0.10", "ports": [{"port": 80, "targetPort": 8080}]}
+        }))
+        .expect("service")
+    }
+
+    #[test]
+    fn a_malformed_split_keeps_the_service_warns_and_counts() {
+        let (logs, subscriber) = Logs::subscriber();
+        let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        let (good, bad, none) = tracing::subscriber::with_default(subscriber, || {
+            metrics::with_local_recorder(&recorder, || {
+                (
+                    ServiceRecord::from_object(&annotated_service(serde_json::json!({
+                        SPLIT_LABEL_ANNOTATION: "track",
+                        SPLIT_WEIGHTS_ANNOTATION: "stable=90,canary=10",
+                    }))),
+                    ServiceRecord::from_object(&annotated_service(serde_json::json!({
+                        SPLIT_LABEL_ANNOTATION: "track",
+                        SPLIT_WEIGHTS_ANNOTATION: "stable=90%,canary=10%",
+                    }))),
+                    ServiceRecord::from_object(&annotated_service(serde_json::json!({}))),
+                )
+            })
+        });
+        let good = good.expect("kept");
+        assert_eq!(
+            good.split.as_ref().map(|s| s.weights.len()),
+            Some(2),
+            "{good:?}"
+        );
+        let bad = bad.expect("kept without a split");
+        assert_eq!(bad.split, None);
+        assert_eq!(bad.ports.len(), 1, "the rest of the service is kept");
+        assert_eq!(none.expect("kept").split, None);
+
+        let out = String::from_utf8(logs.0.lock().expect("lock").clone()).expect("utf8");
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(lines.len(), 1, "only the bad split is logged: {out}");
+        for want in [
+            "WARN",
+            "service=shop/web",
+            "annotation=\"nodemesh.io/split-weights\"",
+            "stable=90%",
+            "weight \"90%\" of \"stable\" is not a whole number",
+        ] {
+            assert!(lines[0].contains(want), "{want} in {out}");
+        }
+        let page = handle.render();
+        assert!(
+            page.contains(r#"nodemesh_discovery_invalid_total{kind="traffic_split"} 1"#),
+            "{page}"
+        );
     }
 
     #[test]

@@ -675,6 +675,10 @@ pub struct Service {
     /// Endpoints (what the EndpointSlices of the service list).
     #[serde(default)]
     pub endpoints: Vec<Endpoint>,
+    /// Weighted split of new connections between groups of endpoints (a
+    /// canary); absent: every ready endpoint is equal.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub split: Option<TrafficSplit>,
 }
 
 /// One port of a service.
@@ -727,6 +731,134 @@ pub struct Endpoint {
 
 fn default_true() -> bool {
     true
+}
+
+/// Largest weight of a [`TrafficSplit`] group: 10 000, so weights can be
+/// written as percentages (`90`/`10`) or basis points (`9900`/`100`) and the
+/// sum of a split's weights stays far below any integer limit.
+pub const MAX_SPLIT_WEIGHT: u32 = 10_000;
+
+/// A weighted split of a service's new connections between groups of its
+/// endpoints, the groups being the values of one pod label (the canary shape:
+/// label `track`, `stable: 90`, `canary: 10`). What the balancer does with it
+/// is described in `balancer`; in short, a group gets new connections in
+/// proportion to its weight among the groups that have a usable endpoint.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrafficSplit {
+    /// The pod label whose value names an endpoint's group, e.g. `track`.
+    pub label: String,
+    /// Weight of each label value, `0..=`[`MAX_SPLIT_WEIGHT`], in the order
+    /// written. Written as a map (`{stable: 90, canary: 10}`); kept as a list
+    /// so that a value written twice is reported rather than silently lost.
+    #[serde(with = "split_weights")]
+    pub weights: Vec<(String, u32)>,
+}
+
+impl TrafficSplit {
+    /// Checks the split on its own: a label, at least one weight, weights in
+    /// range, not all zero, each value once.
+    pub fn check(&self) -> Result<(), SplitError> {
+        if self.label.trim().is_empty() {
+            return Err(SplitError::EmptyLabel);
+        }
+        if self.weights.is_empty() {
+            return Err(SplitError::NoWeights {
+                label: self.label.clone(),
+            });
+        }
+        let mut seen = HashSet::new();
+        for (value, weight) in &self.weights {
+            if *weight > MAX_SPLIT_WEIGHT {
+                return Err(SplitError::WeightTooLarge {
+                    value: value.clone(),
+                    weight: *weight,
+                });
+            }
+            if !seen.insert(value.as_str()) {
+                return Err(SplitError::DuplicateValue {
+                    value: value.clone(),
+                });
+            }
+        }
+        if self.weights.iter().all(|(_, w)| *w == 0) {
+            return Err(SplitError::AllZero);
+        }
+        Ok(())
+    }
+
+    /// The weight of label value `value`, if the split lists it.
+    pub fn weight_of(&self, value: &str) -> Option<u32> {
+        self.weights
+            .iter()
+            .find(|(v, _)| v == value)
+            .map(|(_, w)| *w)
+    }
+}
+
+/// Why a [`TrafficSplit`] cannot be used: what is wrong and how to fix it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SplitError {
+    /// The label key is empty.
+    #[error("label is empty; set the pod label whose values name the groups, e.g. track")]
+    EmptyLabel,
+    /// No weight is listed.
+    #[error("weights is empty; give each value of label {label:?} a weight, e.g. {{stable: 90, canary: 10}}")]
+    NoWeights {
+        /// The label.
+        label: String,
+    },
+    /// Every weight is zero: no group could get a connection.
+    #[error("every weight is 0; give at least one group a weight above 0 (remove the split to balance over every endpoint)")]
+    AllZero,
+    /// A weight is above [`MAX_SPLIT_WEIGHT`].
+    #[error("weight of {value:?} is {weight}; weights must be 0..={max}", max = MAX_SPLIT_WEIGHT)]
+    WeightTooLarge {
+        /// The label value.
+        value: String,
+        /// Its weight.
+        weight: u32,
+    },
+    /// A label value is given two weights.
+    #[error("value {value:?} is given a weight twice; list each value once")]
+    DuplicateValue {
+        /// The label value.
+        value: String,
+    },
+}
+
+/// `weights` of a split: a map in the file, a list of pairs in memory, so
+/// that duplicate keys survive parsing and are refused by validation.
+mod split_weights {
+    use serde::de::{MapAccess, Visitor};
+    use serde::ser::SerializeMap;
+    use serde::{Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(weights: &[(String, u32)], s: S) -> Result<S::Ok, S::Error> {
+        let mut map = s.serialize_map(Some(weights.len()))?;
+        for (value, weight) in weights {
+            map.serialize_entry(value, weight)?;
+        }
+        map.end()
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<(String, u32)>, D::Error> {
+        struct Weights;
+        impl<'de> Visitor<'de> for Weights {
+            type Value = Vec<(String, u32)>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a map of label value to weight, e.g. {stable: 90, canary: 10}")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                let mut out = Vec::with_capacity(map.size_hint().unwrap_or(0).min(64));
+                while let Some(entry) = map.next_entry::<String, u32>()? {
+                    out.push(entry);
+                }
+                Ok(out)
+            }
+        }
+        d.deserialize_map(Weights)
+    }
 }
 
 /// A service entry that cannot be used, naming the entry and the problem.
@@ -836,6 +968,18 @@ pub enum ServiceError {
         /// The IP.
         ip: IpAddr,
     },
+    /// The service's traffic split cannot be used.
+    #[error("services[{index}] ({namespace}/{name}).split: {source}")]
+    BadSplit {
+        /// Position in `services`.
+        index: usize,
+        /// Namespace.
+        namespace: String,
+        /// Name.
+        name: String,
+        /// What is wrong with it.
+        source: SplitError,
+    },
 }
 
 impl ClusterModel {
@@ -926,6 +1070,14 @@ impl ClusterModel {
                         ip: e.ip,
                     });
                 }
+            }
+            if let Some(Err(source)) = s.split.as_ref().map(TrafficSplit::check) {
+                return Err(ServiceError::BadSplit {
+                    index,
+                    namespace,
+                    name,
+                    source,
+                });
             }
         }
         Ok(())
@@ -1042,5 +1194,110 @@ services:
             m.validate(),
             Err(ModelError::Service(ServiceError::NoPorts { .. }))
         ));
+    }
+
+    const SPLIT: &str = "    split: {label: track, weights: {stable: 90, canary: 10}}\n";
+
+    fn with_split(split: &str) -> String {
+        let at = EXAMPLE.find("    endpoints:").expect("endpoints");
+        let mut text = EXAMPLE.to_owned();
+        text.insert_str(at, split);
+        text
+    }
+
+    #[test]
+    fn a_split_parses_in_order_and_round_trips() {
+        let m: ClusterModel = serde_yaml::from_str(&with_split(SPLIT)).expect("parse");
+        m.validate().expect("valid");
+        let split = m.services[0].split.as_ref().expect("split");
+        assert_eq!(split.label, "track");
+        assert_eq!(
+            split.weights,
+            [("stable".to_owned(), 90), ("canary".to_owned(), 10)]
+        );
+        assert_eq!(split.weight_of("canary"), Some(10));
+        assert_eq!(split.weight_of("beta"), None);
+        let again: ClusterModel =
+            serde_yaml::from_str(&serde_yaml::to_string(&m).expect("yaml")).expect("parse");
+        assert_eq!(again, m);
+        // The same in JSON (a file may be JSON, which is YAML).
+        let json = serde_json::to_string(&m).expect("json");
+        assert!(
+            json.contains(r#""weights":{"stable":90,"canary":10}"#),
+            "{json}"
+        );
+        assert_eq!(
+            serde_json::from_str::<ClusterModel>(&json).expect("json"),
+            m
+        );
+        // No split: not written.
+        assert!(!serde_yaml::to_string(&example())
+            .expect("yaml")
+            .contains("split"));
+    }
+
+    #[test]
+    fn bad_splits_name_the_service_the_problem_and_the_fix() {
+        let cases: [(&str, SplitError, &str); 5] = [
+            (
+                "    split: {label: '', weights: {stable: 1}}\n",
+                SplitError::EmptyLabel,
+                "services[0] (shop/web).split: label is empty; set the pod label",
+            ),
+            (
+                "    split: {label: track, weights: {}}\n",
+                SplitError::NoWeights {
+                    label: "track".into(),
+                },
+                "services[0] (shop/web).split: weights is empty; give each value of label \"track\" a weight",
+            ),
+            (
+                "    split: {label: track, weights: {stable: 0, canary: 0}}\n",
+                SplitError::AllZero,
+                "services[0] (shop/web).split: every weight is 0; give at least one group a weight above 0",
+            ),
+            (
+                "    split: {label: track, weights: {stable: 10001}}\n",
+                SplitError::WeightTooLarge {
+                    value: "stable".into(),
+                    weight: 10_001,
+                },
+                "services[0] (shop/web).split: weight of \"stable\" is 10001; weights must be 0..=10000",
+            ),
+            (
+                "    split: {label: track, weights: {stable: 90, stable: 10}}\n",
+                SplitError::DuplicateValue {
+                    value: "stable".into(),
+                },
+                "services[0] (shop/web).split: value \"stable\" is given a weight twice; list each value once",
+            ),
+        ];
+        for (split, want, message) in cases {
+            let m: ClusterModel = serde_yaml::from_str(&with_split(split)).expect(split);
+            let e = m.validate().expect_err(split);
+            assert!(
+                matches!(&e, ModelError::Service(ServiceError::BadSplit { index: 0, source, .. }) if *source == want),
+                "{split}: {e:?}"
+            );
+            assert!(e.to_string().contains(message), "{split}: {e}");
+        }
+        // The bound itself is accepted; a negative weight, an unknown field
+        // or a list of weights does not parse.
+        let m: ClusterModel = serde_yaml::from_str(&with_split(
+            "    split: {label: track, weights: {a: 10000, b: 0}}\n",
+        ))
+        .expect("parse");
+        m.validate().expect("10000 is allowed");
+        for bad in [
+            "    split: {label: track, weights: {stable: -1}}\n",
+            "    split: {label: track, weights: {stable: 1}, mode: x}\n",
+            "    split: {label: track, weights: [stable, canary]}\n",
+            "    split: {weights: {stable: 1}}\n",
+        ] {
+            assert!(
+                serde_yaml::from_str::<ClusterModel>(&with_split(bad)).is_err(),
+                "{bad}"
+            );
+        }
     }
 }
