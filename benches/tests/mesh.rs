@@ -535,6 +535,17 @@ fn refused_destination_resets_the_client() {
         ),
         1.0
     );
+    // Refused by the pod's kernel at once, not given up on after
+    // connect_timeout_ms: the RST found its way back to L2's socket, which
+    // connected from the client's address (`fwmark_reflect`).
+    assert_eq!(
+        value(
+            &n2,
+            "nodemesh_connections_failed_total",
+            &[("reason", "connect_refused")]
+        ),
+        1.0
+    );
 }
 
 /// A destination outside the mesh is reached by passthrough from the source pod.
@@ -1346,4 +1357,110 @@ fn unregister_queued_while_the_daemon_is_down_is_delivered_at_start() {
         value(&metrics(&lab, 1), "nodemesh_pods_registered", &[]),
         1.0
     );
+}
+
+/// The access log lines (target `nodemesh::access`) in node `node`'s daemon
+/// log, parsed (JSON lines only: the log format is switched on restart).
+fn access_lines(lab: &Lab, node: usize) -> Vec<serde_json::Value> {
+    log_of(lab, node)
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["target"] == "nodemesh::access")
+        .collect()
+}
+
+/// Waits until node `node`'s daemon has written `n` access log lines.
+fn wait_access_lines(lab: &Lab, node: usize, n: usize) -> Vec<serde_json::Value> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let lines = access_lines(lab, node);
+        if lines.len() >= n {
+            return lines;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "n{node}: {} access log lines, expected {n}:\n{lines:#?}",
+            lines.len()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// `access_log: true` makes each daemon that handled a connection write one
+/// JSON line for it when it ends: the workload labels, result, duration and
+/// bytes, inside the connection's span (client and server addresses); a
+/// connection that failed before relaying gets a line with its reason. Off
+/// (the default), nothing is written.
+#[test]
+fn access_logs_write_one_json_line_per_connection_on_each_daemon_when_enabled() {
+    let mut lab = mesh_lab(2, 1);
+    let (client, server) = (lab.pod(1, 1).expect("n1-p1"), lab.pod(2, 1).expect("n2-p1"));
+    lab.transfer(&client, &server, 7100, 64 * 1024)
+        .expect("transfer")
+        .verify("with access logs off", 64 * 1024)
+        .expect("bytes intact");
+    for n in [1, 2] {
+        assert!(
+            !log_of(&lab, n).contains("nodemesh::access"),
+            "n{n} wrote access lines with access_log off"
+        );
+        lab.update_config(n, |c| {
+            c.access_log = true;
+            c.log_format = nodemesh::config::LogFormat::Json;
+        })
+        .expect("config");
+        lab.restart_daemon(n).expect("restart");
+    }
+    // 256 KiB up, 1 MiB back: the line must tell the directions apart.
+    const UP: u64 = 256 * 1024;
+    let srv = traffic::serve(server.listen(7100).expect("listen"), 1, MIB);
+    let report = traffic::exchange(client.connect(server.addr(7100)).expect("connect"), UP)
+        .expect("exchange");
+    report
+        .verify("with access logs on", MIB)
+        .expect("reply intact");
+    let served = srv.join().expect("join").expect("server");
+    assert_eq!(served.len(), 1);
+    // Nothing listens on 9: L2's connect fails, L1 resets the client.
+    let mut s = client.connect(server.addr(9)).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
+    let _ = traffic::read_retrying(&mut s, &mut [0u8; 1]);
+
+    let server_addr = server.addr(7100).to_string();
+    for (node, reporter, failed_reason) in [
+        (1, "source", "connect_failed"),
+        (2, "destination", "connect_refused"),
+    ] {
+        let lines = wait_access_lines(&lab, node, 2);
+        assert_eq!(lines.len(), 2, "n{node}: {lines:#?}");
+        let ok = &lines[0];
+        let f = &ok["fields"];
+        assert_eq!(ok["level"], "INFO");
+        assert_eq!(f["reporter"], reporter, "{ok}");
+        assert_eq!(f["result"], "ok", "{ok}");
+        assert_eq!(f["route"], "tunnel");
+        assert_eq!(f["tls"], true);
+        assert_eq!(f["src_workload"], client.name.as_str());
+        assert_eq!(f["dst_workload"], server.name.as_str());
+        assert_eq!(f["bytes_src_to_dst"], UP, "{ok}");
+        // The reply and the server's hash trailer.
+        assert_eq!(
+            f["bytes_dst_to_src"],
+            MIB + traffic::HASH_LEN as u64,
+            "{ok}"
+        );
+        assert!(f["duration_ms"].as_f64().is_some_and(|d| d > 0.0), "{ok}");
+        let spans = ok["spans"].as_array().expect("spans");
+        assert!(
+            spans
+                .iter()
+                .any(|s| s["server.addr"] == server_addr.as_str()),
+            "n{node}: the line carries the connection's span: {ok}"
+        );
+        let failed = &lines[1]["fields"];
+        assert_eq!(failed["result"], "failed", "{}", lines[1]);
+        assert_eq!(failed["reason"], failed_reason, "{}", lines[1]);
+    }
 }

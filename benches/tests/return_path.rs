@@ -1,9 +1,11 @@
 //! The return path of `client_address`, against the kernel, for IPv4 and
 //! IPv6: in a scratch network namespace standing for a pod (an address of
 //! each family on a veth interface), the daemon's netns worker installs
-//! the rule, the route and `tcp_fwmark_accept`; a connection made there
-//! with `netns::connect_in` from a foreign client address reaches a server
-//! that sees that address, and the server's reply comes back. The mesh e2e
+//! the rule, the route and the sysctls (`tcp_fwmark_accept`,
+//! `fwmark_reflect`); a connection made there with `netns::connect_in` from
+//! a foreign client address reaches a server that sees that address, and
+//! the server's reply comes back; a connection to a closed port is refused
+//! at once (the kernel's RST comes back to the daemon's socket too). The mesh e2e
 //! test covers IPv4 through real daemons; the lab has no IPv6 pods, so this
 //! is where IPv6 is checked. Privileged: run as root.
 
@@ -11,7 +13,7 @@ use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
-use nodemesh::netns::{connect_in, Netns, NetnsWorker, Origin, SocketFactory, TCP_FWMARK_ACCEPT};
+use nodemesh::netns::{connect_in, return_path_sysctls, Netns, NetnsWorker, Origin, SocketFactory};
 use nodemesh::rtnl::ReturnPath;
 use nodemesh_lab::{lab, netns};
 
@@ -117,10 +119,12 @@ async fn replies_to_a_foreign_client_address_return_to_the_daemons_socket_ipv4_a
             .await
             .expect("install the return path"));
     }
-    worker
-        .set_sysctl(&ns, TCP_FWMARK_ACCEPT)
-        .await
-        .expect("tcp_fwmark_accept");
+    for sysctl in return_path_sysctls(&path) {
+        worker
+            .set_sysctl(&ns, sysctl)
+            .await
+            .unwrap_or_else(|e| panic!("{}: {e}", sysctl.name));
+    }
 
     for (family, flag) in [("IPv4", "-4"), ("IPv6", "-6")] {
         let rules = netns::ip(["-n", &pod.0, flag, "rule"])
@@ -148,5 +152,52 @@ async fn replies_to_a_foreign_client_address_return_to_the_daemons_socket_ipv4_a
         let (seen, reply) = exchange(&worker, &ns, &pod.0, client, server).await;
         assert_eq!(seen, client, "the server sees the client's address");
         assert_eq!(reply, b"pong", "the reply came back to the daemon's socket");
+    }
+}
+
+/// A connect from a client's address to a closed port in the pod is refused
+/// at once: the RST the pod's kernel answers the marked SYN with carries the
+/// mark (`fwmark_reflect`), so the return path brings it to the daemon's
+/// socket. Without it the RST left the pod towards the client's address and
+/// the connect ran into its timeout (here 10 s, so `TimedOut`).
+#[tokio::test]
+async fn a_connect_from_a_client_address_to_a_closed_port_is_refused_ipv4_and_ipv6() {
+    let pod = scratch_pod();
+    let ns = Netns::open(&netns::netns_path(&pod.0)).expect("open netns");
+    let worker = NetnsWorker::start().expect("worker");
+    let v4: IpAddr = "10.99.0.2".parse().expect("v4");
+    let v6: IpAddr = "fd99::2".parse().expect("v6");
+    let path = ReturnPath::for_ips(MARK, TABLE, PRIORITY, &[v4, v6]);
+    assert!(worker
+        .install_return_path(&ns, path)
+        .await
+        .expect("install the return path"));
+    for sysctl in return_path_sysctls(&path) {
+        worker
+            .set_sysctl(&ns, sysctl)
+            .await
+            .unwrap_or_else(|e| panic!("{}: {e}", sysctl.name));
+    }
+    for (server, client) in [
+        (v4, "10.99.7.7".parse().expect("v4 client")),
+        (v6, "fd99::77".parse().expect("v6 client")),
+    ] {
+        // A port nothing listens on: bound, then closed.
+        let closed = netns::tcp_listen(&pod.0, SocketAddr::new(server, 0))
+            .expect("listen")
+            .local_addr()
+            .expect("addr");
+        let origin = Origin::Client {
+            addr: client,
+            mark: MARK,
+        };
+        let err = connect_in(&worker, &ns, closed, origin, Duration::from_secs(10))
+            .await
+            .expect_err("nothing listens there");
+        assert_eq!(
+            err.kind(),
+            std::io::ErrorKind::ConnectionRefused,
+            "{closed} from {client}: {err}"
+        );
     }
 }

@@ -89,6 +89,10 @@ pub struct Config {
     pub worker_threads: usize,
     /// Admission limits of the shared proxy.
     pub limits: LimitsConfig,
+    /// Access logs: one line per proxied connection on each daemon that
+    /// handled it (target `nodemesh::access`, at INFO, in `log_format`).
+    /// Default false: a line is a write to stderr per connection.
+    pub access_log: bool,
 }
 
 /// Admission limits (`limits`): a connection over a limit is reset at once
@@ -338,6 +342,7 @@ impl Default for Config {
             tcp_relay: crate::relay_splice::TcpRelay::Splice,
             worker_threads: 1,
             limits: LimitsConfig::default(),
+            access_log: false,
         }
     }
 }

@@ -32,7 +32,7 @@ use crate::policy::{
     REASON_PLAINTEXT_REFUSED, REASON_POLICY_DENIED,
 };
 use crate::proxy::{Proxy, REASON_DRAINING};
-use crate::relay::{self, reset_tcp};
+use crate::relay::{self, reset_tcp, RelayStats};
 use crate::tunnel::header::{read_header, Status, StatusCode};
 use crate::tunnel::{reset_code, StreamGuard, Tunnel};
 
@@ -330,7 +330,8 @@ pub async fn handle_stream(
     )
     .await
     {
-        Some(res) => finish(&edge, started, res),
+        // The relay's first end is the pod here: its `a_to_b` is the reply.
+        Some(res) => finish(&edge, started, res.map(RelayStats::swapped)),
         None => closed_early(&pod, &edge, started),
     }
 }
@@ -344,7 +345,7 @@ fn closed_early(pod: &LocalPod, edge: &Edge, started: Instant) {
     } else {
         debug!("connection no longer allowed; both sides reset");
     }
-    edge.closed("reset", started.elapsed());
+    edge.closed("reset", started.elapsed(), None);
 }
 
 fn count_denied(edge: &Edge, reason: &'static str) {

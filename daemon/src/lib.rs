@@ -9,6 +9,7 @@
 //! A new daemon takes over from a running one without a refused connection
 //! ([`handover`], over `SO_REUSEPORT` groups steered by [`reuseport`]).
 
+pub mod access_log;
 pub mod admin;
 pub mod admin_client;
 pub mod app;

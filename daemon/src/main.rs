@@ -52,6 +52,7 @@ fn main() -> ExitCode {
             };
             init_tracing(&config.log_level, config.log_format);
             nodemesh::relay_splice::set_mode(config.tcp_relay);
+            nodemesh::access_log::set_enabled(config.access_log);
             let metrics = match nodemesh::metrics::install(Duration::from_secs(600)) {
                 Ok(h) => h,
                 Err(e) => {

@@ -134,6 +134,16 @@ pub enum Reporter {
     Destination,
 }
 
+impl Reporter {
+    /// Label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Source => "source",
+            Self::Destination => "destination",
+        }
+    }
+}
+
 /// How a connection was carried.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Route {
@@ -191,13 +201,7 @@ impl Edge {
     /// The label set.
     pub fn labels(&self) -> Vec<Label> {
         vec![
-            Label::new(
-                "reporter",
-                match self.reporter {
-                    Reporter::Source => "source",
-                    Reporter::Destination => "destination",
-                },
-            ),
+            Label::new("reporter", self.reporter.as_str()),
             Label::new("src_namespace", self.src_namespace.clone()),
             Label::new("src_workload", self.src_workload.clone()),
             Label::new("dst_namespace", self.dst_namespace.clone()),
@@ -234,8 +238,18 @@ impl Edge {
         }
     }
 
-    /// Counts the closing with its result (`ok`, `reset`, `error`) and duration.
-    pub fn closed(&self, result: &'static str, duration: Duration) {
+    /// Counts the closing with its result (`ok`, `reset`, `error`) and
+    /// duration, and writes its access log line (with `bytes` each way when
+    /// known).
+    pub fn closed(&self, result: &'static str, duration: Duration, bytes: Option<(u64, u64)>) {
+        crate::access_log::record(
+            self,
+            crate::access_log::Outcome::Closed {
+                result,
+                duration,
+                bytes,
+            },
+        );
         let labels = self.labels();
         metrics::histogram!(CONNECTION_DURATION, labels.iter()).record(duration.as_secs_f64());
         let mut l = labels;
@@ -243,8 +257,10 @@ impl Edge {
         metrics::counter!(CONNECTIONS_CLOSED, l.iter()).increment(1);
     }
 
-    /// Counts a connection that failed before relaying.
+    /// Counts a connection that failed before relaying, and writes its
+    /// access log line.
     pub fn failed(&self, reason: &'static str) {
+        crate::access_log::record(self, crate::access_log::Outcome::Failed { reason });
         let mut l = self.labels();
         l.push(Label::new("reason", reason));
         metrics::counter!(CONNECTIONS_FAILED, l.iter()).increment(1);

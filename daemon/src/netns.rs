@@ -178,6 +178,41 @@ pub const TCP_FWMARK_ACCEPT: NetSysctl = NetSysctl {
     value: "1",
 };
 
+/// `net.ipv4.fwmark_reflect = 1`: replies the kernel sends on no socket's
+/// behalf — above all the RST refusing a SYN to a closed port — carry the
+/// mark of the packet they answer. The daemon's SYN from a client's address
+/// carries the [`ReturnPath`] mark, so the refusal is routed back to the
+/// daemon's socket and the connect fails at once with `ECONNREFUSED`;
+/// without it the RST left the pod towards the client's address and the
+/// daemon's connect waited `connect_timeout_ms`. Unmarked packets get
+/// unmarked replies, as before. Set only where the return path is installed
+/// for IPv4.
+pub const FWMARK_REFLECT_V4: NetSysctl = NetSysctl {
+    name: "net.ipv4.fwmark_reflect",
+    value: "1",
+};
+
+/// [`FWMARK_REFLECT_V4`] for IPv6 (a separate sysctl), where the return
+/// path is installed for IPv6.
+pub const FWMARK_REFLECT_V6: NetSysctl = NetSysctl {
+    name: "net.ipv6.fwmark_reflect",
+    value: "1",
+};
+
+/// The sysctls the return path `path` needs besides its rule and route:
+/// [`TCP_FWMARK_ACCEPT`], and [`FWMARK_REFLECT_V4`] / [`FWMARK_REFLECT_V6`]
+/// for its families.
+pub fn return_path_sysctls(path: &crate::rtnl::ReturnPath) -> Vec<NetSysctl> {
+    let mut sysctls = vec![TCP_FWMARK_ACCEPT];
+    if path.v4 {
+        sysctls.push(FWMARK_REFLECT_V4);
+    }
+    if path.v6 {
+        sysctls.push(FWMARK_REFLECT_V6);
+    }
+    sysctls
+}
+
 /// Makes TCP sockets inside network namespaces, and sets their sysctls.
 pub trait SocketFactory: Send + Sync + fmt::Debug + 'static {
     /// A new non-blocking TCP socket of `addr`'s family inside `ns`.

@@ -127,7 +127,13 @@ async fn tunnel(
     let counters = edge.opened();
     counters.src_to_dst.increment(early);
     let started = Instant::now();
-    let res = relay::tcp_quic(tcp, send, recv, counters.src_to_dst, counters.dst_to_src).await;
+    let res = relay::tcp_quic(tcp, send, recv, counters.src_to_dst, counters.dst_to_src)
+        .await
+        .map(|mut stats| {
+            // The client's first bytes went out with the header.
+            stats.a_to_b += early;
+            stats
+        });
     finish(edge, started, res);
 }
 
@@ -356,11 +362,11 @@ pub fn finish(edge: &Edge, started: Instant, res: Result<RelayStats, RelayError>
                 bytes.dst_to_src = stats.b_to_a,
                 "connection closed"
             );
-            edge.closed("ok", started.elapsed());
+            edge.closed("ok", started.elapsed(), Some((stats.a_to_b, stats.b_to_a)));
         }
         Err(e) => {
             debug!(error = %e, "connection ended abnormally");
-            edge.closed("error", started.elapsed());
+            edge.closed("error", started.elapsed(), None);
         }
     }
 }

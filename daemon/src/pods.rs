@@ -27,7 +27,7 @@ use tracing::{debug, info, info_span, warn, Instrument};
 use crate::config::ClientAddressConfig;
 use crate::limits::{PodConns, Refusal};
 use crate::metrics as m;
-use crate::netns::{listen_in, NetSysctl, Netns, SocketFactory, TCP_FWMARK_ACCEPT};
+use crate::netns::{listen_in, return_path_sysctls, NetSysctl, Netns, SocketFactory};
 use crate::proxy::Proxy;
 use crate::relay::reset_tcp;
 use crate::rtnl::ReturnPath;
@@ -91,8 +91,8 @@ pub enum RegisterError {
     ShuttingDown,
 }
 
-/// Installs the return path and `tcp_fwmark_accept` in a pod's namespace;
-/// whether both hold. A failure is logged and counted, and the pod is
+/// Installs the return path, `tcp_fwmark_accept` and `fwmark_reflect` (per
+/// family of the path) in a pod's namespace; whether all hold. A failure is logged and counted, and the pod is
 /// meshed all the same, reached from its own address. A rule or route left
 /// by a half-way failure matches only the return path's mark, which the
 /// daemon then never sets in this pod: inert.
@@ -103,10 +103,16 @@ async fn install_return_path(
     pod: &str,
 ) -> bool {
     let res = match factory.install_return_path(netns, path).await {
-        Ok(true) => factory
-            .set_sysctl(netns, TCP_FWMARK_ACCEPT)
-            .await
-            .map(|_| true),
+        Ok(true) => {
+            let mut res = Ok(true);
+            for sysctl in return_path_sysctls(&path) {
+                if let Err(e) = factory.set_sysctl(netns, sysctl).await {
+                    res = Err(e);
+                    break;
+                }
+            }
+            res
+        }
         other => other,
     };
     match res {
@@ -691,7 +697,10 @@ mod tests {
         Counter, CounterFn, Gauge, Histogram, Key, KeyName, Metadata, Recorder, SharedString, Unit,
     };
 
-    use crate::netns::{CurrentNetns, SocketFuture, SysctlFuture};
+    use crate::netns::{
+        CurrentNetns, SocketFuture, SysctlFuture, FWMARK_REFLECT_V4, FWMARK_REFLECT_V6,
+        TCP_FWMARK_ACCEPT,
+    };
 
     /// Answers the return path and the sysctl as told, counting the calls.
     #[derive(Debug)]
@@ -706,7 +715,10 @@ mod tests {
             Box::pin(std::future::ready(Err(io::Error::other("no sockets here"))))
         }
         fn set_sysctl(&self, _ns: &Netns, sysctl: NetSysctl) -> SysctlFuture {
-            assert_eq!(sysctl, TCP_FWMARK_ACCEPT);
+            assert!(
+                [TCP_FWMARK_ACCEPT, FWMARK_REFLECT_V4, FWMARK_REFLECT_V6].contains(&sysctl),
+                "{sysctl:?}"
+            );
             self.sysctls.fetch_add(1, Ordering::SeqCst);
             Box::pin(std::future::ready((self.sysctl)()))
         }
@@ -769,7 +781,7 @@ mod tests {
     }
 
     #[test]
-    fn return_path_holds_only_with_both_the_rule_and_the_sysctl() {
+    fn return_path_holds_only_with_the_rule_and_every_sysctl() {
         let scripted = |path, sysctl| Scripted {
             path,
             sysctl,
@@ -777,7 +789,8 @@ mod tests {
         };
         let ok = scripted(|| Ok(true), || Ok(false));
         assert_eq!(install_with(&ok), (true, 0));
-        assert_eq!(ok.sysctls.load(Ordering::SeqCst), 1);
+        // tcp_fwmark_accept, and fwmark_reflect for the path's one family.
+        assert_eq!(ok.sysctls.load(Ordering::SeqCst), 2);
 
         // The rule fails: no sysctl, counted, the pod is reached from its own address.
         let no_rule = scripted(|| Err(io::Error::other("EPERM")), || Ok(true));

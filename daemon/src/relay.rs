@@ -61,6 +61,17 @@ pub struct RelayStats {
     pub b_to_a: u64,
 }
 
+impl RelayStats {
+    /// The same counts seen from the other end (`a_to_b` and `b_to_a`
+    /// exchanged): at L2 the relay's first end is the destination pod.
+    pub fn swapped(self) -> Self {
+        Self {
+            a_to_b: self.b_to_a,
+            b_to_a: self.a_to_b,
+        }
+    }
+}
+
 /// An end of a relay: in [`tcp_quic`] `A` is the TCP connection and `B` the
 /// QUIC stream; in [`tcp_tcp`] `A` is the first argument and `B` the second.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

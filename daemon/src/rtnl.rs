@@ -10,11 +10,15 @@
 //! with `IP_TRANSPARENT` to the client's address and marked with
 //! [`ReturnPath::mark`]. The pod's kernel sends the server's replies to that
 //! address, which is not the pod's: by its main table they would leave the
-//! pod. Three things, all inside the pod's namespace, bring them back:
+//! pod. Four things, all inside the pod's namespace, bring them back:
 //!
 //! - `net.ipv4.tcp_fwmark_accept = 1` (set by the netns worker like any pod
 //!   sysctl; it covers IPv6 too): a connection accepted from a marked SYN
 //!   sends everything with that mark. Only the daemon's SYNs carry one.
+//! - `net.ipv4.fwmark_reflect = 1` (and `net.ipv6.fwmark_reflect` for IPv6):
+//!   what the kernel answers on no socket's behalf — the RST refusing a SYN
+//!   to a closed port — carries the mark too, so a refused connect fails at
+//!   once instead of timing out;
 //! - a rule `fwmark <mark> lookup <table>` at [`ReturnPath::priority`], per
 //!   address family of the pod;
 //! - in that table, `local default dev lo`: every marked packet is delivered
