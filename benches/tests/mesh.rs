@@ -1464,3 +1464,63 @@ fn access_logs_write_one_json_line_per_connection_on_each_daemon_when_enabled() 
         assert_eq!(failed["reason"], failed_reason, "{}", lines[1]);
     }
 }
+
+/// `nodemesh log-level`, run on the node as an operator would (in the
+/// daemon's network namespace), shows the daemon's log filter and changes it
+/// at once; a filter that does not parse is refused and the old one stays;
+/// from a pod the change is refused (403), even through the mesh.
+#[test]
+fn the_log_filter_changes_at_run_time_from_the_node_only() {
+    let lab = mesh_lab(2, 1);
+    let bin = lab
+        .nodemesh_bin()
+        .expect("meshed lab")
+        .to_string_lossy()
+        .into_owned();
+    let node = lab.node(1).expect("n1").clone();
+    let admin = format!("{}:15020", node.address);
+    let cli = |netns: &str, args: &[&str]| {
+        let mut all = vec!["log-level", "--admin", &admin];
+        all.extend_from_slice(args);
+        netns::exec_in(netns, &bin, all)
+    };
+    let text = |o: nodemesh_lab::exec::Output| String::from_utf8_lossy(&o.stdout).into_owned();
+    assert_eq!(text(cli(&node.netns, &[]).expect("show")), "info\n");
+    assert_eq!(
+        text(cli(&node.netns, &["info,nodemesh=debug"]).expect("set")),
+        "log filter: info,nodemesh=debug (was: info)\n"
+    );
+    assert_eq!(
+        text(cli(&node.netns, &[]).expect("show")),
+        "info,nodemesh=debug\n"
+    );
+    // In force at once: a connection's close is logged at debug now.
+    let (client, server) = (lab.pod(1, 1).expect("n1-p1"), lab.pod(2, 1).expect("n2-p1"));
+    lab.transfer(&client, &server, 7200, 1024)
+        .expect("transfer")
+        .verify("after the change", 1024)
+        .expect("bytes intact");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !log_of(&lab, 1).contains("connection closed") {
+        assert!(
+            Instant::now() < deadline,
+            "no debug line:\n{}",
+            log_of(&lab, 1)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // A bad filter is refused, naming the problem; the old one stays.
+    match cli(&node.netns, &["info,=x="]) {
+        Err(e) => assert!(e.to_string().contains("is not valid"), "{e}"),
+        Ok(o) => panic!("accepted: {}", text(o)),
+    }
+    // From a pod (captured, then passed through from the pod's address).
+    match cli(&client.netns, &["trace"]) {
+        Err(e) => assert!(e.to_string().contains("403"), "{e}"),
+        Ok(o) => panic!("a pod changed the filter: {}", text(o)),
+    }
+    assert_eq!(
+        text(cli(&node.netns, &[]).expect("show")),
+        "info,nodemesh=debug\n"
+    );
+}

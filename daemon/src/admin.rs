@@ -177,10 +177,18 @@ pub async fn serve(
 }
 
 fn serve_connection(stream: tokio::net::TcpStream, peer: SocketAddr, state: AdminState) {
+    let from_node = from_this_node(peer, stream.local_addr().ok());
     tokio::spawn(async move {
-        let svc = service_fn(move |req| {
+        let svc = service_fn(move |req: Request<hyper::body::Incoming>| {
             let state = state.clone();
-            async move { Ok::<_, std::convert::Infallible>(route(&state, req)) }
+            async move {
+                let resp = if req.method() == Method::POST && req.uri().path() == "/log_level" {
+                    set_log_level(req, from_node).await
+                } else {
+                    route(&state, req)
+                };
+                Ok::<_, std::convert::Infallible>(resp)
+            }
         });
         if let Err(e) = http1::Builder::new()
             .serve_connection(TokioIo::new(stream), svc)
@@ -189,6 +197,58 @@ fn serve_connection(stream: tokio::net::TcpStream, peer: SocketAddr, state: Admi
             debug!(%peer, error = %e, "admin connection error");
         }
     });
+}
+
+/// Whether a client at `peer` runs on this node: loopback, or the address
+/// it connected to (with `hostNetwork`, the node's own address). Pods, even
+/// on this node, connect from their own addresses.
+fn from_this_node(peer: SocketAddr, local: Option<SocketAddr>) -> bool {
+    peer.ip().is_loopback() || local.is_some_and(|l| l.ip() == peer.ip())
+}
+
+/// `POST /log_level`: the body is the new log filter (`log_control`).
+/// Accepted only from the node itself ([`from_this_node`]): the admin port
+/// is reachable from the pod network, and a `trace` filter is a flood.
+async fn set_log_level<B>(req: Request<B>, from_node: bool) -> Response<Full<Bytes>>
+where
+    B: hyper::body::Body,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    use http_body_util::BodyExt;
+    const PLAIN: &str = "text/plain; charset=utf-8";
+    if !from_node {
+        return text(
+            StatusCode::FORBIDDEN,
+            "the log filter is changed only from the node itself (loopback or the node's own \
+             address): kubectl exec into the daemon's pod and run `nodemesh log-level <filter>`\n",
+            PLAIN,
+        );
+    }
+    let limited = http_body_util::Limited::new(req.into_body(), crate::log_control::MAX_FILTER_LEN);
+    let body = match limited.collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(e) => {
+            return text(
+                StatusCode::BAD_REQUEST,
+                format!(
+                    "cannot read the filter (at most {} bytes): {e}\n",
+                    crate::log_control::MAX_FILTER_LEN
+                ),
+                PLAIN,
+            )
+        }
+    };
+    let Ok(filter) = std::str::from_utf8(&body) else {
+        return text(StatusCode::BAD_REQUEST, "the filter is not UTF-8\n", PLAIN);
+    };
+    match crate::log_control::set(filter) {
+        Ok(previous) => text(
+            StatusCode::OK,
+            format!("log filter: {} (was: {previous})\n", filter.trim()),
+            PLAIN,
+        ),
+        Err(e) => text(StatusCode::BAD_REQUEST, format!("{e}\n"), PLAIN),
+    }
 }
 
 fn text(
@@ -208,7 +268,11 @@ fn text(
 fn route<B>(state: &AdminState, req: Request<B>) -> Response<Full<Bytes>> {
     const PLAIN: &str = "text/plain; charset=utf-8";
     if req.method() != Method::GET {
-        return text(StatusCode::METHOD_NOT_ALLOWED, "only GET\n", PLAIN);
+        return text(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "only GET, and POST /log_level\n",
+            PLAIN,
+        );
     }
     match req.uri().path() {
         "/metrics" => {
@@ -237,9 +301,20 @@ fn route<B>(state: &AdminState, req: Request<B>) -> Response<Full<Bytes>> {
             config_dump(&state.registry, &state.tunnels, &state.handover),
             "application/json",
         ),
+        "/debug/tunnels" => text(
+            StatusCode::OK,
+            tunnels_json(&state.tunnels.snapshot()).to_string(),
+            "application/json",
+        ),
+        "/log_level" => text(
+            StatusCode::OK,
+            crate::log_control::current().unwrap_or_default() + "\n",
+            PLAIN,
+        ),
         _ => text(
             StatusCode::NOT_FOUND,
-            "not found; endpoints: /metrics /healthz /ready /config_dump\n",
+            "not found; endpoints: /metrics /healthz /ready /config_dump /debug/tunnels \
+             /log_level (GET; POST from the node to change it)\n",
             PLAIN,
         ),
     }
@@ -310,6 +385,33 @@ pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_the_node_itself_may_change_the_log_filter() {
+        let node: SocketAddr = "10.77.0.1:15020".parse().expect("addr");
+        let at = |peer: &str| from_this_node(peer.parse().expect("addr"), Some(node));
+        assert!(at("127.0.0.1:40000"));
+        assert!(at("[::1]:40000"));
+        assert!(at("10.77.0.1:40000"), "the node's own address");
+        assert!(!at("10.78.1.2:40000"), "a pod");
+        assert!(!at("10.77.0.2:40000"), "another node");
+        assert!(!from_this_node("10.77.0.1:1".parse().expect("addr"), None));
+    }
+
+    #[tokio::test]
+    async fn a_log_level_post_from_elsewhere_is_forbidden_and_a_bad_filter_refused() {
+        let req = |body: &'static str| {
+            Request::post("/log_level")
+                .body(Full::new(Bytes::from_static(body.as_bytes())))
+                .expect("request")
+        };
+        let r = set_log_level(req("debug"), false).await;
+        assert_eq!(r.status(), StatusCode::FORBIDDEN);
+        let r = set_log_level(req("info,=x="), true).await;
+        assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+        let r = set_log_level(req(&*"a".repeat(2000).leak()), true).await;
+        assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+    }
 
     #[test]
     fn readiness_lists_what_is_missing() {

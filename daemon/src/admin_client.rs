@@ -1,6 +1,6 @@
-//! A minimal blocking HTTP/1.1 GET for the daemon's admin endpoints
-//! (`/metrics`, `/ready`, `/config_dump`): what `nodemesh stat` / `top` and
-//! the lab's tests read daemons with. Owns the request, the response parser
+//! A minimal blocking HTTP/1.1 client for the daemon's admin endpoints
+//! (GET `/metrics`, `/ready`, `/config_dump`; POST `/log_level`): what
+//! `nodemesh stat` / `top` / `log-level` and the lab's tests use. Owns the request, the response parser
 //! (content-length, chunked, or to EOF) and the size bound; no HTTP crate on
 //! the client side.
 
@@ -29,16 +29,46 @@ pub fn get(addr: SocketAddr, path: &str, timeout: Duration) -> Result<Response, 
 
 /// `GET path` over an already connected `stream` to `addr`.
 pub fn get_over(
-    mut stream: TcpStream,
+    stream: TcpStream,
     addr: SocketAddr,
     path: &str,
+    timeout: Duration,
+) -> Result<Response, String> {
+    request_over(stream, addr, "GET", path, None, timeout)
+}
+
+/// `POST path` with `body` (text) on `addr` within `timeout` per step.
+pub fn post(
+    addr: SocketAddr,
+    path: &str,
+    body: &str,
+    timeout: Duration,
+) -> Result<Response, String> {
+    let stream = TcpStream::connect_timeout(&addr, timeout).map_err(|e| format!("connect: {e}"))?;
+    request_over(stream, addr, "POST", path, Some(body), timeout)
+}
+
+fn request_over(
+    mut stream: TcpStream,
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
     timeout: Duration,
 ) -> Result<Response, String> {
     stream
         .set_read_timeout(Some(timeout))
         .and_then(|()| stream.set_write_timeout(Some(timeout)))
         .map_err(|e| e.to_string())?;
-    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    let mut request = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    if let Some(b) = body {
+        request.push_str(&format!(
+            "Content-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\n\r\n{b}",
+            b.len()
+        ));
+    } else {
+        request.push_str("\r\n");
+    }
     stream
         .write_all(request.as_bytes())
         .map_err(|e| format!("write: {e}"))?;

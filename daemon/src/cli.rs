@@ -50,6 +50,7 @@ pub enum Command {
     ///   nodemesh certs node node-1 --dir /etc/nodemesh/tls
     #[command(subcommand)]
     Certs(CertsCommand),
+    #[command(verbatim_doc_comment)]
     /// Golden signals per workload edge, from the metrics of one or many
     /// daemons, over one window.
     ///
@@ -65,11 +66,38 @@ pub enum Command {
     /// Example, the daemons of two nodes:
     ///   nodemesh stat --admin 10.0.0.1:15020 --admin 10.0.0.2:15020
     Stat(StatArgs),
+    #[command(verbatim_doc_comment)]
     /// The same as stat, again every --interval until interrupted (Ctrl-C).
     ///
     /// Example:
     ///   nodemesh top --admin 127.0.0.1:15020 --interval 2
     Top(StatArgs),
+    #[command(verbatim_doc_comment)]
+    /// Show or change a running daemon's log filter, without a restart.
+    ///
+    /// Without FILTER, prints the filter in force. With it, the daemon
+    /// applies it at once (a filter that does not parse is refused, the old
+    /// one stays) and prints the new and the previous one. The daemon takes
+    /// a change only from its own node (loopback or the node's address), so
+    /// run it in the daemon's pod; the next restart goes back to
+    /// `log_level`.
+    ///
+    /// Examples:
+    ///   kubectl exec -n nodemesh-system ds/nodemesh -c nodemesh -- nodemesh log-level
+    ///   nodemesh log-level info,nodemesh::inbound=debug
+    ///   nodemesh log-level info
+    LogLevel(LogLevelArgs),
+}
+
+/// `nodemesh log-level` arguments.
+#[derive(Debug, Args)]
+pub struct LogLevelArgs {
+    /// The new filter (tracing `EnvFilter` syntax, as `log_level`); omit to
+    /// print the one in force.
+    pub filter: Option<String>,
+    /// Admin address of the daemon.
+    #[arg(long = "admin", value_name = "ADDR", default_value = "127.0.0.1:15020")]
+    pub admin: SocketAddr,
 }
 
 /// `nodemesh stat` / `top` flags.

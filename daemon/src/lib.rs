@@ -22,6 +22,7 @@ pub mod handover;
 pub mod identity;
 pub mod inbound;
 pub mod limits;
+pub mod log_control;
 pub mod metrics;
 pub mod netns;
 pub mod outbound;

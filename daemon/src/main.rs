@@ -5,7 +5,6 @@ use std::time::Duration;
 
 use clap::Parser;
 use nodemesh::cli::{Cli, Command};
-use nodemesh::config::LogFormat;
 
 /// Exit status for a configuration error (sysexits EX_CONFIG is 78; the
 /// project uses EX_USAGE, 64, for any bad setting or flag).
@@ -40,6 +39,7 @@ fn main() -> ExitCode {
         },
         Command::Stat(args) => stat(&args, false),
         Command::Top(args) => stat(&args, true),
+        Command::LogLevel(args) => log_level(&args),
         Command::Run(args) => {
             limit_malloc_arenas();
             // Configuration is parsed and validated before any runtime starts.
@@ -50,7 +50,7 @@ fn main() -> ExitCode {
                     return ExitCode::from(EXIT_CONFIG);
                 }
             };
-            init_tracing(&config.log_level, config.log_format);
+            nodemesh::log_control::init(&config.log_level, config.log_format);
             nodemesh::relay_splice::set_mode(config.tcp_relay);
             nodemesh::access_log::set_enabled(config.access_log);
             let metrics = match nodemesh::metrics::install(Duration::from_secs(600)) {
@@ -96,17 +96,32 @@ fn stat(args: &nodemesh::cli::StatArgs, repeat: bool) -> ExitCode {
     }
 }
 
-fn init_tracing(filter: &str, format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_new(filter)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    // Colours only on a terminal: log files and `kubectl logs` get plain text.
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(ansi);
-    match format {
-        LogFormat::Json => builder.json().init(),
-        LogFormat::Text => builder.init(),
+/// `nodemesh log-level`: `GET` or `POST /log_level` on the daemon's admin port.
+fn log_level(args: &nodemesh::cli::LogLevelArgs) -> ExitCode {
+    use nodemesh::admin_client;
+    let timeout = Duration::from_secs(5);
+    let res = match &args.filter {
+        None => admin_client::get(args.admin, "/log_level", timeout),
+        Some(f) => admin_client::post(args.admin, "/log_level", f, timeout),
+    };
+    match res {
+        Ok(r) if r.status == 200 => {
+            print!("{}", r.body);
+            ExitCode::SUCCESS
+        }
+        Ok(r) => {
+            eprint!(
+                "nodemesh: the daemon at {} answered {}: {}",
+                args.admin, r.status, r.body
+            );
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!(
+                "nodemesh: cannot reach the daemon's admin port {}: {e}",
+                args.admin
+            );
+            ExitCode::FAILURE
+        }
     }
 }
