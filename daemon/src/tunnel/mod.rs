@@ -19,6 +19,14 @@
 //! streams ([`StreamGuard`]) are done and what it sent on them is
 //! acknowledged; counted in `nodemesh_tunnel_duplicates_closed_total`.
 //!
+//! A peer whose dial failed is not dialled again at that address before a
+//! back-off (1 s, doubling to 30 s while dials keep failing; `pool::Redial`):
+//! meanwhile [`Tunnels::connection`] fails at once with
+//! [`TunnelError::BackingOff`], and callers queued on the per-peer lock
+//! behind the failing dial fail with it instead of dialling in turn (each
+//! would wait for the handshake timeout). A dial that succeeds, or a
+//! connection the peer dials, ends the back-off.
+//!
 //! A pooled connection is used whatever address discovery gives for its peer
 //! now: it is authenticated to the node, not to an address. The address is
 //! only where to dial; a peer that moved is dialled at its new address once
@@ -72,8 +80,8 @@ use crate::identity::{is_shared, peer_node};
 use crate::metrics as m;
 pub use path_stats::{PathInfo, Totals};
 pub use pool::{
-    Direction, Lease, PoolStats, StreamGuard, Tunnel, TunnelInfo, ACK_WAIT, DUPLICATE_CLOSE_CODE,
-    DUPLICATE_CLOSE_REASON,
+    BackingOff, Direction, Lease, PoolStats, StreamGuard, Tunnel, TunnelInfo, ACK_WAIT,
+    DUPLICATE_CLOSE_CODE, DUPLICATE_CLOSE_REASON, REDIAL_BASE, REDIAL_MAX,
 };
 use pool::{Entry, PeerPool};
 
@@ -151,6 +159,22 @@ pub enum TunnelError {
         peer: String,
         /// Its address.
         addr: SocketAddr,
+    },
+    /// Dials of the peer failed lately: it is not dialled again yet
+    /// (`pool::Redial`), so connections to it fail at once instead of each
+    /// waiting for a handshake that is likely to fail too.
+    #[error(
+        "peer {peer} at {addr} is not dialled again for {:?} after {} failed dial(s) in a row \
+         (last: {})",
+        .backing_off.retry_in, .backing_off.failures, .backing_off.last_error
+    )]
+    BackingOff {
+        /// Peer node.
+        peer: String,
+        /// Its address.
+        addr: SocketAddr,
+        /// The back-off in force.
+        backing_off: BackingOff,
     },
     /// An incoming handshake failed (including certificate refusal).
     #[error("handshake from {remote} failed: {source}")]
@@ -416,6 +440,7 @@ impl Tunnels {
                     conns: Mutex::new(Vec::new()),
                     duplicates_closed: AtomicU64::new(0),
                     gauged: [AtomicBool::new(false), AtomicBool::new(false)],
+                    redial: Mutex::default(),
                 })
             })
             .clone()
@@ -441,7 +466,27 @@ impl Tunnels {
                 return Ok(lease);
             }
         }
-        let conn = self.dial(peer, addr).await?;
+        // After failed dials, wait before the next (connections queued on
+        // the lock behind a failed dial fail here at once, too).
+        if let Some(backing_off) = pool.redial().at(tokio::time::Instant::now(), addr) {
+            return Err(TunnelError::BackingOff {
+                peer: peer.to_owned(),
+                addr,
+                backing_off,
+            });
+        }
+        let conn = match self.dial(peer, addr).await {
+            Ok(c) => c,
+            Err(e) => {
+                // The wait runs from the failure, not from the dial's start.
+                let wait = pool
+                    .redial()
+                    .failed(tokio::time::Instant::now(), addr, e.to_string());
+                debug!(peer, %addr, ?wait, "dial failed; not dialled again before the wait");
+                return Err(e);
+            }
+        };
+        pool.redial().reset();
         let tunnel = self.register(&pool, conn, Direction::Dialled);
         // The inbound path serves the peer's streams on it; gone only at shutdown.
         let _ = self.dialled_tx.send(tunnel);
@@ -590,6 +635,8 @@ impl Tunnels {
         self.accepted_count.fetch_add(1, Ordering::Relaxed);
         info!(peer, remote.addr = %remote, shared = is_shared(&conn), "tunnel accepted");
         let pool = self.pool(&peer);
+        // The peer is reachable: dial it again at once when needed.
+        pool.redial().reset();
         Ok(self.register(&pool, conn, Direction::Accepted))
     }
 
@@ -1131,6 +1178,104 @@ mod tests {
     }
 
     const BOUND: Duration = Duration::from_secs(20);
+
+    // Paused time: a dial of a silent peer takes exactly the handshake
+    // timeout, and "at once" means no time passes.
+    #[tokio::test(start_paused = true)]
+    async fn a_peer_whose_dials_fail_is_not_dialled_again_before_its_back_off() {
+        let ca = generate_ca(TD, 30).expect("ca");
+        let n1 = node(&ca, "n1");
+        // A UDP socket that never answers: every handshake times out.
+        let silent = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+        let dead = silent.local_addr().expect("addr");
+        let timeout = Duration::from_millis(TunnelConfig::default().handshake_timeout_ms);
+        let attempt = || async {
+            let start = tokio::time::Instant::now();
+            let err = n1
+                .tunnels
+                .connection("n2", dead)
+                .await
+                .map(|_| ())
+                .expect_err("nothing answers");
+            (err, start.elapsed())
+        };
+        // 1. Concurrent first uses: one dial; the others, queued behind
+        //    it, fail when it does instead of each dialling in turn.
+        let (a, b, c) = tokio::join!(attempt(), attempt(), attempt());
+        let mut timed_out = 0;
+        for (err, took) in [a, b, c] {
+            assert!(
+                took <= timeout + Duration::from_millis(50),
+                "{took:?}: {err}"
+            );
+            match err {
+                TunnelError::HandshakeTimeout { .. } => timed_out += 1,
+                TunnelError::BackingOff {
+                    ref backing_off, ..
+                } => {
+                    assert_eq!(backing_off.failures, 1);
+                    assert!(backing_off.last_error.contains("timed out"), "{err}");
+                }
+                other => panic!("{other}"),
+            }
+        }
+        assert_eq!(timed_out, 1, "one dial for three connections");
+        // 2. Within the first back-off (1 s): refused at once, saying why.
+        let (err, took) = attempt().await;
+        assert_eq!(took, Duration::ZERO);
+        let text = err.to_string();
+        assert!(
+            matches!(err, TunnelError::BackingOff { .. })
+                && text.contains("n2")
+                && text.contains("1 failed dial"),
+            "{text}"
+        );
+        // 3. After it, dialled again; that failure doubles the wait (2 s).
+        tokio::time::advance(REDIAL_BASE).await;
+        let (err, took) = attempt().await;
+        assert!(matches!(err, TunnelError::HandshakeTimeout { .. }), "{err}");
+        assert!(took >= timeout, "{took:?}");
+        tokio::time::advance(Duration::from_millis(1_500)).await;
+        let (err, _) = attempt().await;
+        match err {
+            TunnelError::BackingOff { backing_off, .. } => {
+                assert_eq!(backing_off.failures, 2);
+                assert_eq!(backing_off.retry_in, Duration::from_millis(500));
+            }
+            other => panic!("{other}"),
+        }
+        tokio::time::advance(Duration::from_millis(500)).await;
+        let (err, _) = attempt().await;
+        assert!(matches!(err, TunnelError::HandshakeTimeout { .. }), "{err}");
+        drop(silent);
+    }
+
+    #[test]
+    fn the_redial_back_off_doubles_up_to_its_ceiling_and_resets() {
+        let mut r = pool::Redial::default();
+        let t0 = tokio::time::Instant::now();
+        let (a, b): (SocketAddr, SocketAddr) = (
+            "10.77.0.2:15008".parse().expect("a"),
+            "10.77.0.9:15008".parse().expect("b"),
+        );
+        let waits: Vec<Duration> = (0..8).map(|_| r.failed(t0, a, "x".into())).collect();
+        assert_eq!(
+            waits,
+            [1, 2, 4, 8, 16, 30, 30, 30]
+                .map(Duration::from_secs)
+                .to_vec()
+        );
+        assert!(r.at(t0, a).is_some());
+        assert!(
+            r.at(t0, b).is_none(),
+            "a peer that moved is dialled at once"
+        );
+        assert!(r.at(t0 + REDIAL_MAX, a).is_none());
+        assert_eq!(r.failed(t0, b, "z".into()), REDIAL_BASE, "counted afresh");
+        r.reset();
+        assert!(r.at(t0, b).is_none());
+        assert_eq!(r.failed(t0, a, "y".into()), REDIAL_BASE);
+    }
 
     // Paused time: "at once" means before any timer could fire.
     #[tokio::test(start_paused = true)]

@@ -11,6 +11,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use quinn::{Connection, ConnectionError, RecvStream, SendStream, VarInt};
+use tokio::time::Instant;
 use tracing::info;
 
 use super::path_stats::{Exported, PathInfo};
@@ -102,11 +103,79 @@ pub(super) struct PeerPool {
     /// The path gauges of each direction (dialled, accepted) have been set:
     /// they are set to 0, not left stale, once its connections are gone.
     pub(super) gauged: [AtomicBool; 2],
+    /// Failed dials in a row, and until when the peer is not dialled again.
+    pub(super) redial: Mutex<Redial>,
+}
+
+/// First wait before dialling a peer again after a failed dial.
+pub const REDIAL_BASE: Duration = Duration::from_secs(1);
+/// Longest wait between dials of a peer that keeps failing.
+pub const REDIAL_MAX: Duration = Duration::from_secs(30);
+
+/// The redial back-off of one peer: after `n` failed dials in a row, none
+/// for [`REDIAL_BASE`] × 2^(n-1), at most [`REDIAL_MAX`]; a dial that
+/// succeeds (or a connection the peer dials) ends it, and it holds only for
+/// the address that failed (a peer that moved is dialled at its new one).
+#[derive(Debug, Default)]
+pub(super) struct Redial {
+    failures: u32,
+    until: Option<Instant>,
+    addr: Option<SocketAddr>,
+    last_error: String,
+}
+
+/// A peer not dialled now: how long until it is, after how many failures,
+/// and why the last one failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackingOff {
+    /// Time left.
+    pub retry_in: Duration,
+    /// Failed dials in a row.
+    pub failures: u32,
+    /// The last dial's error.
+    pub last_error: String,
+}
+
+impl Redial {
+    /// The back-off in force at `now` for dialling `addr`, if any.
+    pub(super) fn at(&self, now: Instant, addr: SocketAddr) -> Option<BackingOff> {
+        let until = self.until?;
+        (until > now && self.addr == Some(addr)).then(|| BackingOff {
+            retry_in: until - now,
+            failures: self.failures,
+            last_error: self.last_error.clone(),
+        })
+    }
+
+    /// A dial of `addr` failed at `now` with `error`: the next waits longer
+    /// (a first failure if the last was at another address).
+    pub(super) fn failed(&mut self, now: Instant, addr: SocketAddr, error: String) -> Duration {
+        if self.addr != Some(addr) {
+            self.failures = 0;
+        }
+        self.addr = Some(addr);
+        self.failures = self.failures.saturating_add(1);
+        let wait = REDIAL_BASE
+            .saturating_mul(1u32 << (self.failures - 1).min(16))
+            .min(REDIAL_MAX);
+        self.until = Some(now + wait);
+        self.last_error = error;
+        wait
+    }
+
+    /// A connection to the peer is up: no back-off.
+    pub(super) fn reset(&mut self) {
+        *self = Self::default();
+    }
 }
 
 impl PeerPool {
     pub(super) fn lock(&self) -> MutexGuard<'_, Vec<Arc<Entry>>> {
         self.conns.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub(super) fn redial(&self) -> MutexGuard<'_, Redial> {
+        self.redial.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Whether `e` is in the preferred class: dialled by the lower-named node.
