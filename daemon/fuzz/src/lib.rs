@@ -24,6 +24,7 @@ pub const TARGETS: &[(&str, Check)] = &[
     ("discovery_file", discovery_file),
     ("config_file", config_file),
     ("tls_files", tls_files),
+    ("split_annotations", split_annotations),
 ];
 
 /// The stream header and status decoders (docs/protocol.md): whatever
@@ -152,4 +153,33 @@ pub fn tls_files(data: &[u8]) {
         assert!(!creds.chain.is_empty());
     }
     let _ = nodemesh::identity::bundle_cas(&files.bundle);
+}
+
+/// A Service's traffic-split annotations (`nodemesh.io/split-label`, then
+/// after the first newline `nodemesh.io/split-weights`; no newline: the
+/// label alone): parsing never panics, an accepted split is valid, and
+/// written back in the annotation's syntax it parses to the same split.
+pub fn split_annotations(data: &[u8]) {
+    use nodemesh::discovery::split_annotations::parse_split;
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    let (label, weights) = match text.split_once('\n') {
+        Some((l, w)) => (Some(l), Some(w)),
+        None => (Some(text), None),
+    };
+    if let Ok(Some(split)) = parse_split(label, weights) {
+        split
+            .check()
+            .unwrap_or_else(|e| panic!("an accepted split is valid: {e}"));
+        let written = split
+            .weights
+            .iter()
+            .map(|(v, w)| format!("{v}={w}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let again = parse_split(Some(&split.label), Some(&written))
+            .unwrap_or_else(|e| panic!("a written split parses back: {e}: {written}"));
+        assert_eq!(again, Some(split));
+    }
 }
