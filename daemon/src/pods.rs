@@ -92,8 +92,9 @@ pub enum RegisterError {
 }
 
 /// Installs the return path, `tcp_fwmark_accept` and `fwmark_reflect` (per
-/// family of the path) in a pod's namespace; whether all hold. A failure is logged and counted, and the pod is
-/// meshed all the same, reached from its own address. A rule or route left
+/// family of the path) in a pod's namespace; whether all hold. A failure is
+/// logged and counted, and the pod is meshed all the same, reached from its
+/// own address. A rule or route left
 /// by a half-way failure matches only the return path's mark, which the
 /// daemon then never sets in this pod: inert.
 async fn install_return_path(
