@@ -57,6 +57,21 @@ fn scratch_pod() -> Scratch {
     ns
 }
 
+/// Installs `path` in `ns` as the daemon does at registration: the rule
+/// and route, then the sysctls it needs (`netns::return_path_sysctls`).
+async fn install(worker: &NetnsWorker, ns: &Netns, path: ReturnPath) {
+    assert!(worker
+        .install_return_path(ns, path)
+        .await
+        .expect("install the return path"));
+    for sysctl in return_path_sysctls(&path) {
+        worker
+            .set_sysctl(ns, sysctl)
+            .await
+            .unwrap_or_else(|e| panic!("{}: {e}", sysctl.name));
+    }
+}
+
 /// Connects from `client` to a server on `server` (any port) inside `ns`
 /// as L2 does, sends a request, and returns the peer the server saw and the
 /// reply that came back.
@@ -114,16 +129,7 @@ async fn replies_to_a_foreign_client_address_return_to_the_daemons_socket_ipv4_a
     );
     // Twice: installing is idempotent (one rule per family, not two).
     for _ in 0..2 {
-        assert!(worker
-            .install_return_path(&ns, path)
-            .await
-            .expect("install the return path"));
-    }
-    for sysctl in return_path_sysctls(&path) {
-        worker
-            .set_sysctl(&ns, sysctl)
-            .await
-            .unwrap_or_else(|e| panic!("{}: {e}", sysctl.name));
+        install(&worker, &ns, path).await;
     }
 
     for (family, flag) in [("IPv4", "-4"), ("IPv6", "-6")] {
@@ -168,16 +174,7 @@ async fn a_connect_from_a_client_address_to_a_closed_port_is_refused_ipv4_and_ip
     let v4: IpAddr = "10.99.0.2".parse().expect("v4");
     let v6: IpAddr = "fd99::2".parse().expect("v6");
     let path = ReturnPath::for_ips(MARK, TABLE, PRIORITY, &[v4, v6]);
-    assert!(worker
-        .install_return_path(&ns, path)
-        .await
-        .expect("install the return path"));
-    for sysctl in return_path_sysctls(&path) {
-        worker
-            .set_sysctl(&ns, sysctl)
-            .await
-            .unwrap_or_else(|e| panic!("{}: {e}", sysctl.name));
-    }
+    install(&worker, &ns, path).await;
     for (server, client) in [
         (v4, "10.99.7.7".parse().expect("v4 client")),
         (v6, "fd99::77".parse().expect("v6 client")),
