@@ -681,17 +681,22 @@ impl Lab {
     fn publish_discovery_and_wait(&mut self) -> Result<(), LabError> {
         let path = self.state.discovery_file();
         let previous = std::fs::read(&path).ok();
-        let reloads = |lab: &Self, node: usize, result: &str| -> Result<f64, LabError> {
-            Ok(metrics::sum(
-                &lab.metrics(node)?,
-                "nodemesh_discovery_reloads_total",
-                &[("result", result)],
-            ))
+        // (ok, error) reloads of node `node`'s daemon, from one scrape.
+        let reloads = |lab: &Self, node: usize| -> Result<(f64, f64), LabError> {
+            let samples = lab.metrics(node)?;
+            let count = |result| {
+                metrics::sum(
+                    &samples,
+                    "nodemesh_discovery_reloads_total",
+                    &[("result", result)],
+                )
+            };
+            Ok((count("ok"), count("error")))
         };
-        let running: Vec<usize> = self.daemons.keys().copied().collect();
-        let mut before = Vec::with_capacity(running.len());
-        for &n in &running {
-            before.push((n, reloads(self, n, "ok")?, reloads(self, n, "error")?));
+        let mut before = Vec::with_capacity(self.daemons.len());
+        for &n in self.daemons.keys() {
+            let (ok, err) = reloads(self, n)?;
+            before.push((n, ok, err));
         }
         self.write_discovery()?;
         if std::fs::read(&path).ok() == previous {
@@ -700,10 +705,11 @@ impl Lab {
         let deadline = Instant::now() + DISCOVERY_APPLY_TIMEOUT;
         for (n, ok, err) in before {
             loop {
-                if reloads(self, n, "ok")? > ok {
+                let (now_ok, now_err) = reloads(self, n)?;
+                if now_ok > ok {
                     break;
                 }
-                if reloads(self, n, "error")? > err {
+                if now_err > err {
                     return Err(LabError::State {
                         path: self.state.discovery_file(),
                         problem: format!(
@@ -731,11 +737,11 @@ impl Lab {
         &self.discovery_extra
     }
 
-    /// Writes discovery, then gives the daemons time to poll it.
-    ///
-    /// The daemons expose no "discovery generation" yet, so this waits
-    /// [`daemon::DISCOVERY_SETTLE`] (a few poll intervals) instead of
-    /// observing the reload; replace with a metric check once one exists.
+    /// Writes discovery, then gives the daemons time to poll it: a wait of
+    /// [`daemon::DISCOVERY_SETTLE`] (a few poll intervals), not the reload
+    /// check of [`Lab::publish_discovery_and_wait`], because the lab's
+    /// lifecycle tests run it against a stand-in daemon that counts no
+    /// reloads.
     fn publish_discovery(&self) -> Result<(), LabError> {
         self.write_discovery()?;
         std::thread::sleep(daemon::DISCOVERY_SETTLE);

@@ -25,6 +25,19 @@ fn metrics(lab: &Lab, node: usize) -> Vec<Sample> {
     lab.metrics(node).expect("scrape metrics")
 }
 
+/// `nodemesh_connections_limited_total` of one limit, listener and local pod.
+fn limited(samples: &[Sample], limit: &str, listener: &str, workload: &str) -> f64 {
+    sum(
+        samples,
+        "nodemesh_connections_limited_total",
+        &[
+            ("limit", limit),
+            ("listener", listener),
+            ("workload", workload),
+        ],
+    )
+}
+
 /// Connects from `pod` to `addr` and checks the connection reaches the
 /// server: one byte there and back.
 fn open(pod: &PodHandle, addr: SocketAddr) -> TcpStream {
@@ -123,15 +136,8 @@ fn a_pod_at_its_limit_is_reset_while_its_neighbour_connects_and_the_daemon_limit
     let mut noisy_conns: Vec<TcpStream> = (0..6).map(|_| open(&noisy, remote_addr)).collect();
     expect_reset(&lab, &noisy, remote_addr, "the noisy pod's 7th connection");
     let n1 = metrics(&lab, 1);
-    let pod_refusals = [
-        ("limit", "pod"),
-        ("listener", "outbound"),
-        ("workload", noisy.name.as_str()),
-    ];
-    assert_eq!(
-        sum(&n1, "nodemesh_connections_limited_total", &pod_refusals),
-        1.0
-    );
+    let pod_refusals = |samples: &[Sample]| limited(samples, "pod", "outbound", &noisy.name);
+    assert_eq!(pod_refusals(&n1), 1.0);
     // 2. Its neighbour is not starved.
     let mut neighbour_conns = vec![open(&neighbour, remote_addr)];
     neighbour_conns.push(open(&neighbour, remote_addr));
@@ -145,18 +151,7 @@ fn a_pod_at_its_limit_is_reset_while_its_neighbour_connects_and_the_daemon_limit
         "a stream over n2's daemon limit",
     );
     let n2 = metrics(&lab, 2);
-    assert_eq!(
-        sum(
-            &n2,
-            "nodemesh_connections_limited_total",
-            &[
-                ("limit", "daemon"),
-                ("listener", "tunnel"),
-                ("workload", remote.name.as_str())
-            ]
-        ),
-        1.0
-    );
+    assert_eq!(limited(&n2, "daemon", "tunnel", &remote.name), 1.0);
     let n1 = metrics(&lab, 1);
     assert_eq!(
         sum(
@@ -178,20 +173,9 @@ fn a_pod_at_its_limit_is_reset_while_its_neighbour_connects_and_the_daemon_limit
         "a connection over n1's daemon limit",
     );
     let n1 = metrics(&lab, 1);
+    assert_eq!(limited(&n1, "daemon", "outbound", &neighbour.name), 1.0);
     assert_eq!(
-        sum(
-            &n1,
-            "nodemesh_connections_limited_total",
-            &[
-                ("limit", "daemon"),
-                ("listener", "outbound"),
-                ("workload", neighbour.name.as_str())
-            ]
-        ),
-        1.0
-    );
-    assert_eq!(
-        sum(&n1, "nodemesh_connections_limited_total", &pod_refusals),
+        pod_refusals(&n1),
         1.0,
         "the daemon limit's refusal is not counted against the pod"
     );
@@ -210,10 +194,7 @@ fn a_pod_at_its_limit_is_reset_while_its_neighbour_connects_and_the_daemon_limit
         "the noisy pod at its limit again",
     );
     let n1 = metrics(&lab, 1);
-    assert_eq!(
-        sum(&n1, "nodemesh_connections_limited_total", &pod_refusals),
-        2.0
-    );
+    assert_eq!(pod_refusals(&n1), 2.0);
     // The shipped dashboard's panel on refusals queries these real series.
     let dash: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(dashboard::path()).expect("read the dashboard"),

@@ -93,20 +93,6 @@ pub fn record(edge: &Edge, outcome: Outcome) {
 mod tests {
     use super::*;
     use crate::metrics::{Reporter, Route};
-    use std::sync::{Arc, Mutex};
-
-    #[derive(Clone, Default)]
-    struct Lines(Arc<Mutex<Vec<u8>>>);
-
-    impl std::io::Write for Lines {
-        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().expect("lock").extend_from_slice(buf);
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
 
     fn edge() -> Edge {
         Edge {
@@ -122,18 +108,11 @@ mod tests {
 
     /// The JSON lines `f` writes with access logs `on`.
     fn lines(on: bool, f: impl FnOnce()) -> Vec<serde_json::Value> {
-        let out = Lines::default();
-        let subscriber = tracing_subscriber::fmt()
-            .with_writer({
-                let out = out.clone();
-                move || out.clone()
-            })
-            .json()
-            .finish();
+        let (out, subscriber) = crate::test_log::Captured::json();
         set_enabled(on);
         tracing::subscriber::with_default(subscriber, f);
         set_enabled(false);
-        let text = String::from_utf8(out.0.lock().expect("lock").clone()).expect("utf-8");
+        let text = out.output();
         text.lines()
             .map(|l| serde_json::from_str(l).expect("a JSON line"))
             .collect()

@@ -218,19 +218,11 @@ pub async fn handle_stream(
     let _permit = match proxy.limits.admit(None) {
         Ok(p) => p,
         Err(refusal) => {
-            metrics::counter!(
-                m::CONNECTIONS_LIMITED,
-                "limit" => refusal.limit.label(),
-                "listener" => "tunnel",
-                "namespace" => edge.dst_namespace.clone(),
-                "workload" => edge.dst_workload.clone(),
-            )
-            .increment(1);
-            if refusal.first {
-                warn!(error = %refusal.limit, "tunnel stream refused by the daemon's connection limit; further refusals are logged at debug until one is admitted");
-            } else {
-                debug!(error = %refusal.limit, "tunnel stream refused by the daemon's connection limit");
-            }
+            refusal.report(
+                "tunnel",
+                edge.dst_namespace.clone(),
+                edge.dst_workload.clone(),
+            );
             return answer(
                 &peer,
                 &edge,

@@ -37,4 +37,6 @@ pub mod relay_splice;
 pub mod reuseport;
 pub mod rtnl;
 pub mod stat;
+#[cfg(test)]
+mod test_log;
 pub mod tunnel;

@@ -16,9 +16,9 @@
 //! [`Limits::admit`] counts a connection in and returns a [`Permit`] that
 //! counts it out when dropped; a refusal is a [`LimitExceeded`] naming the
 //! limit. Pure counting, no IO: the callers reset the connection (or answer
-//! the stream `unavailable`), count the refusal in
-//! `nodemesh_connections_limited_total` and log it ([`Limits::admit`] says
-//! when a refusal is the first of a burst, the one worth a warning).
+//! the stream `unavailable`) and [`Refusal::report`] it (counted in
+//! `nodemesh_connections_limited_total`, logged at WARN for the first of a
+//! burst).
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -87,13 +87,41 @@ pub struct Limits {
 }
 
 /// A refusal, and whether it starts a burst of refusals by the same limit
-/// (the caller logs those at WARN, the rest at DEBUG).
+/// (logged at WARN; the rest at DEBUG).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Refusal {
     /// The limit reached.
     pub limit: LimitExceeded,
     /// First refusal since the last admission under this limit.
     pub first: bool,
+}
+
+impl Refusal {
+    /// Counts the refusal in `nodemesh_connections_limited_total` for
+    /// `listener` and the local pod `namespace`/`workload`, and logs it: at
+    /// WARN for the first of a burst, at DEBUG for the rest (a pod stuck at
+    /// its limit would otherwise fill the log). The caller's span names the
+    /// connection.
+    pub fn report(&self, listener: &'static str, namespace: String, workload: String) {
+        metrics::counter!(
+            crate::metrics::CONNECTIONS_LIMITED,
+            "limit" => self.limit.label(),
+            "listener" => listener,
+            "namespace" => namespace,
+            "workload" => workload,
+        )
+        .increment(1);
+        if self.first {
+            tracing::warn!(
+                listener,
+                error = %self.limit,
+                "connection refused by an admission limit; further refusals are logged at debug \
+                 until one is admitted"
+            );
+        } else {
+            tracing::debug!(listener, error = %self.limit, "connection refused by an admission limit");
+        }
+    }
 }
 
 impl Limits {

@@ -105,14 +105,13 @@ async fn install_return_path(
 ) -> bool {
     let res = match factory.install_return_path(netns, path).await {
         Ok(true) => {
-            let mut res = Ok(true);
-            for sysctl in return_path_sysctls(&path) {
-                if let Err(e) = factory.set_sysctl(netns, sysctl).await {
-                    res = Err(e);
-                    break;
+            async {
+                for sysctl in return_path_sysctls(&path) {
+                    factory.set_sysctl(netns, sysctl).await?;
                 }
+                Ok(true)
             }
-            res
+            .await
         }
         other => other,
     };
@@ -613,9 +612,8 @@ fn spawn_connection(
     );
 }
 
-/// Resets a connection an admission limit refused, counts it, and logs it:
-/// at WARN for the first refusal of a burst, at DEBUG for the rest (a pod
-/// stuck at its limit would otherwise fill the log).
+/// Resets a connection an admission limit refused, and reports the refusal
+/// ([`Refusal::report`]) in a span naming the pod and the client.
 fn refuse(
     proxy: &Proxy,
     pod: &LocalPod,
@@ -630,25 +628,9 @@ fn refuse(
         Listener::Outbound => "outbound",
         Listener::Plaintext => "plaintext",
     };
-    metrics::counter!(
-        m::CONNECTIONS_LIMITED,
-        "limit" => refusal.limit.label(),
-        "listener" => listener,
-        "namespace" => w.namespace,
-        "workload" => w.workload,
-    )
-    .increment(1);
-    if refusal.first {
-        warn!(
-            pod = %format_args!("{}/{}", pod.namespace, pod.name),
-            client.addr = %client,
-            listener,
-            error = %refusal.limit,
-            "connection refused by an admission limit; further refusals are logged at debug until one is admitted"
-        );
-    } else {
-        debug!(pod = %pod.name, client.addr = %client, listener, error = %refusal.limit, "connection refused by an admission limit");
-    }
+    let pod = format_args!("{}/{}", pod.namespace, pod.name);
+    let _span = info_span!("refused", %pod, client.addr = %client).entered();
+    refusal.report(listener, w.namespace, w.workload);
 }
 
 /// Container ids become file names: keep them to a safe alphabet.

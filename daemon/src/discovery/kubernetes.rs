@@ -1323,44 +1323,15 @@ mod conversion_tests {
         }
     }
 
-    /// Collects formatted log lines.
-    #[derive(Clone, Default)]
-    struct Logs(Arc<std::sync::Mutex<Vec<u8>>>);
-
-    impl Logs {
-        /// A subscriber writing formatted lines (no colours) into the logs.
-        fn subscriber() -> (Self, impl tracing::Subscriber + Send + Sync) {
-            let logs = Self::default();
-            let subscriber = tracing_subscriber::fmt()
-                .with_writer({
-                    let logs = logs.clone();
-                    move || logs.clone()
-                })
-                .with_ansi(false)
-                .finish();
-            (logs, subscriber)
-        }
-    }
-
-    impl std::io::Write for Logs {
-        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().expect("lock").extend_from_slice(buf);
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-
     #[test]
     fn a_bad_mode_value_is_logged_with_the_namespace_and_the_value() {
-        let (logs, subscriber) = Logs::subscriber();
+        let (logs, subscriber) = crate::test_log::Captured::text();
         tracing::subscriber::with_default(subscriber, || {
             NamespaceRecord::from_object(&namespace("batch", Some("enforce")));
             NamespaceRecord::from_object(&namespace("shop", Some("strict")));
             NamespaceRecord::from_object(&namespace("web", None));
         });
-        let out = String::from_utf8(logs.0.lock().expect("lock").clone()).expect("utf8");
+        let out = logs.output();
         let lines: Vec<&str> = out.lines().collect();
         assert_eq!(lines.len(), 1, "only the bad value is logged: {out}");
         assert!(lines[0].contains("WARN"), "{out}");
@@ -1497,7 +1468,7 @@ mod conversion_tests {
 
     #[test]
     fn a_malformed_split_keeps_the_service_warns_and_counts() {
-        let (logs, subscriber) = Logs::subscriber();
+        let (logs, subscriber) = crate::test_log::Captured::text();
         let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
         let handle = recorder.handle();
         let (good, bad, none) = tracing::subscriber::with_default(subscriber, || {
@@ -1526,7 +1497,7 @@ mod conversion_tests {
         assert_eq!(bad.ports.len(), 1, "the rest of the service is kept");
         assert_eq!(none.expect("kept").split, None);
 
-        let out = String::from_utf8(logs.0.lock().expect("lock").clone()).expect("utf8");
+        let out = logs.output();
         let lines: Vec<&str> = out.lines().collect();
         assert_eq!(lines.len(), 1, "only the bad split is logged: {out}");
         for want in [
