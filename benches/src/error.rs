@@ -181,6 +181,14 @@ pub enum LabError {
         /// What happened.
         problem: String,
     },
+    /// A connection the mesh should have reset was not reset.
+    #[error("{what}: expected the mesh to reset the connection, but {got}")]
+    NotReset {
+        /// Which connection.
+        what: String,
+        /// What happened instead.
+        got: String,
+    },
     /// The operation was interrupted by a signal (Ctrl-C, SIGTERM).
     #[error("interrupted by a signal")]
     Interrupted,

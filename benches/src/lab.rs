@@ -417,6 +417,29 @@ impl PodHandle {
         netns::tcp_connect(&self.netns, addr, CONNECT_TIMEOUT)
     }
 
+    /// Connects from inside the pod to `addr` and expects the mesh to reset
+    /// the connection: at once (the RST can beat `connect` returning) or at
+    /// the first write or read, within `timeout`.
+    pub fn connect_expect_reset(
+        &self,
+        addr: SocketAddr,
+        timeout: Duration,
+    ) -> Result<(), LabError> {
+        let mut s = match self.connect(addr) {
+            Ok(s) => s,
+            Err(LabError::Netns { source, .. })
+                if source.kind() == std::io::ErrorKind::ConnectionReset =>
+            {
+                return Ok(())
+            }
+            Err(e) => return Err(e),
+        };
+        traffic::expect_reset(&mut s, timeout).map_err(|got| LabError::NotReset {
+            what: format!("{} to {addr}", self.name),
+            got,
+        })
+    }
+
     /// Runs `program args` inside the pod's namespace.
     pub fn exec(&self, program: &str, args: &[&str]) -> Result<Output, LabError> {
         netns::exec_in(&self.netns, program, args.iter().copied())

@@ -10,6 +10,7 @@
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use ring::digest::{Context, SHA256};
 
@@ -42,6 +43,32 @@ pub fn read_retrying(r: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             other => return other,
         }
+    }
+}
+
+/// Expects `s` to be reset by its peer, already or within `timeout`: writes a
+/// few bytes, then reads. An RST already received is reported once, by
+/// whichever call comes first. `Err` says what happened instead (a clean
+/// close, data, another error, or nothing before the timeout).
+pub fn expect_reset(s: &mut TcpStream, timeout: Duration) -> Result<(), String> {
+    let is_reset = |e: &std::io::Error| {
+        matches!(
+            e.kind(),
+            std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe
+        )
+    };
+    s.set_read_timeout(Some(timeout))
+        .map_err(|e| format!("setting the read timeout failed: {e}"))?;
+    match s.write_all(b"hello?") {
+        Err(e) if is_reset(&e) => return Ok(()),
+        Err(e) => return Err(format!("the write failed with {e}")),
+        Ok(()) => {}
+    }
+    match read_retrying(s, &mut [0u8; 16]) {
+        Err(e) if is_reset(&e) => Ok(()),
+        Err(e) => Err(format!("the read failed with {e}")),
+        Ok(0) => Err("it was closed cleanly".into()),
+        Ok(n) => Err(format!("{n} bytes arrived")),
     }
 }
 
@@ -331,5 +358,37 @@ mod tests {
         assert_eq!(seen[0].received_bytes, 200_000);
         assert_eq!(seen[0].received_hash, report.sent_hash);
         assert!(report.verify("loopback", 299_999).is_err());
+    }
+
+    /// A loopback pair: (client, the accepted server side).
+    fn pair() -> (TcpStream, TcpStream) {
+        let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let c = TcpStream::connect(l.local_addr().expect("addr")).expect("connect");
+        let (s, _) = l.accept().expect("accept");
+        (c, s)
+    }
+
+    #[test]
+    fn expect_reset_tells_a_reset_from_a_clean_close_and_from_data() {
+        let timeout = Duration::from_secs(10);
+        let (mut c, s) = pair();
+        // Linger 0: close sends an RST.
+        socket2::SockRef::from(&s)
+            .set_linger(Some(Duration::ZERO))
+            .expect("linger");
+        drop(s);
+        assert_eq!(expect_reset(&mut c, timeout), Ok(()));
+
+        let (mut c, s) = pair();
+        s.shutdown(Shutdown::Write).expect("shutdown");
+        assert_eq!(
+            expect_reset(&mut c, timeout),
+            Err("it was closed cleanly".into())
+        );
+        drop(s);
+
+        let (mut c, mut s) = pair();
+        s.write_all(b"hi").expect("write");
+        assert_eq!(expect_reset(&mut c, timeout), Err("2 bytes arrived".into()));
     }
 }

@@ -287,17 +287,9 @@ fn an_expired_node_certificate_makes_the_daemon_not_ready_and_its_peer_refuses_i
     // A pod connection n1 -> n2: n2 refuses n1's certificate, the connection is reset.
     let listener = server.listen(8080).expect("listen");
     listener.set_nonblocking(true).expect("nonblocking");
-    let mut stream = client.connect(server.addr(8080)).expect("captured connect");
-    stream
-        .set_read_timeout(Some(traffic::IO_TIMEOUT))
-        .expect("timeout");
-    let _ = stream.write_all(b"hello");
-    let mut buf = [0u8; 16];
-    match traffic::read_retrying(&mut stream, &mut buf) {
-        Ok(0) => {}
-        Err(e) if e.kind() == ErrorKind::ConnectionReset => {}
-        other => panic!("expected a reset connection, got {other:?}"),
-    }
+    client
+        .connect_expect_reset(server.addr(8080), traffic::IO_TIMEOUT)
+        .expect("reset");
     certs::wait_metrics(
         &lab,
         2,

@@ -14,10 +14,9 @@ use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
 use nodemesh_lab::bench::load::Echo;
-use nodemesh_lab::error::LabError;
+use nodemesh_lab::dashboard;
 use nodemesh_lab::lab::{Lab, LabOptions, PodHandle};
 use nodemesh_lab::metrics::{sum, Sample};
-use nodemesh_lab::{dashboard, traffic};
 
 const PORT: u16 = 7300;
 
@@ -53,37 +52,11 @@ fn open(pod: &PodHandle, addr: SocketAddr) -> TcpStream {
 }
 
 /// Connects from `pod` to `addr` and expects the mesh to reset it; on
-/// failure shows the source node's daemon log. The client sends nothing, so
-/// the reset is reported by the first read (or, when it arrives that fast,
-/// already by `connect`).
+/// failure shows the source node's daemon log.
 fn expect_reset(lab: &Lab, pod: &PodHandle, addr: SocketAddr, what: &str) {
-    let log = || {
+    if let Err(e) = pod.connect_expect_reset(addr, Duration::from_secs(20)) {
         let path = lab.daemon_log(pod.node).expect("log");
-        nodemesh_lab::daemon::log_tail(&path, 40)
-    };
-    let mut s = match pod.connect(addr) {
-        Ok(s) => s,
-        Err(LabError::Netns { source, .. })
-            if source.kind() == std::io::ErrorKind::ConnectionReset =>
-        {
-            return
-        }
-        Err(e) => panic!("{what}: connect: {e}"),
-    };
-    s.set_read_timeout(Some(Duration::from_secs(20)))
-        .expect("timeout");
-    let mut buf = [0u8; 1];
-    match traffic::read_retrying(&mut s, &mut buf) {
-        Err(e) => assert_eq!(
-            e.kind(),
-            std::io::ErrorKind::ConnectionReset,
-            "{what}: {e}\n{}",
-            log()
-        ),
-        Ok(n) => panic!(
-            "{what}: expected a reset, read {n} bytes (0 = clean close)\n{}",
-            log()
-        ),
+        panic!("{what}: {e}\n{}", nodemesh_lab::daemon::log_tail(&path, 40));
     }
 }
 

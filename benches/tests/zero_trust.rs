@@ -16,7 +16,7 @@
 //! Privileged: run as root. `cargo build --workspace --bins` first.
 
 use std::collections::BTreeMap;
-use std::io::{ErrorKind, Read, Write};
+use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -28,7 +28,7 @@ use nodemesh::discovery::model::{
 use nodemesh::identity::{client_config, Credentials};
 use nodemesh::tunnel::header::{read_status, StatusCode, StreamHeader};
 use nodemesh_lab::lab::{Lab, LabOptions, PodHandle};
-use nodemesh_lab::{daemon, metrics, netns, traffic, LabError};
+use nodemesh_lab::{daemon, metrics, netns, traffic};
 
 const TD: &str = "cluster.local";
 const CLIENT_ID: &str = "spiffe://cluster.local/ns/lab/sa/default";
@@ -100,31 +100,17 @@ fn ping(s: &mut TcpStream, msg: &[u8]) -> std::io::Result<()> {
     Ok(())
 }
 
-/// The connection is reset (not cleanly closed, not left hanging).
+/// The open connection `s` is reset (not cleanly closed, not left hanging).
 fn assert_reset(s: &mut TcpStream, what: &str) {
-    let is_reset =
-        |e: &std::io::Error| matches!(e.kind(), ErrorKind::ConnectionReset | ErrorKind::BrokenPipe);
-    s.set_read_timeout(Some(IO_TIMEOUT)).expect("timeout");
-    // An RST already received is reported once, by whichever call comes first.
-    match s.write_all(b"hello?") {
-        Err(e) if is_reset(&e) => return,
-        Err(e) => panic!("{what}: expected a reset, write failed with {e}"),
-        Ok(()) => {}
-    }
-    let mut buf = [0u8; 16];
-    match traffic::read_retrying(s, &mut buf) {
-        Err(e) if is_reset(&e) => {}
-        other => panic!("{what}: expected a reset, got {other:?}"),
+    if let Err(got) = traffic::expect_reset(s, IO_TIMEOUT) {
+        panic!("{what}: expected a reset, but {got}");
     }
 }
 
-/// A new connection from `pod` to `addr` is reset: at once (the RST can
-/// beat `connect` returning) or at the first read or write.
+/// A new connection from `pod` to `addr` is reset.
 fn connect_expect_reset(pod: &PodHandle, addr: SocketAddr, what: &str) {
-    match pod.connect(addr) {
-        Ok(mut s) => assert_reset(&mut s, what),
-        Err(LabError::Netns { source, .. }) if source.kind() == ErrorKind::ConnectionReset => {}
-        Err(e) => panic!("{what}: expected a reset, connect failed with {e}"),
+    if let Err(e) = pod.connect_expect_reset(addr, IO_TIMEOUT) {
+        panic!("{what}: {e}");
     }
 }
 
