@@ -124,6 +124,18 @@ pub enum LabError {
         /// Last log lines.
         tail: String,
     },
+    /// A daemon's log did not get an expected line in time.
+    #[error("no line with all of {needles:?} in {log} after {timeout:?}; last lines:\n{tail}")]
+    LogLineMissing {
+        /// The log file.
+        log: PathBuf,
+        /// What the line must contain.
+        needles: Vec<String>,
+        /// How long it was waited for.
+        timeout: Duration,
+        /// Last log lines.
+        tail: String,
+    },
     /// A node's daemon is not running (mesh off, or stopped).
     #[error("node {node} has no running daemon")]
     NoDaemon {

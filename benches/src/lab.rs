@@ -1119,6 +1119,33 @@ impl Lab {
             })
     }
 
+    /// Waits up to `timeout` until node `node`'s daemon log has a line
+    /// containing every one of `needles`, and returns that line.
+    pub fn wait_log_line(
+        &self,
+        node: usize,
+        needles: &[&str],
+        timeout: Duration,
+    ) -> Result<String, LabError> {
+        let path = self.daemon_log(node)?;
+        let deadline = Instant::now() + timeout;
+        loop {
+            let text = std::fs::read_to_string(&path).map_err(|e| LabError::io(&path, e))?;
+            if let Some(l) = text.lines().find(|l| needles.iter().all(|n| l.contains(n))) {
+                return Ok(l.to_owned());
+            }
+            if Instant::now() >= deadline {
+                return Err(LabError::LogLineMissing {
+                    log: path.clone(),
+                    needles: needles.iter().map(|n| (*n).to_owned()).collect(),
+                    timeout,
+                    tail: daemon::log_tail(&path, 30),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Starts node `node`'s daemon (again) and waits until it is ready.
     pub fn start_daemon(&mut self, node: usize) -> Result<(), LabError> {
         if self.daemons.contains_key(&node) {

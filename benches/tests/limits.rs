@@ -89,11 +89,13 @@ fn a_pod_at_its_limit_is_reset_while_its_neighbour_connects_and_the_daemon_limit
     lab.update_config(1, |c| {
         c.limits.max_connections_per_pod = 6;
         c.limits.max_connections = 10;
+        c.access_log = true;
     })
     .expect("n1 config");
     lab.update_config(2, |c| {
         c.limits.max_connections_per_pod = 8;
         c.limits.max_connections = 8;
+        c.access_log = true;
     })
     .expect("n2 config");
     lab.restart_daemon(1).expect("restart n1");
@@ -182,6 +184,46 @@ fn a_pod_at_its_limit_is_reset_while_its_neighbour_connects_and_the_daemon_limit
         log.contains("connection refused by an admission limit")
             && log.contains("limits.max_connections_per_pod"),
         "the refusal is logged with the setting to change:\n{log}"
+    );
+    // Each refusal has its access log line (access logs are on), with the
+    // labels known when it was refused.
+    let access = |node: usize, needles: &[&str]| {
+        let mut all = vec!["nodemesh::access", "result=\"failed\""];
+        all.extend_from_slice(needles);
+        if let Err(e) = lab.wait_log_line(node, &all, Duration::from_secs(20)) {
+            panic!("{e}");
+        }
+    };
+    // Text log: `%`-formatted fields are unquoted, string ones quoted.
+    let src = |p: &PodHandle| format!("src_workload={} ", p.name);
+    let dst = |p: &PodHandle| format!("dst_workload={} ", p.name);
+    let limit = "reason=\"connection_limit\"";
+    // 1. and 5.: the noisy pod's own limit, at accept.
+    access(
+        1,
+        &[
+            limit,
+            "reporter=\"source\"",
+            &src(&noisy),
+            &dst(&remote),
+            "route=\"tunnel\"",
+        ],
+    );
+    // 3.: n2's daemon limit on the tunnel stream; n1 saw `unavailable`.
+    access(
+        2,
+        &[
+            limit,
+            "reporter=\"destination\"",
+            &src(&neighbour),
+            &dst(&remote),
+        ],
+    );
+    access(1, &["reason=\"unavailable\"", &src(&neighbour)]);
+    // 4.: n1's daemon limit, at accept, for a same-node destination.
+    access(
+        1,
+        &[limit, &src(&neighbour), &dst(&noisy), "route=\"local\""],
     );
     drop((noisy_conns, neighbour_conns));
 }

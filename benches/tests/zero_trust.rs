@@ -19,7 +19,7 @@ use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use nodemesh::config::{TlsConfig, DEFAULT_TUNNEL_PORT};
 use nodemesh::discovery::model::{
@@ -124,20 +124,8 @@ fn denied(lab: &Lab, node: usize, reporter: &str, reason: &str) -> f64 {
 
 /// Waits until node `node`'s daemon log has a line containing all of `needles`.
 fn wait_log_line(lab: &Lab, node: usize, needles: &[&str]) {
-    let path = lab.daemon_log(node).expect("log");
-    let deadline = Instant::now() + IO_TIMEOUT;
-    loop {
-        let text = std::fs::read_to_string(&path).unwrap_or_default();
-        if text.lines().any(|l| needles.iter().all(|n| l.contains(n))) {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no line with {needles:?} in {}:\n{}",
-            path.display(),
-            daemon::log_tail(&path, 30)
-        );
-        std::thread::sleep(Duration::from_millis(20));
+    if let Err(e) = lab.wait_log_line(node, needles, IO_TIMEOUT) {
+        panic!("{e}");
     }
 }
 

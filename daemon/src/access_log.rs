@@ -7,7 +7,8 @@
 //! `nodemesh::access`, so the log filter and `log_format` apply to it as to
 //! every other line (`json`: one JSON object per line). The fields are the
 //! connection's workload labels (as in the metrics), its `result` (`ok`,
-//! `error`, `reset`, or `failed` with the `reason` it failed before relaying),
+//! `error`, `reset`, or `failed` with the `reason` it failed before relaying,
+//! `connection_limit` for one an admission limit refused at accept),
 //! its duration and its bytes each way; the line is written inside the
 //! connection's span, so the client and server addresses, the peer node and
 //! the verified source identity come with it.
