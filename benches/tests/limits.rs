@@ -269,3 +269,45 @@ fn a_tunnel_out_of_streams_resets_new_connections_after_the_connect_timeout() {
     held.push(open(&client, addr));
     drop(held);
 }
+
+/// A relay buffer budget of 1 MiB (16 buffers of 64 KiB) on both daemons,
+/// and 48 connections moving 1 MiB each way at once, across nodes and within
+/// a node (the copy relay, which borrows buffers; splice does not): every
+/// byte arrives, the directions that found the budget spent are counted, and
+/// once the connections are done no buffer stays lent.
+#[test]
+fn a_spent_relay_buffer_budget_slows_busy_connections_but_loses_no_byte() {
+    let mut lab = Lab::up(LabOptions::for_test(2, 2)).expect("lab up");
+    for node in [1, 2] {
+        lab.update_config(node, |c| {
+            c.limits.relay_buffer_memory_mib = 1;
+            c.tcp_relay = nodemesh::relay_splice::TcpRelay::Copy;
+        })
+        .expect("config");
+        lab.restart_daemon(node).expect("restart");
+    }
+    let (a1, a2) = (lab.pod(1, 1).expect("n1-p1"), lab.pod(1, 2).expect("n1-p2"));
+    let b1 = lab.pod(2, 1).expect("n2-p1");
+    lab.transfer(&a1, &b1, 0, 1024).expect("tunnel up");
+    std::thread::scope(|s| {
+        let cross = s.spawn(|| lab.transfer_many(&a1, &b1, 0, 32, 1 << 20));
+        let same = s.spawn(|| lab.transfer_many(&a2, &a1, 0, 16, 1 << 20));
+        assert_eq!(cross.join().expect("join").expect("cross x32").len(), 32);
+        assert_eq!(same.join().expect("join").expect("same x16").len(), 16);
+    });
+    for node in [1, 2] {
+        wait_active(&lab, node, 0.0);
+        let m = metrics(&lab, node);
+        let fallbacks = sum(&m, "nodemesh_relay_buffer_fallbacks_total", &[]);
+        assert!(
+            fallbacks > 0.0,
+            "n{node}: no direction found the budget spent"
+        );
+        assert_eq!(
+            sum(&m, "nodemesh_relay_buffer_bytes", &[]),
+            0.0,
+            "n{node}: buffers still lent with no connection open"
+        );
+        eprintln!("n{node}: {fallbacks} fallbacks");
+    }
+}

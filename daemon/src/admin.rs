@@ -277,6 +277,7 @@ fn route<B>(state: &AdminState, req: Request<B>) -> Response<Full<Bytes>> {
     match req.uri().path() {
         "/metrics" => {
             state.tunnels.export_path_stats();
+            crate::relay::export_buffer_metrics();
             text(
                 StatusCode::OK,
                 state.metrics.render(),

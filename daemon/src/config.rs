@@ -112,6 +112,14 @@ pub struct LimitsConfig {
     /// daemon memory at the ~3.8 KiB an idle connection costs (two file
     /// descriptors at most each), more while connections move data.
     pub max_connections: usize,
+    /// Memory, in MiB, of the 64 KiB relay buffers lent at once to
+    /// connections that are moving data (an idle connection holds none).
+    /// When it is spent, a connection with data to move uses a 4 KiB buffer
+    /// instead: slower, never waiting for another connection, counted in
+    /// `nodemesh_relay_buffer_fallbacks_total`. Default 256 (4096 buffers):
+    /// a quarter of the DaemonSet's 1Gi memory limit, where without a budget
+    /// `max_connections` busy connections could ask for 8 GiB.
+    pub relay_buffer_memory_mib: usize,
 }
 
 impl Default for LimitsConfig {
@@ -119,6 +127,7 @@ impl Default for LimitsConfig {
         Self {
             max_connections_per_pod: crate::limits::DEFAULT_MAX_PER_POD,
             max_connections: crate::limits::DEFAULT_MAX_TOTAL,
+            relay_buffer_memory_mib: crate::relay::DEFAULT_BUFFER_BUDGET_MIB,
         }
     }
 }
@@ -582,6 +591,13 @@ impl Config {
                 "allow at least 1 and at most limits.max_connections (default 4096)",
             ));
         }
+        if l.relay_buffer_memory_mib == 0 {
+            return Err(invalid(
+                "limits.relay_buffer_memory_mib",
+                "is 0",
+                "allow at least 1 MiB (default 256); busy connections beyond it use small buffers",
+            ));
+        }
         if self.discovery.poll_interval_ms == 0 {
             return Err(invalid(
                 "discovery.poll_interval_ms",
@@ -753,6 +769,10 @@ mod tests {
             (
                 Box::new(|c| c.limits.max_connections_per_pod = c.limits.max_connections + 1),
                 "limits.max_connections_per_pod",
+            ),
+            (
+                Box::new(|c| c.limits.relay_buffer_memory_mib = 0),
+                "limits.relay_buffer_memory_mib",
             ),
             (
                 Box::new(|c| c.tls.reload_interval_ms = 0),

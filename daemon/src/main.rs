@@ -53,6 +53,7 @@ fn main() -> ExitCode {
             nodemesh::log_control::init(&config.log_level, config.log_format);
             nodemesh::relay_splice::set_mode(config.tcp_relay);
             nodemesh::access_log::set_enabled(config.access_log);
+            nodemesh::relay::set_buffer_budget(config.limits.relay_buffer_memory_mib);
             let metrics = match nodemesh::metrics::install(Duration::from_secs(600)) {
                 Ok(h) => h,
                 Err(e) => {

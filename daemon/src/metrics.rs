@@ -94,6 +94,12 @@ pub const SERVICE_RETRIES: &str = "nodemesh_service_retries_total";
 /// `tunnel`), `namespace`, `workload` (the local pod: the source pod for
 /// `outbound`, the destination pod for `plaintext` and `tunnel`).
 pub const CONNECTIONS_LIMITED: &str = "nodemesh_connections_limited_total";
+/// Gauge: bytes of relay buffers lent to connections now (at most
+/// `limits.relay_buffer_memory_mib`), updated at each scrape.
+pub const RELAY_BUFFER_BYTES: &str = "nodemesh_relay_buffer_bytes";
+/// Counter: times a relay direction with data to move found the relay buffer
+/// budget spent and moved it through a small buffer instead.
+pub const RELAY_BUFFER_FALLBACKS: &str = "nodemesh_relay_buffer_fallbacks_total";
 
 /// Counter: daemon hand-overs (zero-downtime upgrades, see `handover`);
 /// labels `role` (`successor`: this daemon took over; `predecessor`: this

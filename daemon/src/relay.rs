@@ -21,6 +21,11 @@
 //!   everything that is ready, and lets it go when its source would block.
 //!   An idle connection holds no buffer; a busy one moves up to 64 KiB per
 //!   syscall;
+//! - a daemon-wide budget of those buffers ([`set_buffer_budget`], config
+//!   `limits.relay_buffer_memory_mib`): a direction that finds it spent moves
+//!   its data through a [`FALLBACK_BUFFER_SIZE`] buffer instead, slower but
+//!   never waiting for another connection (so no connection can stall
+//!   another's progress), and counted;
 //! - byte counters incremented as the bytes are written.
 //!
 //! A reset or stop from the QUIC peer is seen at the next read or write of the
@@ -31,6 +36,7 @@
 //! Setting `TCP_NODELAY` is the caller's job.
 
 use std::io;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use bytes::BytesMut;
 use metrics::Counter;
@@ -203,6 +209,104 @@ impl<'a> Tally<'a> {
     }
 }
 
+/// Bytes of the buffer a direction uses when the relay buffer budget is
+/// spent: a system call per 4 KiB instead of per 64 KiB (docs/benchmarks.md,
+/// "Relay buffer size": 0.5–0.8× the throughput at 1.3–2.7× the CPU per
+/// byte).
+pub const FALLBACK_BUFFER_SIZE: usize = 4 * 1024;
+
+/// Default of `limits.relay_buffer_memory_mib`: 4096 buffers of 64 KiB.
+pub const DEFAULT_BUFFER_BUDGET_MIB: usize = 256;
+
+/// The daemon's relay buffer budget (config `limits.relay_buffer_memory_mib`).
+static BUDGET: BufferBudget = BufferBudget::new(DEFAULT_BUFFER_BUDGET_MIB * BUFFERS_PER_MIB);
+
+const BUFFERS_PER_MIB: usize = (1 << 20) / RELAY_BUFFER_SIZE;
+
+/// How many [`RELAY_BUFFER_SIZE`] buffers may be lent at once, how many are,
+/// and how often a direction found none left.
+#[derive(Debug)]
+struct BufferBudget {
+    buffers: AtomicUsize,
+    lent: AtomicUsize,
+    fallbacks: AtomicU64,
+}
+
+impl BufferBudget {
+    const fn new(buffers: usize) -> Self {
+        Self {
+            buffers: AtomicUsize::new(buffers),
+            lent: AtomicUsize::new(0),
+            fallbacks: AtomicU64::new(0),
+        }
+    }
+
+    /// Counts one buffer out; `false` (and a fallback counted) when all are
+    /// lent.
+    fn reserve(&self) -> bool {
+        let buffers = self.buffers.load(Ordering::Relaxed);
+        let reserved = self
+            .lent
+            .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |lent| {
+                (lent < buffers).then_some(lent + 1)
+            })
+            .is_ok();
+        if !reserved {
+            self.fallbacks.fetch_add(1, Ordering::Relaxed);
+        }
+        reserved
+    }
+
+    /// Gives back a buffer [`BufferBudget::reserve`] counted.
+    fn release(&self) {
+        self.lent.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Sets the relay buffer budget to `mib` MiB (at least one buffer).
+pub fn set_buffer_budget(mib: usize) {
+    BUDGET.buffers.store(
+        mib.saturating_mul(BUFFERS_PER_MIB).max(1),
+        Ordering::Relaxed,
+    );
+}
+
+/// Publishes the relay buffer gauge and fallback counter (at each scrape).
+pub fn export_buffer_metrics() {
+    metrics::gauge!(crate::metrics::RELAY_BUFFER_BYTES)
+        .set((BUDGET.lent.load(Ordering::Relaxed) * RELAY_BUFFER_SIZE) as f64);
+    metrics::counter!(crate::metrics::RELAY_BUFFER_FALLBACKS)
+        .absolute(BUDGET.fallbacks.load(Ordering::Relaxed));
+}
+
+/// A reservation of one full-size buffer in the budget for the TCP → stream
+/// direction (whose buffer is a `BytesMut` handed on to quinn); released on
+/// drop.
+struct Reserved(bool);
+
+impl Reserved {
+    fn take() -> Self {
+        Self(BUDGET.reserve())
+    }
+
+    /// The size of buffer this reservation allows.
+    fn size(&self) -> usize {
+        if self.0 {
+            RELAY_BUFFER_SIZE
+        } else {
+            FALLBACK_BUFFER_SIZE
+        }
+    }
+}
+
+impl Drop for Reserved {
+    fn drop(&mut self) {
+        if self.0 {
+            BUDGET.release();
+        }
+    }
+}
+
 /// Free relay buffers kept for reuse (at most [`POOLED_BUFFERS`]), so a
 /// direction that wakes up with data does not zero a fresh 64 KiB.
 static POOL: std::sync::Mutex<Vec<Box<[u8]>>> = std::sync::Mutex::new(Vec::new());
@@ -211,12 +315,16 @@ static POOL: std::sync::Mutex<Vec<Box<[u8]>>> = std::sync::Mutex::new(Vec::new()
 /// busy connections at once; beyond that buffers go back to the allocator.
 pub const POOLED_BUFFERS: usize = 8;
 
-/// A relay buffer lent to one direction while it has data to move; back to
-/// the pool when dropped.
+/// A relay buffer lent to one direction while it has data to move: a full
+/// one within the budget, back to the pool when dropped, or a small one when
+/// the budget is spent.
 struct Lent(Option<Box<[u8]>>);
 
 impl Lent {
     fn take() -> Self {
+        if !BUDGET.reserve() {
+            return Self(Some(vec![0u8; FALLBACK_BUFFER_SIZE].into_boxed_slice()));
+        }
         let pooled = match POOL.lock() {
             Ok(mut p) => p.pop(),
             Err(p) => p.into_inner().pop(),
@@ -234,6 +342,10 @@ impl Lent {
 impl Drop for Lent {
     fn drop(&mut self) {
         if let Some(b) = self.0.take() {
+            if b.len() != RELAY_BUFFER_SIZE {
+                return;
+            }
+            BUDGET.release();
             let mut pool = match POOL.lock() {
                 Ok(p) => p,
                 Err(p) => p.into_inner(),
@@ -299,11 +411,12 @@ async fn tcp_to_stream(
     'idle: loop {
         tcp.readable().await.map_err(|e| tcp_error(Side::A, e))?;
         // Allocated at the first read below, and again whenever what is
-        // left of it is too small.
+        // left of it is too small; full size within the budget.
+        let reserved = Reserved::take();
         let mut buf = BytesMut::new();
         loop {
-            if buf.capacity() < ZERO_COPY_MIN {
-                buf = BytesMut::with_capacity(RELAY_BUFFER_SIZE);
+            if buf.capacity() < ZERO_COPY_MIN.min(reserved.size()) {
+                buf = BytesMut::with_capacity(reserved.size());
             }
             let n = match tcp.try_read_buf(&mut buf) {
                 Ok(0) => break 'idle,
@@ -819,6 +932,52 @@ mod tests {
             assert_eq!(value(&m.l1_counters.1), 3 << 20);
         })
         .await;
+    }
+
+    #[test]
+    fn the_buffer_budget_lends_up_to_its_size_then_counts_fallbacks() {
+        let b = BufferBudget::new(2);
+        assert!(b.reserve());
+        assert!(b.reserve());
+        assert!(!b.reserve(), "a third buffer is over the budget");
+        assert_eq!(b.fallbacks.load(Ordering::Relaxed), 1);
+        assert_eq!(b.lent.load(Ordering::Relaxed), 2);
+        b.release();
+        assert!(b.reserve(), "a released buffer can be lent again");
+        assert_eq!(b.lent.load(Ordering::Relaxed), 2);
+        assert_eq!(b.fallbacks.load(Ordering::Relaxed), 1);
+    }
+
+    /// With the daemon's budget down to one buffer, the four directions of
+    /// an L1 + L2 relay pair mostly run on fallback buffers: the bytes still
+    /// arrive intact and the fallbacks are counted. (Other tests running
+    /// meanwhile may fall back too; that changes only their speed.)
+    #[tokio::test]
+    async fn a_spent_buffer_budget_slows_relays_down_but_loses_nothing() {
+        let before = BUDGET.fallbacks.load(Ordering::Relaxed);
+        set_buffer_budget(0);
+        assert_eq!(BUDGET.buffers.load(Ordering::Relaxed), 1);
+        let outcome = within(async {
+            let m = mesh().await;
+            let up = pattern(3, 2 << 20);
+            let down = pattern(4, 2 << 20);
+            let (at_server, at_client) = tokio::join!(
+                exchange(m.server, down.clone()),
+                exchange(m.client, up.clone())
+            );
+            let stats = (result(m.l1).await, result(m.l2).await);
+            (at_server == up, at_client == down, stats)
+        })
+        .await;
+        set_buffer_budget(DEFAULT_BUFFER_BUDGET_MIB);
+        let (up_ok, down_ok, (l1, l2)) = outcome;
+        assert!(up_ok && down_ok, "bytes differ through fallback buffers");
+        assert_eq!(l1.expect("l1").a_to_b, 2 << 20);
+        assert_eq!(l2.expect("l2").a_to_b, 2 << 20);
+        assert!(
+            BUDGET.fallbacks.load(Ordering::Relaxed) > before,
+            "four busy directions on a budget of one buffer fell back"
+        );
     }
 
     #[tokio::test]
