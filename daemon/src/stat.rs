@@ -4,7 +4,8 @@
 //! Owns the sampling (two scrapes of every daemon an interval apart), the
 //! arithmetic that turns the counters into a window's rates per edge
 //! (traffic, success, bytes, duration percentiles, mTLS) and per daemon
-//! (pods, active connections, tunnels, certificate expiry), and the tables.
+//! (pods, active connections, tunnels, certificate expiry, connections
+//! refused by admission limits, relay buffer memory), and the tables.
 //! Pure functions over [`Sample`]s ([`window`], [`render`]); the scrape is
 //! [`crate::admin_client`].
 
@@ -90,6 +91,14 @@ pub struct DaemonStats {
     pub tunnels: f64,
     /// Days until its earliest certificate expires, if it reports one.
     pub cert_days: Option<f64>,
+    /// Connections refused by its admission limits per second in the
+    /// window (`nodemesh_connections_limited_total`).
+    pub limited_per_s: f64,
+    /// Bytes of relay buffers lent to busy connections now.
+    pub relay_buffer_bytes: f64,
+    /// Busy connection directions per second that found the relay buffer
+    /// budget spent in the window.
+    pub fallbacks_per_s: f64,
 }
 
 /// A counter's increase from `before` to `after` (a restarted daemon's
@@ -204,9 +213,20 @@ pub fn window(
     edges
 }
 
-/// A daemon's gauges from its page.
-pub fn daemon(addr: SocketAddr, page: &[Sample], now_unix: f64) -> DaemonStats {
+/// A daemon's gauges from its page at the end of a `secs` window, and its
+/// rates over the window from the page at its start (`before`).
+pub fn daemon(
+    addr: SocketAddr,
+    before: &[Sample],
+    page: &[Sample],
+    secs: f64,
+    now_unix: f64,
+) -> DaemonStats {
     let sum = |name| promtext::sum(page, name, &[]);
+    let rate = |name| {
+        let b = promtext::sum(before, name, &[]);
+        increase(b, sum(name)) / secs.max(f64::MIN_POSITIVE)
+    };
     let cert_days = page
         .iter()
         .filter(|s| s.name == crate::identity::reload::CERT_EXPIRY_METRIC)
@@ -218,10 +238,14 @@ pub fn daemon(addr: SocketAddr, page: &[Sample], now_unix: f64) -> DaemonStats {
         active: sum(m::CONNECTIONS_ACTIVE),
         tunnels: sum(m::TUNNELS_OPEN),
         cert_days,
+        limited_per_s: rate(m::CONNECTIONS_LIMITED),
+        relay_buffer_bytes: sum(m::RELAY_BUFFER_BYTES),
+        fallbacks_per_s: rate(m::RELAY_BUFFER_FALLBACKS),
     }
 }
 
-fn bytes(v: f64) -> String {
+/// `v` bytes in binary units: `1.5 MiB`.
+fn size(v: f64) -> String {
     let units = ["B", "KiB", "MiB", "GiB"];
     let mut v = v;
     let mut i = 0;
@@ -229,7 +253,11 @@ fn bytes(v: f64) -> String {
         v /= 1024.0;
         i += 1;
     }
-    format!("{v:.1} {}/s", units[i])
+    format!("{v:.1} {}", units[i])
+}
+
+fn bytes(v: f64) -> String {
+    format!("{}/s", size(v))
 }
 
 fn seconds(v: f64) -> String {
@@ -317,8 +345,15 @@ pub fn render(
     }
     let _ = writeln!(
         out,
-        "\n{:<22}  {:>5}  {:>7}  {:>7}  {:>13}",
-        "DAEMON", "PODS", "ACTIVE", "TUNNELS", "CERT EXPIRES"
+        "\n{:<22}  {:>5}  {:>7}  {:>7}  {:>13}  {:>9}  {:>10}  {:>10}",
+        "DAEMON",
+        "PODS",
+        "ACTIVE",
+        "TUNNELS",
+        "CERT EXPIRES",
+        "LIMITED/s",
+        "RELAY BUF",
+        "FALLBACK/s"
     );
     for d in daemons {
         let cert = d
@@ -326,12 +361,15 @@ pub fn render(
             .map_or("-".into(), |days| format!("in {days:.1} d"));
         let _ = writeln!(
             out,
-            "{:<22}  {:>5.0}  {:>7.0}  {:>7.0}  {:>13}",
+            "{:<22}  {:>5.0}  {:>7.0}  {:>7.0}  {:>13}  {:>9.1}  {:>10}  {:>10.1}",
             d.addr.to_string(),
             d.pods,
             d.active,
             d.tunnels,
-            cert
+            cert,
+            d.limited_per_s,
+            size(d.relay_buffer_bytes),
+            d.fallbacks_per_s
         );
     }
     out
@@ -397,8 +435,8 @@ pub fn run(
         let now = now_unix();
         let daemons: Vec<_> = addrs
             .iter()
-            .zip(&after)
-            .map(|(a, page)| daemon(*a, page, now))
+            .zip(before.iter().zip(&after))
+            .map(|(a, (b, page))| daemon(*a, b, page, secs, now))
             .collect();
         if clear {
             print!("\x1b[2J\x1b[H");
@@ -558,13 +596,35 @@ mod tests {
                 86_400.0 * 30.0,
             ),
         ];
+        let limited = |v: f64, workload: &str| {
+            s(
+                m::CONNECTIONS_LIMITED,
+                &[("limit", "pod"), ("workload", workload)],
+                v,
+            )
+        };
+        let before = vec![limited(4.0, "a"), s(m::RELAY_BUFFER_FALLBACKS, &[], 10.0)];
+        let mut page = page;
+        page.extend([
+            limited(10.0, "a"),
+            limited(2.0, "b"),
+            s(m::RELAY_BUFFER_FALLBACKS, &[], 30.0),
+            s(m::RELAY_BUFFER_BYTES, &[], 3.0 * 1024.0 * 1024.0),
+        ]);
         let addr: SocketAddr = "10.0.0.1:15020".parse().expect("addr");
-        let d = daemon(addr, &page, 86_400.0 * 2.0);
+        let d = daemon(addr, &before, &page, 2.0, 86_400.0 * 2.0);
         assert_eq!((d.pods, d.active, d.tunnels), (3.0, 7.0, 2.0));
         assert_eq!(d.cert_days, Some(10.0));
+        // (10 + 2 - 4) refusals and (30 - 10) fallbacks in 2 s.
+        assert_eq!((d.limited_per_s, d.fallbacks_per_s), (4.0, 10.0));
+        assert_eq!(d.relay_buffer_bytes, 3.0 * 1024.0 * 1024.0);
         let text = render(&BTreeMap::new(), &[d], 1.0, Side::Destination);
         assert!(text.contains("10.0.0.1:15020"), "{text}");
         assert!(text.contains("in 10.0 d"), "{text}");
+        assert!(
+            text.contains("LIMITED/s") && text.contains("3.0 MiB"),
+            "{text}"
+        );
     }
 
     #[test]
