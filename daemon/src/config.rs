@@ -109,7 +109,7 @@ pub struct LimitsConfig {
     pub max_connections_per_pod: usize,
     /// Connections the daemon proxies at once in all (outbound, plaintext
     /// inbound, tunnel streams from peers). Default 65536: about 250 MiB of
-    /// daemon memory at the ~3.8 KiB an idle connection costs (two file
+    /// daemon memory at the ~4 KiB an idle connection costs (two file
     /// descriptors at most each), more while connections move data.
     pub max_connections: usize,
     /// Memory, in MiB, of the 64 KiB relay buffers lent at once to
