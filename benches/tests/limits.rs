@@ -113,6 +113,23 @@ fn a_pod_at_its_limit_is_reset_while_its_neighbour_connects_and_the_daemon_limit
     let n1 = metrics(&lab, 1);
     let pod_refusals = |samples: &[Sample]| limited(samples, "pod", "outbound", &noisy.name);
     assert_eq!(pod_refusals(&n1), 1.0);
+    // `/config_dump` shows the limits and how close the daemon and each pod are.
+    let dump: serde_json::Value =
+        serde_json::from_str(&lab.admin_get(1, "/config_dump").expect("config_dump").body)
+            .expect("config_dump JSON");
+    let limits = &dump["limits"];
+    assert_eq!(limits["max_connections_per_pod"], 6, "{limits}");
+    assert_eq!(limits["max_connections"], 10, "{limits}");
+    assert_eq!(limits["open_connections"], 6, "{limits}");
+    assert_eq!(limits["relay_buffer_budget_bytes"], 256 << 20, "{limits}");
+    let open_of = |p: &PodHandle| {
+        dump["local_pods"]
+            .as_array()
+            .and_then(|pods| pods.iter().find(|d| d["name"] == p.name.as_str()))
+            .map(|d| d["open_connections"].clone())
+    };
+    assert_eq!(open_of(&noisy), Some(6.into()), "{dump}");
+    assert_eq!(open_of(&neighbour), Some(0.into()), "{dump}");
     // 2. Its neighbour is not starved.
     let mut neighbour_conns = vec![open(&neighbour, remote_addr)];
     neighbour_conns.push(open(&neighbour, remote_addr));

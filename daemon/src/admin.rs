@@ -7,10 +7,11 @@
 //!   first discovery sync are in place and the daemon is not draining nor
 //!   handing over (`handover: successor starting (pid N)`); otherwise 503
 //!   with one reason per line.
-//! - `GET /config_dump`: JSON of the node, its registered pods, its tunnels
-//!   (each pooled connection: peer, who dialled it, state, open streams)
-//!   and its hand-over state (`handover`: `pid`, `cid_tag`, `phase`,
-//!   `peer_pid`).
+//! - `GET /config_dump`: JSON of the node, its registered pods (each with
+//!   its open outbound connections), its tunnels (each pooled connection:
+//!   peer, who dialled it, state, open streams), its hand-over state
+//!   (`handover`: `pid`, `cid_tag`, `phase`, `peer_pid`) and its admission
+//!   limits with their use now (`limits`).
 //!
 //! Owns [`Readiness`], the flags those conditions are read from.
 
@@ -147,6 +148,8 @@ pub struct AdminState {
     pub tunnels: Arc<Tunnels>,
     /// Hand-over state, for `/config_dump`.
     pub handover: Arc<handover::Status>,
+    /// Admission limits, for `/config_dump`.
+    pub limits: Arc<crate::limits::Limits>,
 }
 
 /// Serves the admin endpoints on `listener` until `shutdown`, or until
@@ -297,11 +300,7 @@ fn route<B>(state: &AdminState, req: Request<B>) -> Response<Full<Bytes>> {
                 )
             }
         }
-        "/config_dump" => text(
-            StatusCode::OK,
-            config_dump(&state.registry, &state.tunnels, &state.handover),
-            "application/json",
-        ),
+        "/config_dump" => text(StatusCode::OK, config_dump(state), "application/json"),
         "/debug/tunnels" => text(
             StatusCode::OK,
             tunnels_json(&state.tunnels.snapshot()).to_string(),
@@ -321,7 +320,8 @@ fn route<B>(state: &AdminState, req: Request<B>) -> Response<Full<Bytes>> {
     }
 }
 
-fn config_dump(registry: &Registry, tunnels: &Tunnels, handover: &handover::Status) -> String {
+fn config_dump(state: &AdminState) -> String {
+    let (registry, limits) = (&state.registry, &state.limits);
     let snap = registry.snapshot();
     let (nodes, pod_ips) = snap.counts();
     let pods: Vec<serde_json::Value> = registry
@@ -335,6 +335,7 @@ fn config_dump(registry: &Registry, tunnels: &Tunnels, handover: &handover::Stat
                 "ips": p.ips,
                 "netns": p.netns.path(),
                 "client_address": p.client_address,
+                "open_connections": p.conns.open(),
             })
         })
         .collect();
@@ -342,10 +343,23 @@ fn config_dump(registry: &Registry, tunnels: &Tunnels, handover: &handover::Stat
         "node": registry.node_name(),
         "discovery": {"generation": snap.generation, "nodes": nodes, "pod_ips": pod_ips},
         "local_pods": pods,
-        "tunnels": tunnels_json(&tunnels.snapshot()),
-        "handover": handover.to_json(),
+        "tunnels": tunnels_json(&state.tunnels.snapshot()),
+        "handover": state.handover.to_json(),
+        "limits": limits_json(limits),
     })
     .to_string()
+}
+
+/// The admission limits and the relay buffer budget, with their use now.
+fn limits_json(limits: &crate::limits::Limits) -> serde_json::Value {
+    let (lent, budget) = crate::relay::buffer_use();
+    serde_json::json!({
+        "max_connections_per_pod": limits.per_pod(),
+        "max_connections": limits.total(),
+        "open_connections": limits.open(),
+        "relay_buffer_bytes": lent,
+        "relay_buffer_budget_bytes": budget,
+    })
 }
 
 fn tunnels_json(tunnels: &[TunnelInfo]) -> serde_json::Value {

@@ -366,6 +366,7 @@ impl Daemon {
                 registry,
                 tunnels: proxy.tunnels.clone(),
                 handover: status.clone(),
+                limits: proxy.limits.clone(),
             },
             stopped.clone(),
             admin_hand_off.clone(),

@@ -136,6 +136,16 @@ impl Limits {
         }
     }
 
+    /// The per-pod limit (`limits.max_connections_per_pod`).
+    pub fn per_pod(&self) -> usize {
+        self.per_pod
+    }
+
+    /// The daemon's limit (`limits.max_connections`).
+    pub fn total(&self) -> usize {
+        self.total
+    }
+
     /// Connections open through the daemon now.
     pub fn open(&self) -> usize {
         self.open.load(Ordering::Relaxed)

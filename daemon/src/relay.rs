@@ -271,10 +271,17 @@ pub fn set_buffer_budget(mib: usize) {
     );
 }
 
+/// Bytes of relay buffers lent now, and the budget.
+pub fn buffer_use() -> (usize, usize) {
+    (
+        BUDGET.lent.load(Ordering::Relaxed) * RELAY_BUFFER_SIZE,
+        BUDGET.buffers.load(Ordering::Relaxed) * RELAY_BUFFER_SIZE,
+    )
+}
+
 /// Publishes the relay buffer gauge and fallback counter (at each scrape).
 pub fn export_buffer_metrics() {
-    metrics::gauge!(crate::metrics::RELAY_BUFFER_BYTES)
-        .set((BUDGET.lent.load(Ordering::Relaxed) * RELAY_BUFFER_SIZE) as f64);
+    metrics::gauge!(crate::metrics::RELAY_BUFFER_BYTES).set(buffer_use().0 as f64);
     metrics::counter!(crate::metrics::RELAY_BUFFER_FALLBACKS)
         .absolute(BUDGET.fallbacks.load(Ordering::Relaxed));
 }
