@@ -31,7 +31,7 @@ use crate::policy::{
     parse_workload_identity, verify_source, Client, Decision, LiveConn, LiveGuard, Peer,
     REASON_PLAINTEXT_REFUSED, REASON_POLICY_DENIED,
 };
-use crate::proxy::{Proxy, REASON_DRAINING};
+use crate::proxy::{Proxy, Workload, REASON_DRAINING};
 use crate::relay::{self, reset_tcp, RelayStats};
 use crate::tunnel::header::{read_header, Status, StatusCode};
 use crate::tunnel::{reset_code, StreamGuard, Tunnel};
@@ -471,6 +471,21 @@ async fn write_status(
 
 /// Serves one connection accepted on a pod's inbound plaintext listener
 /// (`:15006`): traffic that reaches a meshed pod from outside the mesh.
+/// The labels of a plaintext connection from `client` (outside the mesh)
+/// into the local pod of workload `dst`.
+pub(crate) fn plaintext_edge(proxy: &Proxy, dst: &Workload, client: SocketAddr) -> Edge {
+    let (src_namespace, src_workload) = proxy.describe_ip(client.ip());
+    Edge {
+        reporter: Reporter::Destination,
+        src_namespace,
+        src_workload,
+        dst_namespace: dst.namespace.clone(),
+        dst_workload: dst.workload.clone(),
+        tls: false,
+        route: RouteLabel::Plaintext,
+    }
+}
+
 pub(crate) async fn plaintext(proxy: &Proxy, pod: &LocalPod, tcp: TcpStream, client: SocketAddr) {
     let _guard = proxy.tracker.track();
     set_nodelay(&tcp);
@@ -487,17 +502,7 @@ pub(crate) async fn plaintext(proxy: &Proxy, pod: &LocalPod, tcp: TcpStream, cli
             return;
         }
     };
-    let (src_namespace, src_workload) = proxy.describe_ip(client.ip());
-    let dst_w = proxy.workload_of(pod);
-    let edge = Edge {
-        reporter: Reporter::Destination,
-        src_namespace,
-        src_workload,
-        dst_namespace: dst_w.namespace,
-        dst_workload: dst_w.workload,
-        tls: false,
-        route: RouteLabel::Plaintext,
-    };
+    let edge = plaintext_edge(proxy, &proxy.workload_of(pod), client);
     // Registered first, then checked on the newest snapshot (see handle_stream).
     let live = proxy.registry.live().register(LiveConn {
         dst,

@@ -164,6 +164,15 @@ pub enum Route {
 }
 
 impl Route {
+    /// The label of the route the registry resolved a destination to.
+    pub fn of(route: &crate::registry::Route) -> Self {
+        match route {
+            crate::registry::Route::Local(_) => Self::Local,
+            crate::registry::Route::Remote { .. } => Self::Tunnel,
+            crate::registry::Route::Passthrough => Self::Passthrough,
+        }
+    }
+
     /// Label value.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -215,6 +224,13 @@ impl Edge {
             Label::new("tls", if self.tls { "true" } else { "false" }),
             Label::new("route", self.route.as_str()),
         ]
+    }
+
+    /// Labels the connection with the route it takes (`tls` when over the
+    /// tunnel).
+    pub fn set_route(&mut self, route: &crate::registry::Route) {
+        self.route = Route::of(route);
+        self.tls = self.route == Route::Tunnel;
     }
 
     /// Counts the opening and returns the byte counters.

@@ -51,23 +51,13 @@ pub(crate) async fn handle(proxy: &Proxy, pod: &LocalPod, tcp: TcpStream, client
     }
     let src = proxy.workload_of(pod);
     let route = proxy.registry.resolve(dst.ip());
-    let (dst_namespace, dst_workload) = proxy.describe_ip(dst.ip());
-    let mut edge = Edge {
-        reporter: Reporter::Source,
-        src_namespace: src.namespace.clone(),
-        src_workload: src.workload.clone(),
-        dst_namespace,
-        dst_workload,
-        tls: false,
-        route: RouteLabel::Passthrough,
-    };
+    let edge = edge_to(proxy, &src, dst, &route);
     tracing::Span::current().record("server.addr", tracing::field::display(dst));
     // Each route's future is boxed: the connection's task then holds only
     // the state of the route it took (sized exactly), not the largest of all
     // of them for the whole life of the connection.
     match route {
         Route::Local(dst_pod) => {
-            edge.route = RouteLabel::Local;
             // This node is L2 too: the same policy applies.
             let live = match inbound::admit_local(proxy, &edge, pod, client, &dst_pod, dst) {
                 Ok(l) => l,
@@ -91,8 +81,6 @@ pub(crate) async fn handle(proxy: &Proxy, pod: &LocalPod, tcp: TcpStream, client
             .await
         }
         Route::Remote { node, addr } => {
-            edge.route = RouteLabel::Tunnel;
-            edge.tls = true;
             Box::pin(
                 tunnel(proxy, &edge, &src, tcp, client, dst, &node, addr)
                     .instrument(info_span!("tunnel", peer.node = %node)),
@@ -100,6 +88,23 @@ pub(crate) async fn handle(proxy: &Proxy, pod: &LocalPod, tcp: TcpStream, client
             .await
         }
     }
+}
+
+/// The labels of a connection from the local workload `src` to `dst` (not a
+/// Service) along `route`.
+pub(crate) fn edge_to(proxy: &Proxy, src: &Workload, dst: SocketAddr, route: &Route) -> Edge {
+    let (dst_namespace, dst_workload) = proxy.describe_ip(dst.ip());
+    let mut edge = Edge {
+        reporter: Reporter::Source,
+        src_namespace: src.namespace.clone(),
+        src_workload: src.workload.clone(),
+        dst_namespace,
+        dst_workload,
+        tls: false,
+        route: RouteLabel::Passthrough,
+    };
+    edge.set_route(route);
+    edge
 }
 
 /// Tunnels a connection to a pod on another node. The header goes out in

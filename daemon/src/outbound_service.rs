@@ -49,15 +49,7 @@ pub async fn handle(
     let src = proxy.workload_of(pod);
     let span = tracing::Span::current();
     span.record("server.addr", tracing::field::display(dst));
-    let mut edge = Edge {
-        reporter: Reporter::Source,
-        src_namespace: src.namespace.clone(),
-        src_workload: src.workload.clone(),
-        dst_namespace: service.namespace.clone(),
-        dst_workload: m::UNKNOWN.to_owned(),
-        tls: false,
-        route: RouteLabel::Passthrough,
-    };
+    let mut edge = edge_to(&src, &service);
     let balancer = proxy.registry.services();
     let mut tried: Vec<SocketAddr> = Vec::with_capacity(MAX_ATTEMPTS);
     let mut last: Option<Failure> = None;
@@ -129,6 +121,21 @@ pub async fn handle(
     }
 }
 
+/// The labels of a connection from the local workload `src` to `service`
+/// before an endpoint is picked (its workload `unknown`, its route not known
+/// yet).
+pub(crate) fn edge_to(src: &Workload, service: &ServiceTarget) -> Edge {
+    Edge {
+        reporter: Reporter::Source,
+        src_namespace: src.namespace.clone(),
+        src_workload: src.workload.clone(),
+        dst_namespace: service.namespace.clone(),
+        dst_workload: m::UNKNOWN.to_owned(),
+        tls: false,
+        route: RouteLabel::Passthrough,
+    }
+}
+
 /// Connects to `endpoint` along its route; sets `edge.route`/`edge.tls`.
 async fn connect(
     proxy: &Proxy,
@@ -139,20 +146,11 @@ async fn connect(
     edge: &mut Edge,
 ) -> Result<Connected, Failure> {
     let route = proxy.registry.resolve(endpoint.ip());
+    edge.set_route(&route);
     let connected = match route {
-        Route::Local(dst_pod) => {
-            edge.route = RouteLabel::Local;
-            edge.tls = false;
-            proxy.connect_into(&dst_pod, client.ip(), endpoint).await
-        }
-        Route::Passthrough => {
-            edge.route = RouteLabel::Passthrough;
-            edge.tls = false;
-            proxy.connect(&pod.netns, endpoint).await
-        }
+        Route::Local(dst_pod) => proxy.connect_into(&dst_pod, client.ip(), endpoint).await,
+        Route::Passthrough => proxy.connect(&pod.netns, endpoint).await,
         Route::Remote { node, addr } => {
-            edge.route = RouteLabel::Tunnel;
-            edge.tls = true;
             return open_stream(proxy, src, client, endpoint, &node, addr)
                 .instrument(info_span!("tunnel", peer.node = %node))
                 .await

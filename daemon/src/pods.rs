@@ -28,8 +28,7 @@ use crate::config::ClientAddressConfig;
 use crate::limits::{PodConns, Refusal};
 use crate::metrics as m;
 use crate::netns::{listen_in, original_dst, return_path_sysctls, NetSysctl, Netns, SocketFactory};
-use crate::proxy::Proxy;
-use crate::registry::Route;
+use crate::proxy::{Proxy, Workload};
 use crate::relay::reset_tcp;
 use crate::rtnl::ReturnPath;
 use crate::{access_log, handover, inbound, outbound, reuseport};
@@ -623,11 +622,11 @@ fn refuse(
     kind: Listener,
     refusal: Refusal,
 ) {
+    let w = proxy.workload_of(pod);
     let edge = access_log::enabled()
-        .then(|| refused_edge(proxy, pod, &tcp, client, kind))
+        .then(|| refused_edge(proxy, &w, &tcp, client, kind))
         .flatten();
     reset_tcp(tcp);
-    let w = proxy.workload_of(pod);
     let listener = match kind {
         Listener::Outbound => "outbound",
         Listener::Plaintext => "plaintext",
@@ -645,59 +644,24 @@ fn refuse(
     }
 }
 
-/// The labels of a connection refused at accept, for its access log line:
-/// those its handler would have given it, as far as they are known before
-/// an endpoint is picked (a Service's workload stays `unknown`). `None` when
+/// The labels of a connection of the local pod of workload `pod_w` refused
+/// at accept, for its access log line: those its handler would have given
+/// it, as far as they are known before an endpoint is picked. `None` when
 /// the original destination cannot be read.
 fn refused_edge(
     proxy: &Proxy,
-    pod: &LocalPod,
+    pod_w: &Workload,
     tcp: &TcpStream,
     client: SocketAddr,
     kind: Listener,
 ) -> Option<m::Edge> {
     let dst = original_dst(tcp).ok()?;
-    let pod_w = proxy.workload_of(pod);
     Some(match kind {
-        Listener::Outbound => {
-            let (dst_namespace, dst_workload, route) = match proxy.registry.services().lookup(dst) {
-                Some(service) => (
-                    service.namespace.clone(),
-                    m::UNKNOWN.to_owned(),
-                    m::Route::Passthrough,
-                ),
-                None => {
-                    let (ns, w) = proxy.describe_ip(dst.ip());
-                    let route = match proxy.registry.resolve(dst.ip()) {
-                        Route::Local(_) => m::Route::Local,
-                        Route::Remote { .. } => m::Route::Tunnel,
-                        Route::Passthrough => m::Route::Passthrough,
-                    };
-                    (ns, w, route)
-                }
-            };
-            m::Edge {
-                reporter: m::Reporter::Source,
-                src_namespace: pod_w.namespace,
-                src_workload: pod_w.workload,
-                dst_namespace,
-                dst_workload,
-                tls: route == m::Route::Tunnel,
-                route,
-            }
-        }
-        Listener::Plaintext => {
-            let (src_namespace, src_workload) = proxy.describe_ip(client.ip());
-            m::Edge {
-                reporter: m::Reporter::Destination,
-                src_namespace,
-                src_workload,
-                dst_namespace: pod_w.namespace,
-                dst_workload: pod_w.workload,
-                tls: false,
-                route: m::Route::Plaintext,
-            }
-        }
+        Listener::Outbound => match proxy.registry.services().lookup(dst) {
+            Some(service) => crate::outbound_service::edge_to(pod_w, &service),
+            None => outbound::edge_to(proxy, pod_w, dst, &proxy.registry.resolve(dst.ip())),
+        },
+        Listener::Plaintext => inbound::plaintext_edge(proxy, pod_w, client),
     })
 }
 

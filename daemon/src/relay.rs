@@ -286,9 +286,9 @@ pub fn export_buffer_metrics() {
         .absolute(BUDGET.fallbacks.load(Ordering::Relaxed));
 }
 
-/// A reservation of one full-size buffer in the budget for the TCP → stream
-/// direction (whose buffer is a `BytesMut` handed on to quinn); released on
-/// drop.
+/// A reservation of one full-size buffer in the budget, or none when the
+/// budget is spent; released on drop. The TCP → stream direction holds one
+/// for the `BytesMut` it hands on to quinn, [`Lent`] one for its buffer.
 struct Reserved(bool);
 
 impl Reserved {
@@ -325,41 +325,42 @@ pub const POOLED_BUFFERS: usize = 8;
 /// A relay buffer lent to one direction while it has data to move: a full
 /// one within the budget, back to the pool when dropped, or a small one when
 /// the budget is spent.
-struct Lent(Option<Box<[u8]>>);
+struct Lent {
+    buf: Box<[u8]>,
+    reserved: Reserved,
+}
 
 impl Lent {
     fn take() -> Self {
-        if !BUDGET.reserve() {
-            return Self(Some(vec![0u8; FALLBACK_BUFFER_SIZE].into_boxed_slice()));
-        }
-        let pooled = match POOL.lock() {
-            Ok(mut p) => p.pop(),
-            Err(p) => p.into_inner().pop(),
+        let reserved = Reserved::take();
+        let pooled = if reserved.0 {
+            match POOL.lock() {
+                Ok(mut p) => p.pop(),
+                Err(p) => p.into_inner().pop(),
+            }
+        } else {
+            None
         };
-        Self(Some(pooled.unwrap_or_else(|| {
-            vec![0u8; RELAY_BUFFER_SIZE].into_boxed_slice()
-        })))
+        let buf = pooled.unwrap_or_else(|| vec![0u8; reserved.size()].into_boxed_slice());
+        Self { buf, reserved }
     }
 
     fn buf(&mut self) -> &mut [u8] {
-        self.0.as_deref_mut().unwrap_or_default()
+        &mut self.buf
     }
 }
 
 impl Drop for Lent {
     fn drop(&mut self) {
-        if let Some(b) = self.0.take() {
-            if b.len() != RELAY_BUFFER_SIZE {
-                return;
-            }
-            BUDGET.release();
-            let mut pool = match POOL.lock() {
-                Ok(p) => p,
-                Err(p) => p.into_inner(),
-            };
-            if pool.len() < POOLED_BUFFERS {
-                pool.push(b);
-            }
+        if !self.reserved.0 {
+            return;
+        }
+        let mut pool = match POOL.lock() {
+            Ok(p) => p,
+            Err(p) => p.into_inner(),
+        };
+        if pool.len() < POOLED_BUFFERS {
+            pool.push(std::mem::take(&mut self.buf));
         }
     }
 }
@@ -870,6 +871,21 @@ mod tests {
         got
     }
 
+    /// `up` from `client` and `down` from `server` at once, each side then
+    /// shutting down its writes; returns what the server and the client
+    /// received.
+    async fn exchange_both(
+        client: TcpStream,
+        server: TcpStream,
+        up: &[u8],
+        down: &[u8],
+    ) -> (Vec<u8>, Vec<u8>) {
+        tokio::join!(
+            exchange(server, down.to_vec()),
+            exchange(client, up.to_vec())
+        )
+    }
+
     /// Reads until the connection fails; a clean EOF is a test failure.
     async fn read_until_error(stream: &mut TcpStream) -> io::Error {
         let mut buf = [0u8; 4096];
@@ -912,10 +928,7 @@ mod tests {
             let m = mesh().await;
             let up = pattern(1, 4 << 20);
             let down = pattern(2, 3 << 20);
-            let (at_server, at_client) = tokio::join!(
-                exchange(m.server, down.clone()),
-                exchange(m.client, up.clone())
-            );
+            let (at_server, at_client) = exchange_both(m.client, m.server, &up, &down).await;
             assert!(at_server == up, "client → server bytes differ");
             assert!(at_client == down, "server → client bytes differ");
 
@@ -968,10 +981,7 @@ mod tests {
             let m = mesh().await;
             let up = pattern(3, 2 << 20);
             let down = pattern(4, 2 << 20);
-            let (at_server, at_client) = tokio::join!(
-                exchange(m.server, down.clone()),
-                exchange(m.client, up.clone())
-            );
+            let (at_server, at_client) = exchange_both(m.client, m.server, &up, &down).await;
             let stats = (result(m.l1).await, result(m.l2).await);
             (at_server == up, at_client == down, stats)
         })
@@ -1247,10 +1257,7 @@ mod tests {
             let d = direct().await;
             let up = pattern(4, 5 << 20);
             let down = pattern(5, 3 << 20);
-            let (at_server, at_client) = tokio::join!(
-                exchange(d.server, down.clone()),
-                exchange(d.client, up.clone())
-            );
+            let (at_server, at_client) = exchange_both(d.client, d.server, &up, &down).await;
             assert!(at_server == up, "client → server bytes differ");
             assert!(at_client == down, "server → client bytes differ");
             let stats = result(d.relay).await.expect("relay");
