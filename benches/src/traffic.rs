@@ -137,6 +137,45 @@ pub fn send_pattern(w: &mut impl Write, seed: u64, len: u64) -> std::io::Result<
     Ok(finish(ctx))
 }
 
+/// Writes the stream of `seed` to `w` until `stop` is set (checked between
+/// 64 KiB writes, so a write blocked by a reader that holds back ends once
+/// that reader reads); returns the bytes written and their hash. For tests
+/// that need the mesh's buffers full however large they are.
+pub fn send_pattern_until(
+    w: &mut impl Write,
+    seed: u64,
+    stop: &std::sync::atomic::AtomicBool,
+) -> std::io::Result<(u64, Hash)> {
+    let mut pattern = Pattern::new(seed);
+    let mut ctx = Context::new(&SHA256);
+    let mut buf = vec![0u8; CHUNK];
+    let mut sent = 0u64;
+    while !stop.load(std::sync::atomic::Ordering::Acquire) {
+        pattern.fill(&mut buf);
+        ctx.update(&buf);
+        w.write_all(&buf)?;
+        sent += CHUNK as u64;
+    }
+    Ok((sent, finish(ctx)))
+}
+
+/// Reads `stream` to EOF; returns the bytes read and their hash. Gives up
+/// after [`IO_TIMEOUT`] without data.
+pub fn read_hashed(stream: &mut TcpStream) -> std::io::Result<(u64, Hash)> {
+    stream.set_read_timeout(Some(IO_TIMEOUT))?;
+    let mut ctx = Context::new(&SHA256);
+    let mut buf = vec![0u8; CHUNK];
+    let mut received = 0u64;
+    loop {
+        let n = read_retrying(stream, &mut buf)?;
+        if n == 0 {
+            return Ok((received, finish(ctx)));
+        }
+        ctx.update(&buf[..n]);
+        received += n as u64;
+    }
+}
+
 /// What the server saw on one connection.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServerReport {
@@ -150,20 +189,8 @@ pub struct ServerReport {
 
 /// Serves one connection: read to EOF, reply `reply_len` bytes + hash, close.
 pub fn serve_connection(mut stream: TcpStream, reply_len: u64) -> std::io::Result<ServerReport> {
-    stream.set_read_timeout(Some(IO_TIMEOUT))?;
     stream.set_write_timeout(Some(IO_TIMEOUT))?;
-    let mut ctx = Context::new(&SHA256);
-    let mut buf = vec![0u8; CHUNK];
-    let mut received = 0u64;
-    loop {
-        let n = read_retrying(&mut stream, &mut buf)?;
-        if n == 0 {
-            break;
-        }
-        ctx.update(&buf[..n]);
-        received += n as u64;
-    }
-    let hash = finish(ctx);
+    let (received, hash) = read_hashed(&mut stream)?;
     send_pattern(&mut stream, SERVER_SEED, reply_len)?;
     stream.write_all(&hash)?;
     stream.shutdown(Shutdown::Write)?;

@@ -10,13 +10,15 @@
 //! the limit that made it.
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use nodemesh_lab::bench::load::Echo;
 use nodemesh_lab::dashboard;
 use nodemesh_lab::lab::{Lab, LabOptions, PodHandle};
 use nodemesh_lab::metrics::{sum, Sample};
+use nodemesh_lab::traffic::{accept_retrying, read_hashed, send_pattern_until, Hash, IO_TIMEOUT};
 
 const PORT: u16 = 7300;
 
@@ -288,43 +290,123 @@ fn a_tunnel_out_of_streams_resets_new_connections_after_the_connect_timeout() {
 }
 
 /// A relay buffer budget of 1 MiB (16 buffers of 64 KiB) on both daemons,
-/// and 48 connections moving 1 MiB each way at once, across nodes and within
-/// a node (the copy relay, which borrows buffers; splice does not): every
-/// byte arrives, the directions that found the budget spent are counted, and
-/// once the connections are done no buffer stays lent.
+/// and 20 connections across nodes plus 20 within n1 (the copy relay, which
+/// borrows buffers; splice does not) whose clients write without pause to
+/// servers that hold back reading. Each direction blocked mid-write holds
+/// its buffer, so each daemon soon has more of them than buffers: it lends
+/// all 16 and counts the rest as fallbacks. Then the servers read: every
+/// byte arrives intact, and once the connections are done no buffer stays
+/// lent.
 #[test]
 fn a_spent_relay_buffer_budget_slows_busy_connections_but_loses_no_byte() {
+    const BUDGET_BYTES: f64 = (1u64 << 20) as f64;
+    const EACH: usize = 20;
     let mut lab = Lab::up(LabOptions::for_test(2, 2)).expect("lab up");
     for node in [1, 2] {
         lab.update_config(node, |c| {
             c.limits.relay_buffer_memory_mib = 1;
             c.tcp_relay = nodemesh::relay_splice::TcpRelay::Copy;
+            // 20 streams x 64 KiB fit the 8 MiB connection window, so every
+            // stream gets data (with 2 MiB each, four streams fill it and
+            // the others wait without a buffer).
+            c.tunnel.stream_window = 64 << 10;
         })
         .expect("config");
         lab.restart_daemon(node).expect("restart");
     }
     let (a1, a2) = (lab.pod(1, 1).expect("n1-p1"), lab.pod(1, 2).expect("n1-p2"));
     let b1 = lab.pod(2, 1).expect("n2-p1");
-    lab.transfer(&a1, &b1, 0, 1024).expect("tunnel up");
+    let stop = AtomicBool::new(false);
+    let budget = |node: usize| {
+        let m = metrics(&lab, node);
+        (
+            sum(&m, "nodemesh_relay_buffer_bytes", &[]),
+            sum(&m, "nodemesh_relay_buffer_fallbacks_total", &[]),
+        )
+    };
     std::thread::scope(|s| {
-        let cross = s.spawn(|| lab.transfer_many(&a1, &b1, 0, 32, 1 << 20));
-        let same = s.spawn(|| lab.transfer_many(&a2, &a1, 0, 16, 1 << 20));
-        assert_eq!(cross.join().expect("join").expect("cross x32").len(), 32);
-        assert_eq!(same.join().expect("join").expect("same x16").len(), 16);
+        // Inside the scope, so a failing check drops the servers first and
+        // the blocked clients see their connections close.
+        let mut clients = Vec::new();
+        let mut servers = Vec::new();
+        for (src, dst) in [(&a1, &b1), (&a2, &a1)] {
+            let listener = dst.listen(0).expect("listen");
+            let port = listener.local_addr().expect("port").port();
+            socket2::SockRef::from(&listener)
+                .set_read_timeout(Some(IO_TIMEOUT))
+                .expect("accept timeout");
+            for _ in 0..EACH {
+                clients.push(src.connect(dst.addr(port)).expect("connect"));
+                servers.push(accept_retrying(&listener).expect("accept"));
+            }
+        }
+        // To unblock the writers if the check below fails.
+        let shutters: Vec<TcpStream> = clients
+            .iter()
+            .map(|c| c.try_clone().expect("clone"))
+            .collect();
+        let writers: Vec<_> = clients
+            .into_iter()
+            .enumerate()
+            .map(|(seed, mut c)| {
+                let stop = &stop;
+                s.spawn(move || {
+                    c.set_write_timeout(Some(IO_TIMEOUT))?;
+                    let sent = send_pattern_until(&mut c, seed as u64, stop)?;
+                    c.shutdown(Shutdown::Write)?;
+                    Ok::<_, std::io::Error>(sent)
+                })
+            })
+            .collect();
+        // Synchronise on what the daemons report, not on time.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let (n1, n2) = (budget(1), budget(2));
+            if [n1, n2]
+                .iter()
+                .all(|&(lent, fallbacks)| lent == BUDGET_BYTES && fallbacks > 0.0)
+            {
+                eprintln!("blocked: n1 {n1:?}, n2 {n2:?} (lent bytes, fallbacks)");
+                break;
+            }
+            if Instant::now() >= deadline {
+                for c in &shutters {
+                    let _ = c.shutdown(Shutdown::Both);
+                }
+                panic!(
+                    "40 blocked connections never spent a budget of 16 buffers: \
+                     (lent bytes, fallbacks) n1 {n1:?}, n2 {n2:?}"
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        stop.store(true, Ordering::Release);
+        let readers: Vec<_> = servers
+            .into_iter()
+            .map(|mut srv| s.spawn(move || read_hashed(&mut srv)))
+            .collect();
+        let collect = |handles: Vec<std::thread::ScopedJoinHandle<'_, std::io::Result<_>>>| {
+            let mut all: Vec<(u64, Hash)> = handles
+                .into_iter()
+                .map(|h| h.join().expect("thread").expect("transfer"))
+                .collect();
+            all.sort();
+            all
+        };
+        let (sent, received) = (collect(writers), collect(readers));
+        assert_eq!(
+            received, sent,
+            "the servers received other bytes than the clients sent"
+        );
+        let total: u64 = sent.iter().map(|(n, _)| n).sum();
+        eprintln!("{} connections, {} MiB in all", sent.len(), total >> 20);
     });
     for node in [1, 2] {
         wait_active(&lab, node, 0.0);
-        let m = metrics(&lab, node);
-        let fallbacks = sum(&m, "nodemesh_relay_buffer_fallbacks_total", &[]);
-        assert!(
-            fallbacks > 0.0,
-            "n{node}: no direction found the budget spent"
-        );
         assert_eq!(
-            sum(&m, "nodemesh_relay_buffer_bytes", &[]),
+            budget(node).0,
             0.0,
             "n{node}: buffers still lent with no connection open"
         );
-        eprintln!("n{node}: {fallbacks} fallbacks");
     }
 }
