@@ -170,6 +170,12 @@ pub struct RunArgs {
     /// Log format [default: text].
     #[arg(long, value_enum)]
     pub log_format: Option<LogFormat>,
+    /// Check the settings and exit without starting: 0 and a summary when
+    /// they would start, 64 and the message when one would not. Checks the
+    /// file, the flags, and that `limits.relay_buffer_memory_mib` fits the
+    /// container's memory limit; reads no certificate and contacts nothing.
+    #[arg(long)]
+    pub check: bool,
 }
 
 impl RunArgs {

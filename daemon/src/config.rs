@@ -325,6 +325,26 @@ pub enum ConfigError {
         /// How to fix it.
         fix: &'static str,
     },
+    /// The relay buffer budget is above half of the container's memory
+    /// limit ([`crate::memory_limit`]).
+    #[error(
+        "config field `limits.relay_buffer_memory_mib`: {budget_mib} MiB is more than half of \
+         the container's memory limit ({limit_mib} MiB, {}): with every relay buffer lent the \
+         daemon would be killed for memory before the budget protects it; set it to at most \
+         {most_mib}, or raise the container's memory limit (resources.limits.memory of the \
+         nodemesh DaemonSet)",
+        file.display()
+    )]
+    RelayBuffersOverMemoryLimit {
+        /// The configured budget.
+        budget_mib: u64,
+        /// The container's memory limit.
+        limit_mib: u64,
+        /// The cgroup file that set it.
+        file: PathBuf,
+        /// The largest budget that fits.
+        most_mib: u64,
+    },
 }
 
 impl Default for Config {

@@ -23,6 +23,7 @@ pub mod identity;
 pub mod inbound;
 pub mod limits;
 pub mod log_control;
+pub mod memory_limit;
 pub mod metrics;
 pub mod netns;
 pub mod outbound;

@@ -42,15 +42,44 @@ fn main() -> ExitCode {
         Command::LogLevel(args) => log_level(&args),
         Command::Run(args) => {
             limit_malloc_arenas();
+            let check_only = args.check;
             // Configuration is parsed and validated before any runtime starts.
-            let config = match args.into_config() {
+            let memory_limit =
+                nodemesh::memory_limit::container_limit(&nodemesh::memory_limit::Host);
+            let config = match args
+                .into_config()
+                .and_then(|c| nodemesh::memory_limit::check(&c, memory_limit.as_ref()).map(|()| c))
+            {
                 Ok(c) => c,
                 Err(e) => {
                     eprintln!("nodemesh: invalid configuration: {e}");
                     return ExitCode::from(EXIT_CONFIG);
                 }
             };
+            let limit_text = memory_limit.as_ref().map_or_else(
+                || "no container memory limit found".to_owned(),
+                |l| {
+                    format!(
+                        "container memory limit {} MiB ({})",
+                        l.mib(),
+                        l.file.display()
+                    )
+                },
+            );
+            if check_only {
+                println!(
+                    "nodemesh: configuration valid: node {:?}, relay buffers at most {} MiB, {limit_text}",
+                    config.node_name, config.limits.relay_buffer_memory_mib
+                );
+                return ExitCode::SUCCESS;
+            }
             nodemesh::log_control::init(&config.log_level, config.log_format);
+            tracing::info!(
+                relay_buffer_memory_mib = config.limits.relay_buffer_memory_mib,
+                memory_limit_mib = memory_limit.as_ref().map(|l| l.mib()),
+                memory_limit_file = memory_limit.as_ref().map(|l| l.file.display().to_string()),
+                "{limit_text}"
+            );
             nodemesh::relay_splice::set_mode(config.tcp_relay);
             nodemesh::access_log::set_enabled(config.access_log);
             nodemesh::relay::set_buffer_budget(config.limits.relay_buffer_memory_mib);

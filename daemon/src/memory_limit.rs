@@ -1,0 +1,278 @@
+//! The container's memory limit, read from the daemon's cgroup at start, and
+//! the check that the relay buffer budget (`limits.relay_buffer_memory_mib`)
+//! fits in it.
+//!
+//! The budget bounds the 64 KiB buffers lent to connections moving data; a
+//! daemon that has lent all of them also holds its per-connection state,
+//! socket buffers and runtime. A budget above half of the memory limit
+//! would get the daemon killed for memory before the budget protects it, so
+//! the daemon refuses to start with it (exit 64, like any bad setting).
+//!
+//! Where the limit is: `/proc/self/cgroup` names the daemon's cgroup, on the
+//! unified hierarchy (cgroup v2, line `0::<path>`, file `memory.max`) or the
+//! v1 memory hierarchy (line `N:...memory...:<path>`, file
+//! `memory.limit_in_bytes`). The limit in force is the lowest one set on the
+//! cgroup and its ancestors (Kubernetes sets one on the pod's cgroup and one
+//! on the container's). Inside a container the hierarchy is often mounted at
+//! the container's own cgroup, so the path `/proc/self/cgroup` gives may not
+//! exist below the mount: its ancestors, down to the mount's root, are read
+//! as well. No cgroup file, or none with a limit: no check.
+//!
+//! The files are read through [`CgroupFiles`], so the logic is tested
+//! without a cgroup.
+
+use std::path::{Path, PathBuf};
+
+use crate::config::{Config, ConfigError};
+
+/// Where the cgroup hierarchies are mounted.
+const CGROUP_ROOT: &str = "/sys/fs/cgroup";
+
+/// A v1 limit at or above this is "no limit" (the kernel reports its
+/// maximum, 2^63 rounded down to a page, rather than a word).
+const UNLIMITED_V1: u64 = 1 << 62;
+
+/// Reads the files the limit is found in.
+pub trait CgroupFiles {
+    /// The file's text, or `None` when it cannot be read (missing, or not a
+    /// cgroup file here).
+    fn read(&self, path: &Path) -> Option<String>;
+}
+
+/// The host's files.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Host;
+
+impl CgroupFiles for Host {
+    fn read(&self, path: &Path) -> Option<String> {
+        std::fs::read_to_string(path).ok()
+    }
+}
+
+/// A memory limit and the file that set it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MemoryLimit {
+    /// The limit in bytes.
+    pub bytes: u64,
+    /// The cgroup file it was read from.
+    pub file: PathBuf,
+}
+
+impl MemoryLimit {
+    /// The limit in MiB, rounded down.
+    pub fn mib(&self) -> u64 {
+        self.bytes >> 20
+    }
+}
+
+/// The lowest memory limit set on the daemon's cgroup or its ancestors, on
+/// either hierarchy; `None` when none is set or none can be read.
+pub fn container_limit(files: &impl CgroupFiles) -> Option<MemoryLimit> {
+    let own = files.read(Path::new("/proc/self/cgroup"))?;
+    let mut candidates = Vec::new();
+    for line in own.lines() {
+        let mut fields = line.splitn(3, ':');
+        let (Some(id), Some(controllers), Some(path)) =
+            (fields.next(), fields.next(), fields.next())
+        else {
+            continue;
+        };
+        if id == "0" && controllers.is_empty() {
+            candidates.extend(
+                ancestors(path).map(|dir| Path::new(CGROUP_ROOT).join(dir).join("memory.max")),
+            );
+        } else if controllers.split(',').any(|c| c == "memory") {
+            candidates.extend(ancestors(path).map(|dir| {
+                Path::new(CGROUP_ROOT)
+                    .join("memory")
+                    .join(dir)
+                    .join("memory.limit_in_bytes")
+            }));
+        }
+    }
+    candidates
+        .into_iter()
+        .filter_map(|file| {
+            let bytes = parse_limit(&files.read(&file)?)?;
+            Some(MemoryLimit { bytes, file })
+        })
+        .min_by_key(|l| l.bytes)
+}
+
+/// `/a/b` → `a/b`, `a`, `` (relative to a hierarchy's mount point).
+fn ancestors(path: &str) -> impl Iterator<Item = &str> {
+    let path = path.trim().trim_matches('/');
+    let mut next = Some(path);
+    std::iter::from_fn(move || {
+        let here = next?;
+        next = if here.is_empty() {
+            None
+        } else {
+            Some(here.rsplit_once('/').map_or("", |(parent, _)| parent))
+        };
+        Some(here)
+    })
+}
+
+/// A limit file's value: bytes, or `None` for "max" / no limit / not a
+/// number.
+fn parse_limit(text: &str) -> Option<u64> {
+    let text = text.trim();
+    if text == "max" {
+        return None;
+    }
+    text.parse::<u64>().ok().filter(|&b| b < UNLIMITED_V1)
+}
+
+/// Refuses a relay buffer budget above half of `limit`.
+pub fn check(config: &Config, limit: Option<&MemoryLimit>) -> Result<(), ConfigError> {
+    let Some(limit) = limit else {
+        return Ok(());
+    };
+    let budget = config.limits.relay_buffer_memory_mib as u64;
+    let most = (limit.bytes / 2) >> 20;
+    if budget > most {
+        return Err(ConfigError::RelayBuffersOverMemoryLimit {
+            budget_mib: budget,
+            limit_mib: limit.mib(),
+            file: limit.file.clone(),
+            most_mib: most,
+        });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    struct Files(HashMap<PathBuf, String>);
+
+    impl Files {
+        fn new(files: &[(&str, &str)]) -> Self {
+            Self(
+                files
+                    .iter()
+                    .map(|(p, t)| (PathBuf::from(p), (*t).to_owned()))
+                    .collect(),
+            )
+        }
+    }
+
+    impl CgroupFiles for Files {
+        fn read(&self, path: &Path) -> Option<String> {
+            self.0.get(path).cloned()
+        }
+    }
+
+    const MIB: u64 = 1 << 20;
+
+    #[test]
+    fn ancestors_run_from_the_cgroup_to_the_mount_root() {
+        assert_eq!(
+            ancestors("/a/b/c").collect::<Vec<_>>(),
+            ["a/b/c", "a/b", "a", ""]
+        );
+        assert_eq!(ancestors("/").collect::<Vec<_>>(), [""]);
+    }
+
+    #[test]
+    fn v2_takes_the_lowest_limit_of_the_container_and_its_pod() {
+        let f = Files::new(&[
+            ("/proc/self/cgroup", "0::/kubepods/pod1/ctr\n"),
+            (
+                "/sys/fs/cgroup/kubepods/pod1/ctr/memory.max",
+                "1073741824\n",
+            ),
+            ("/sys/fs/cgroup/kubepods/pod1/memory.max", "536870912\n"),
+            ("/sys/fs/cgroup/kubepods/memory.max", "max\n"),
+        ]);
+        assert_eq!(
+            container_limit(&f),
+            Some(MemoryLimit {
+                bytes: 512 * MIB,
+                file: "/sys/fs/cgroup/kubepods/pod1/memory.max".into()
+            })
+        );
+    }
+
+    #[test]
+    fn v2_in_a_cgroup_namespace_reads_the_mount_root() {
+        let f = Files::new(&[
+            ("/proc/self/cgroup", "0::/\n"),
+            ("/sys/fs/cgroup/memory.max", "268435456\n"),
+        ]);
+        assert_eq!(container_limit(&f).map(|l| l.mib()), Some(256));
+    }
+
+    #[test]
+    fn v1_reads_the_memory_hierarchy_and_ignores_its_unlimited_value() {
+        let f = Files::new(&[
+            (
+                "/proc/self/cgroup",
+                "12:cpu,cpuacct:/x\n4:memory:/kubepods/pod1/ctr\n0::/\n",
+            ),
+            (
+                "/sys/fs/cgroup/memory/kubepods/pod1/ctr/memory.limit_in_bytes",
+                "9223372036854771712\n",
+            ),
+            (
+                "/sys/fs/cgroup/memory/kubepods/pod1/memory.limit_in_bytes",
+                "1073741824\n",
+            ),
+        ]);
+        assert_eq!(container_limit(&f).map(|l| l.mib()), Some(1024));
+    }
+
+    #[test]
+    fn v1_mounted_at_the_containers_cgroup_falls_back_to_the_mount_root() {
+        // /proc/self/cgroup names the host path; only the mount root exists.
+        let f = Files::new(&[
+            ("/proc/self/cgroup", "4:memory:/kubepods/pod1/ctr\n"),
+            ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "209715200"),
+        ]);
+        assert_eq!(container_limit(&f).map(|l| l.mib()), Some(200));
+    }
+
+    #[test]
+    fn no_limit_anywhere_or_unreadable_files_mean_no_limit() {
+        let unlimited = Files::new(&[
+            ("/proc/self/cgroup", "0::/a\n"),
+            ("/sys/fs/cgroup/a/memory.max", "max\n"),
+        ]);
+        assert_eq!(container_limit(&unlimited), None);
+        assert_eq!(container_limit(&Files::new(&[])), None);
+        let garbage = Files::new(&[
+            ("/proc/self/cgroup", "not a cgroup line\n0::/a\n"),
+            ("/sys/fs/cgroup/a/memory.max", "lots\n"),
+        ]);
+        assert_eq!(container_limit(&garbage), None);
+    }
+
+    #[test]
+    fn a_budget_above_half_the_limit_is_refused_with_the_most_that_fits() {
+        let limit = MemoryLimit {
+            bytes: 300 * MIB,
+            file: "/sys/fs/cgroup/memory.max".into(),
+        };
+        let mut c = Config::default();
+        c.limits.relay_buffer_memory_mib = 150;
+        assert!(check(&c, Some(&limit)).is_ok());
+        c.limits.relay_buffer_memory_mib = 151;
+        let e = check(&c, Some(&limit))
+            .expect_err("151 of 300 MiB")
+            .to_string();
+        for needle in [
+            "limits.relay_buffer_memory_mib",
+            "151 MiB",
+            "300 MiB",
+            "/sys/fs/cgroup/memory.max",
+            "at most 150",
+            "resources.limits.memory",
+        ] {
+            assert!(e.contains(needle), "{needle:?} missing from: {e}");
+        }
+        assert!(check(&c, None).is_ok(), "no limit, no check");
+    }
+}
