@@ -78,21 +78,28 @@ fn is_name_char(c: char) -> bool {
     c.is_ascii_alphanumeric() || c == '_'
 }
 
-/// The `nodemesh_*` metric names in `expr`, in order of appearance.
+/// Prefixes of the daemon's metric names: its own, and the standard
+/// process metrics it exports (`daemon/src/process_metrics.rs`).
+const PREFIXES: [&str; 2] = ["nodemesh_", "process_"];
+
+/// The daemon's metric names in `expr` ([`PREFIXES`]), in order of
+/// appearance.
 pub fn metric_names(expr: &str) -> Vec<String> {
-    let mut out = Vec::new();
-    let mut rest = expr;
-    while let Some(i) = rest.find("nodemesh_") {
-        let before_ok = rest[..i]
-            .chars()
-            .next_back()
-            .is_none_or(|c| !is_name_char(c));
-        let tail = &rest[i..];
+    let mut out: Vec<String> = Vec::new();
+    let mut next = 0;
+    let mut before: Option<char> = None;
+    for (i, c) in expr.char_indices() {
+        let after_name = before.is_some_and(is_name_char);
+        before = Some(c);
+        if i < next || after_name || !PREFIXES.iter().any(|p| expr[i..].starts_with(p)) {
+            continue;
+        }
+        let tail = &expr[i..];
         let end = tail.find(|c: char| !is_name_char(c)).unwrap_or(tail.len());
-        if before_ok && !out.iter().any(|n| n == &tail[..end]) {
+        if !out.iter().any(|n| n == &tail[..end]) {
             out.push(tail[..end].to_owned());
         }
-        rest = &tail[end..];
+        next = i + end;
     }
     out
 }
@@ -182,8 +189,8 @@ pub fn legend_labels(legend: &str) -> BTreeSet<String> {
     out
 }
 
-/// Metric names the daemon's source declares: every `"nodemesh_…"` string
-/// literal under `daemon/src`.
+/// Metric names the daemon's source declares: every `"nodemesh_…"` (or
+/// other [`PREFIXES`]) string literal under `daemon/src`.
 pub fn declared_metric_names() -> std::io::Result<BTreeSet<String>> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../daemon/src");
     let mut out = BTreeSet::new();
@@ -195,12 +202,14 @@ pub fn declared_metric_names() -> std::io::Result<BTreeSet<String>> {
                 dirs.push(path);
             } else if path.extension().is_some_and(|e| e == "rs") {
                 let text = std::fs::read_to_string(&path)?;
-                for piece in text.split("\"nodemesh_").skip(1) {
-                    let end = piece
-                        .find(|c: char| !is_name_char(c))
-                        .unwrap_or(piece.len());
-                    if piece[end..].starts_with('"') {
-                        out.insert(format!("nodemesh_{}", &piece[..end]));
+                for prefix in PREFIXES {
+                    for piece in text.split(&format!("\"{prefix}")).skip(1) {
+                        let end = piece
+                            .find(|c: char| !is_name_char(c))
+                            .unwrap_or(piece.len());
+                        if piece[end..].starts_with('"') {
+                            out.insert(format!("{prefix}{}", &piece[..end]));
+                        }
                     }
                 }
             }
@@ -316,6 +325,14 @@ mod tests {
             BTreeSet::from(["instance".to_owned()])
         );
         assert!(metric_names("rate(xnodemesh_a[1m])").is_empty());
+        assert_eq!(
+            metric_names("rate(process_cpu_seconds_total[1m]) + nodemesh_process_x + é process_y"),
+            vec![
+                "process_cpu_seconds_total",
+                "nodemesh_process_x",
+                "process_y"
+            ]
+        );
     }
 
     fn sample(name: &str, labels: &[&str]) -> Sample {

@@ -201,8 +201,111 @@ fn nodemesh_stat_shows_the_cross_node_edge_with_mtls_while_traffic_flows() {
             .find(|l| l.starts_with(a.as_str()))
             .unwrap_or_else(|| panic!("no row for daemon {a} in:\n{text}"));
         let cols: Vec<&str> = daemon.split_whitespace().collect();
-        assert_eq!(cols[1], "1", "one pod on each node: {daemon}");
-        assert_eq!(cols[3], "1", "one tunnel on each node: {daemon}");
+        // DAEMON CPU RSS(value unit) PODS ACTIVE TUNNELS ...
+        let cpu: f64 = cols[1]
+            .strip_suffix('%')
+            .and_then(|c| c.parse().ok())
+            .unwrap_or_else(|| panic!("CPU column: {daemon}"));
+        assert!(
+            cpu > 0.0,
+            "16 MiB through it in the window took no CPU: {daemon}"
+        );
+        assert_eq!(cols[3], "MiB", "a daemon's RSS is MiB: {daemon}");
+        assert_eq!(cols[4], "1", "one pod on each node: {daemon}");
+        assert_eq!(cols[6], "1", "one tunnel on each node: {daemon}");
+    }
+}
+
+/// Each daemon reports its own CPU, memory, threads and descriptors with
+/// the standard process metric names, and they are the kernel's figures
+/// for its process, read by the test from `/proc/<pid>`.
+#[test]
+fn daemons_report_their_cpu_memory_and_descriptors_as_the_standard_process_metrics() {
+    let started = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs_f64();
+    let lab = mesh_lab(2, 1);
+    let (client, server) = (lab.pod(1, 1).expect("n1-p1"), lab.pod(2, 1).expect("n2-p1"));
+    lab.transfer(&client, &server, 8080, 8 * MIB)
+        .expect("8 MiB each way");
+    let version = std::process::Command::new(lab.nodemesh_bin().expect("binary"))
+        .arg("--version")
+        .output()
+        .expect("nodemesh --version");
+    let version = String::from_utf8_lossy(&version.stdout);
+    for node in [1, 2] {
+        let pid = lab.daemon_pid(node).expect("daemon pid");
+        let m = metrics(&lab, node);
+        let proc_file =
+            |f: &str| std::fs::read_to_string(format!("/proc/{pid}/{f}")).expect("read /proc");
+        let value = |name: &str| {
+            assert!(m.iter().any(|s| s.name == name), "n{node}: no {name}");
+            sum(&m, name, &[])
+        };
+        // Memory: VmRSS now, within what a few allocations between the two
+        // readings can move it.
+        let rss_kib: f64 = proc_file("status")
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmRSS");
+        let reported = value("process_resident_memory_bytes") / 1024.0;
+        assert!(
+            (reported - rss_kib).abs() <= rss_kib * 0.2,
+            "n{node}: reports {reported} KiB resident, the kernel says {rss_kib}"
+        );
+        // CPU: it moved 8 MiB each way through a tunnel, and cannot have
+        // used more than the kernel counts for it now (utime + stime).
+        let stat = proc_file("stat");
+        let fields: Vec<&str> = stat
+            .rsplit_once(')')
+            .expect("stat")
+            .1
+            .split_whitespace()
+            .collect();
+        let ticks: f64 =
+            fields[11].parse::<f64>().expect("utime") + fields[12].parse::<f64>().expect("stime");
+        let cpu = value("process_cpu_seconds_total");
+        assert!(
+            cpu > 0.0 && cpu <= ticks / 100.0,
+            "n{node}: reports {cpu} CPU-s, the kernel {} s now",
+            ticks / 100.0
+        );
+        let threads: f64 = fields[17].parse().expect("threads");
+        assert!(
+            (value("process_threads") - threads).abs() <= 2.0,
+            "n{node}: threads"
+        );
+        // Descriptors: the listeners, sockets and pipes it holds.
+        let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .expect("fd dir")
+            .count() as f64;
+        let open = value("process_open_fds");
+        assert!(
+            open > 3.0 && (open - fds).abs() <= 4.0,
+            "n{node}: reports {open} open descriptors, /proc/{pid}/fd has {fds}"
+        );
+        let soft: f64 = proc_file("limits")
+            .lines()
+            .find_map(|l| l.strip_prefix("Max open files"))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .expect("Max open files");
+        assert_eq!(value("process_max_fds"), soft, "n{node}");
+        let start = value("process_start_time_seconds");
+        assert!(
+            start >= started - 2.0 && start <= started + 120.0,
+            "n{node}: started at {start}, the test at {started}"
+        );
+        assert!(
+            m.iter().any(|s| s.name == "nodemesh_build_info"
+                && s.value == 1.0
+                && s.labels
+                    .get("version")
+                    .is_some_and(|v| !v.is_empty() && version.contains(v.as_str()))),
+            "n{node}: nodemesh_build_info with the version of `{}`",
+            version.trim()
+        );
     }
 }
 

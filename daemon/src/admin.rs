@@ -281,11 +281,12 @@ fn route<B>(state: &AdminState, req: Request<B>) -> Response<Full<Bytes>> {
         "/metrics" => {
             state.tunnels.export_path_stats();
             crate::relay::export_buffer_metrics();
-            text(
-                StatusCode::OK,
-                state.metrics.render(),
-                "text/plain; version=0.0.4",
-            )
+            let mut page = state.metrics.render();
+            crate::process_metrics::render(
+                &mut page,
+                &crate::process_metrics::sample(&crate::process_metrics::Host),
+            );
+            text(StatusCode::OK, page, "text/plain; version=0.0.4")
         }
         "/healthz" => text(StatusCode::OK, "ok\n", PLAIN),
         "/ready" => {

@@ -30,6 +30,7 @@ pub mod outbound;
 pub mod outbound_service;
 pub mod pods;
 pub mod policy;
+pub mod process_metrics;
 pub mod promtext;
 pub mod proxy;
 pub mod registry;

@@ -99,6 +99,12 @@ pub struct DaemonStats {
     /// Busy connection directions per second that found the relay buffer
     /// budget spent in the window.
     pub fallbacks_per_s: f64,
+    /// CPU the daemon used in the window, percent of one core
+    /// (`process_cpu_seconds_total`), if it reports it.
+    pub cpu_percent: Option<f64>,
+    /// Its resident memory now (`process_resident_memory_bytes`), if it
+    /// reports it.
+    pub resident_bytes: Option<f64>,
 }
 
 /// A counter's increase from `before` to `after` (a restarted daemon's
@@ -213,6 +219,10 @@ pub fn window(
     edges
 }
 
+/// The daemon's CPU and memory ([`crate::process_metrics`]).
+const CPU_SECONDS: &str = "process_cpu_seconds_total";
+const RESIDENT_BYTES: &str = "process_resident_memory_bytes";
+
 /// A daemon's gauges from its page at the end of a `secs` window, and its
 /// rates over the window from the page at its start (`before`).
 pub fn daemon(
@@ -232,7 +242,10 @@ pub fn daemon(
         .filter(|s| s.name == crate::identity::reload::CERT_EXPIRY_METRIC)
         .map(|s| (s.value - now_unix) / 86_400.0)
         .reduce(f64::min);
+    let reported = |name: &str| page.iter().any(|s| s.name == name);
     DaemonStats {
+        cpu_percent: reported(CPU_SECONDS).then(|| 100.0 * rate(CPU_SECONDS)),
+        resident_bytes: reported(RESIDENT_BYTES).then(|| sum(RESIDENT_BYTES)),
         addr,
         pods: sum(m::PODS_REGISTERED),
         active: sum(m::CONNECTIONS_ACTIVE),
@@ -345,8 +358,10 @@ pub fn render(
     }
     let _ = writeln!(
         out,
-        "\n{:<22}  {:>5}  {:>7}  {:>7}  {:>13}  {:>9}  {:>10}  {:>10}",
+        "\n{:<22}  {:>6}  {:>10}  {:>5}  {:>7}  {:>7}  {:>13}  {:>9}  {:>10}  {:>10}",
         "DAEMON",
+        "CPU",
+        "RSS",
         "PODS",
         "ACTIVE",
         "TUNNELS",
@@ -361,8 +376,10 @@ pub fn render(
             .map_or("-".into(), |days| format!("in {days:.1} d"));
         let _ = writeln!(
             out,
-            "{:<22}  {:>5.0}  {:>7.0}  {:>7.0}  {:>13}  {:>9.1}  {:>10}  {:>10.1}",
+            "{:<22}  {:>6}  {:>10}  {:>5.0}  {:>7.0}  {:>7.0}  {:>13}  {:>9.1}  {:>10}  {:>10.1}",
             d.addr.to_string(),
+            d.cpu_percent.map_or("-".into(), |p| format!("{p:.1}%")),
+            d.resident_bytes.map_or("-".into(), size),
             d.pods,
             d.active,
             d.tunnels,
@@ -603,13 +620,19 @@ mod tests {
                 v,
             )
         };
-        let before = vec![limited(4.0, "a"), s(m::RELAY_BUFFER_FALLBACKS, &[], 10.0)];
+        let before = vec![
+            limited(4.0, "a"),
+            s(m::RELAY_BUFFER_FALLBACKS, &[], 10.0),
+            s(CPU_SECONDS, &[], 1.5),
+        ];
         let mut page = page;
         page.extend([
             limited(10.0, "a"),
             limited(2.0, "b"),
             s(m::RELAY_BUFFER_FALLBACKS, &[], 30.0),
             s(m::RELAY_BUFFER_BYTES, &[], 3.0 * 1024.0 * 1024.0),
+            s(CPU_SECONDS, &[], 1.6),
+            s(RESIDENT_BYTES, &[], 9.5 * 1024.0 * 1024.0),
         ]);
         let addr: SocketAddr = "10.0.0.1:15020".parse().expect("addr");
         let d = daemon(addr, &before, &page, 2.0, 86_400.0 * 2.0);
@@ -618,11 +641,17 @@ mod tests {
         // (10 + 2 - 4) refusals and (30 - 10) fallbacks in 2 s.
         assert_eq!((d.limited_per_s, d.fallbacks_per_s), (4.0, 10.0));
         assert_eq!(d.relay_buffer_bytes, 3.0 * 1024.0 * 1024.0);
+        // 0.1 CPU-s in 2 s.
+        assert!((d.cpu_percent.expect("cpu") - 5.0).abs() < 1e-9);
+        assert_eq!(d.resident_bytes, Some(9.5 * 1024.0 * 1024.0));
         let text = render(&BTreeMap::new(), &[d], 1.0, Side::Destination);
         assert!(text.contains("10.0.0.1:15020"), "{text}");
         assert!(text.contains("in 10.0 d"), "{text}");
         assert!(
-            text.contains("LIMITED/s") && text.contains("3.0 MiB"),
+            text.contains("LIMITED/s")
+                && text.contains("3.0 MiB")
+                && text.contains("5.0%")
+                && text.contains("9.5 MiB"),
             "{text}"
         );
     }
