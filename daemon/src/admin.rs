@@ -284,7 +284,7 @@ fn route<B>(state: &AdminState, req: Request<B>) -> Response<Full<Bytes>> {
             let mut page = state.metrics.render();
             crate::process_metrics::render(
                 &mut page,
-                &crate::process_metrics::sample(&crate::process_metrics::Host),
+                &crate::process_metrics::sample(&crate::host_files::Host),
             );
             text(StatusCode::OK, page, "text/plain; version=0.0.4")
         }

@@ -19,6 +19,7 @@ pub mod cni_server;
 pub mod config;
 pub mod discovery;
 pub mod handover;
+pub mod host_files;
 pub mod identity;
 pub mod inbound;
 pub mod limits;

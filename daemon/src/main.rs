@@ -44,8 +44,7 @@ fn main() -> ExitCode {
             limit_malloc_arenas();
             let check_only = args.check;
             // Configuration is parsed and validated before any runtime starts.
-            let memory_limit =
-                nodemesh::memory_limit::container_limit(&nodemesh::memory_limit::Host);
+            let memory_limit = nodemesh::memory_limit::container_limit(&nodemesh::host_files::Host);
             let config = match args
                 .into_config()
                 .and_then(|c| nodemesh::memory_limit::check(&c, memory_limit.as_ref()).map(|()| c))

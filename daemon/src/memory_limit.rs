@@ -18,12 +18,13 @@
 //! exist below the mount: its ancestors, down to the mount's root, are read
 //! as well. No cgroup file, or none with a limit: no check.
 //!
-//! The files are read through [`CgroupFiles`], so the logic is tested
+//! The files are read through [`HostFiles`], so the logic is tested
 //! without a cgroup.
 
 use std::path::{Path, PathBuf};
 
 use crate::config::{Config, ConfigError};
+use crate::host_files::HostFiles;
 
 /// Where the cgroup hierarchies are mounted.
 const CGROUP_ROOT: &str = "/sys/fs/cgroup";
@@ -31,23 +32,6 @@ const CGROUP_ROOT: &str = "/sys/fs/cgroup";
 /// A v1 limit at or above this is "no limit" (the kernel reports its
 /// maximum, 2^63 rounded down to a page, rather than a word).
 const UNLIMITED_V1: u64 = 1 << 62;
-
-/// Reads the files the limit is found in.
-pub trait CgroupFiles {
-    /// The file's text, or `None` when it cannot be read (missing, or not a
-    /// cgroup file here).
-    fn read(&self, path: &Path) -> Option<String>;
-}
-
-/// The host's files.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct Host;
-
-impl CgroupFiles for Host {
-    fn read(&self, path: &Path) -> Option<String> {
-        std::fs::read_to_string(path).ok()
-    }
-}
 
 /// A memory limit and the file that set it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -67,7 +51,7 @@ impl MemoryLimit {
 
 /// The lowest memory limit set on the daemon's cgroup or its ancestors, on
 /// either hierarchy; `None` when none is set or none can be read.
-pub fn container_limit(files: &impl CgroupFiles) -> Option<MemoryLimit> {
+pub fn container_limit(files: &impl HostFiles) -> Option<MemoryLimit> {
     let own = files.read(Path::new("/proc/self/cgroup"))?;
     let mut candidates = Vec::new();
     for line in own.lines() {
@@ -145,26 +129,7 @@ pub fn check(config: &Config, limit: Option<&MemoryLimit>) -> Result<(), ConfigE
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::collections::HashMap;
-
-    struct Files(HashMap<PathBuf, String>);
-
-    impl Files {
-        fn new(files: &[(&str, &str)]) -> Self {
-            Self(
-                files
-                    .iter()
-                    .map(|(p, t)| (PathBuf::from(p), (*t).to_owned()))
-                    .collect(),
-            )
-        }
-    }
-
-    impl CgroupFiles for Files {
-        fn read(&self, path: &Path) -> Option<String> {
-            self.0.get(path).cloned()
-        }
-    }
+    use crate::host_files::Fake as Files;
 
     const MIB: u64 = 1 << 20;
 

@@ -11,37 +11,17 @@
 //! are integers; CPU seconds are not). A file that cannot be read leaves its
 //! metrics out rather than reporting a made-up zero.
 //!
-//! The files are read through [`ProcFiles`], so parsing is tested without a
+//! The files are read through [`HostFiles`], so parsing is tested without a
 //! process.
 
 use std::fmt::Write as _;
 use std::path::Path;
 
+use crate::host_files::HostFiles;
+
 /// Clock ticks per second of `/proc/<pid>/stat` times: `USER_HZ`, fixed at
 /// 100 by the Linux user-space ABI whatever the kernel's `HZ`.
 const USER_HZ: f64 = 100.0;
-
-/// Reads the files the metrics come from.
-pub trait ProcFiles {
-    /// The file's text, or `None` when it cannot be read.
-    fn read(&self, path: &Path) -> Option<String>;
-    /// Entries in a directory, or `None` when it cannot be listed.
-    fn count(&self, dir: &Path) -> Option<u64>;
-}
-
-/// The running process's files.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct Host;
-
-impl ProcFiles for Host {
-    fn read(&self, path: &Path) -> Option<String> {
-        std::fs::read_to_string(path).ok()
-    }
-
-    fn count(&self, dir: &Path) -> Option<u64> {
-        Some(std::fs::read_dir(dir).ok()?.count() as u64)
-    }
-}
 
 /// One reading of the process.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -64,7 +44,7 @@ pub struct ProcessSample {
 }
 
 /// Reads the process through `files`.
-pub fn sample(files: &impl ProcFiles) -> ProcessSample {
+pub fn sample(files: &impl HostFiles) -> ProcessSample {
     let stat = files
         .read(Path::new("/proc/self/stat"))
         .and_then(|s| parse_stat(&s));
@@ -137,56 +117,60 @@ fn parse_max_open_files(text: &str) -> Option<u64> {
 
 /// Appends the process metrics and `nodemesh_build_info` to an exposition.
 pub fn render(out: &mut String, s: &ProcessSample) {
-    let mut metric = |name: &str, kind: &str, help: &str, value: Option<String>| {
+    let text = |v: Option<u64>| v.map(|v| v.to_string());
+    let real = |v: Option<f64>| v.map(|v| v.to_string());
+    let metrics = [
+        (
+            "process_cpu_seconds_total",
+            "counter",
+            "Total user and system CPU time spent in seconds.",
+            real(s.cpu_seconds),
+        ),
+        (
+            "process_resident_memory_bytes",
+            "gauge",
+            "Resident memory size in bytes.",
+            text(s.resident_bytes),
+        ),
+        (
+            "process_virtual_memory_bytes",
+            "gauge",
+            "Virtual memory size in bytes.",
+            text(s.virtual_bytes),
+        ),
+        (
+            "process_threads",
+            "gauge",
+            "Number of OS threads in the process.",
+            text(s.threads),
+        ),
+        (
+            "process_start_time_seconds",
+            "gauge",
+            "Start time of the process since unix epoch in seconds.",
+            real(s.start_time_seconds),
+        ),
+        (
+            "process_open_fds",
+            "gauge",
+            "Number of open file descriptors.",
+            text(s.open_fds),
+        ),
+        (
+            "process_max_fds",
+            "gauge",
+            "Maximum number of open file descriptors.",
+            text(s.max_fds),
+        ),
+    ];
+    for (name, kind, help, value) in metrics {
         if let Some(v) = value {
             let _ = write!(
                 out,
                 "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}\n"
             );
         }
-    };
-    metric(
-        "process_cpu_seconds_total",
-        "counter",
-        "Total user and system CPU time spent in seconds.",
-        s.cpu_seconds.map(|v| v.to_string()),
-    );
-    metric(
-        "process_resident_memory_bytes",
-        "gauge",
-        "Resident memory size in bytes.",
-        s.resident_bytes.map(|v| v.to_string()),
-    );
-    metric(
-        "process_virtual_memory_bytes",
-        "gauge",
-        "Virtual memory size in bytes.",
-        s.virtual_bytes.map(|v| v.to_string()),
-    );
-    metric(
-        "process_threads",
-        "gauge",
-        "Number of OS threads in the process.",
-        s.threads.map(|v| v.to_string()),
-    );
-    metric(
-        "process_start_time_seconds",
-        "gauge",
-        "Start time of the process since unix epoch in seconds.",
-        s.start_time_seconds.map(|v| v.to_string()),
-    );
-    metric(
-        "process_open_fds",
-        "gauge",
-        "Number of open file descriptors.",
-        s.open_fds.map(|v| v.to_string()),
-    );
-    metric(
-        "process_max_fds",
-        "gauge",
-        "Maximum number of open file descriptors.",
-        s.max_fds.map(|v| v.to_string()),
-    );
+    }
     let _ = write!(
         out,
         "# HELP nodemesh_build_info The daemon's version, as a label (value 1).\n\
@@ -199,23 +183,7 @@ pub fn render(out: &mut String, s: &ProcessSample) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::collections::HashMap;
-    use std::path::PathBuf;
-
-    #[derive(Default)]
-    struct Files {
-        text: HashMap<PathBuf, String>,
-        fds: Option<u64>,
-    }
-
-    impl ProcFiles for Files {
-        fn read(&self, path: &Path) -> Option<String> {
-            self.text.get(path).cloned()
-        }
-        fn count(&self, _dir: &Path) -> Option<u64> {
-            self.fds
-        }
-    }
+    use crate::host_files::Fake as Files;
 
     // A real /proc/self/stat line, with a command name holding ") (".
     const STAT: &str = "4242 (node) (mesh) S 1 4242 4242 0 -1 4194560 1795 0 0 0 \
@@ -223,8 +191,7 @@ mod tests {
                         1 1 0 0 0 0 0 4096 17987 0 0 0 17 1 0 0 0 0 0\n";
 
     fn files() -> Files {
-        let mut text = HashMap::new();
-        for (p, t) in [
+        let mut files = Files::new(&[
             ("/proc/self/stat", STAT),
             ("/proc/stat", "cpu  1 2 3\nbtime 1790000000\nprocesses 9\n"),
             (
@@ -236,13 +203,9 @@ mod tests {
                 "Limit                     Soft Limit           Hard Limit           Units\n\
                  Max open files            1048576              1048576              files\n",
             ),
-        ] {
-            text.insert(PathBuf::from(p), t.to_owned());
-        }
-        Files {
-            text,
-            fds: Some(17),
-        }
+        ]);
+        files.entries = Some(17);
+        files
     }
 
     #[test]
@@ -271,7 +234,7 @@ mod tests {
             "Max open files  unlimited unlimited files\n".into(),
         );
         f.text.remove(Path::new("/proc/self/status"));
-        f.fds = None;
+        f.entries = None;
         let s = sample(&f);
         assert_eq!(s, ProcessSample::default());
         let mut out = String::new();
