@@ -55,16 +55,7 @@ fn main() -> ExitCode {
                     return ExitCode::from(EXIT_CONFIG);
                 }
             };
-            let limit_text = memory_limit.as_ref().map_or_else(
-                || "no container memory limit found".to_owned(),
-                |l| {
-                    format!(
-                        "container memory limit {} MiB ({})",
-                        l.mib(),
-                        l.file.display()
-                    )
-                },
-            );
+            let limit_text = nodemesh::memory_limit::describe(memory_limit.as_ref());
             if check_only {
                 println!(
                     "nodemesh: configuration valid: node {:?}, relay buffers at most {} MiB, {limit_text}",

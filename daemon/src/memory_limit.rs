@@ -108,6 +108,21 @@ fn parse_limit(text: &str) -> Option<u64> {
     text.parse::<u64>().ok().filter(|&b| b < UNLIMITED_V1)
 }
 
+/// The limit for a log line or `nodemesh run --check`: its size and file, or
+/// that none was found.
+pub fn describe(limit: Option<&MemoryLimit>) -> String {
+    limit.map_or_else(
+        || "no container memory limit found".to_owned(),
+        |l| {
+            format!(
+                "container memory limit {} MiB ({})",
+                l.mib(),
+                l.file.display()
+            )
+        },
+    )
+}
+
 /// Refuses a relay buffer budget above half of `limit`.
 pub fn check(config: &Config, limit: Option<&MemoryLimit>) -> Result<(), ConfigError> {
     let Some(limit) = limit else {
