@@ -469,8 +469,6 @@ async fn write_status(
     }
 }
 
-/// Serves one connection accepted on a pod's inbound plaintext listener
-/// (`:15006`): traffic that reaches a meshed pod from outside the mesh.
 /// The labels of a plaintext connection from `client` (outside the mesh)
 /// into the local pod of workload `dst`.
 pub(crate) fn plaintext_edge(proxy: &Proxy, dst: &Workload, client: SocketAddr) -> Edge {
@@ -486,6 +484,8 @@ pub(crate) fn plaintext_edge(proxy: &Proxy, dst: &Workload, client: SocketAddr) 
     }
 }
 
+/// Serves one connection accepted on a pod's inbound plaintext listener
+/// (`:15006`): traffic that reaches a meshed pod from outside the mesh.
 pub(crate) async fn plaintext(proxy: &Proxy, pod: &LocalPod, tcp: TcpStream, client: SocketAddr) {
     let _guard = proxy.tracker.track();
     set_nodelay(&tcp);
