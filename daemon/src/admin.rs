@@ -282,10 +282,7 @@ fn route<B>(state: &AdminState, req: Request<B>) -> Response<Full<Bytes>> {
             state.tunnels.export_path_stats();
             crate::relay::export_buffer_metrics();
             let mut page = state.metrics.render();
-            crate::process_metrics::render(
-                &mut page,
-                &crate::process_metrics::sample(&crate::host_files::Host),
-            );
+            crate::process_metrics::render_host(&mut page);
             text(StatusCode::OK, page, "text/plain; version=0.0.4")
         }
         "/healthz" => text(StatusCode::OK, "ok\n", PLAIN),

@@ -43,14 +43,28 @@ pub struct ProcessSample {
     pub max_fds: Option<u64>,
 }
 
-/// Reads the process through `files`.
-pub fn sample(files: &impl HostFiles) -> ProcessSample {
+/// Appends this process's metrics to `out`, as [`render`]; the boot time
+/// (`/proc/stat`, long on a large machine, and constant) is read once.
+pub fn render_host(out: &mut String) {
+    static BOOT_TIME: std::sync::OnceLock<Option<u64>> = std::sync::OnceLock::new();
+    let files = crate::host_files::Host;
+    let boot_time = *BOOT_TIME.get_or_init(|| boot_time(&files));
+    render(out, &sample(&files, boot_time));
+}
+
+/// The system's boot time, seconds since the epoch (`btime` of `/proc/stat`).
+pub fn boot_time(files: &impl HostFiles) -> Option<u64> {
+    files
+        .read(Path::new("/proc/stat"))
+        .and_then(|s| parse_boot_time(&s))
+}
+
+/// Reads the process through `files`; its start time is counted from
+/// `boot_time` ([`boot_time`]).
+pub fn sample(files: &impl HostFiles, boot_time: Option<u64>) -> ProcessSample {
     let stat = files
         .read(Path::new("/proc/self/stat"))
         .and_then(|s| parse_stat(&s));
-    let boot_time = files
-        .read(Path::new("/proc/stat"))
-        .and_then(|s| parse_boot_time(&s));
     ProcessSample {
         cpu_seconds: stat.as_ref().map(|s| s.cpu_ticks as f64 / USER_HZ),
         resident_bytes: files
@@ -211,7 +225,7 @@ mod tests {
     #[test]
     fn a_sample_reads_cpu_memory_threads_start_and_descriptors() {
         assert_eq!(
-            sample(&files()),
+            sample(&files(), boot_time(&files())),
             ProcessSample {
                 cpu_seconds: Some(3.8),
                 resident_bytes: Some(8704 * 1024),
@@ -235,7 +249,7 @@ mod tests {
         );
         f.text.remove(Path::new("/proc/self/status"));
         f.entries = None;
-        let s = sample(&f);
+        let s = sample(&f, boot_time(&f));
         assert_eq!(s, ProcessSample::default());
         let mut out = String::new();
         render(&mut out, &s);
@@ -246,7 +260,7 @@ mod tests {
     #[test]
     fn the_rendering_parses_as_prometheus_text_with_the_standard_names() {
         let mut out = String::new();
-        render(&mut out, &sample(&files()));
+        render(&mut out, &sample(&files(), boot_time(&files())));
         let page = crate::promtext::parse(&out).expect("parses");
         let value = |name: &str| crate::promtext::sum(&page, name, &[]);
         assert_eq!(value("process_cpu_seconds_total"), 3.8);
