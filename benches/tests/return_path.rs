@@ -179,10 +179,25 @@ async fn a_connect_from_a_client_address_to_a_closed_port_is_refused_ipv4_and_ip
         (v4, "10.99.7.7".parse().expect("v4 client")),
         (v6, "fd99::77".parse().expect("v6 client")),
     ] {
-        // A port nothing listens on: bound, then closed.
-        let closed = netns::tcp_listen(&pod.0, SocketAddr::new(server, 0))
-            .expect("listen")
+        // A port nothing listens on: held bound, never listening, until
+        // the connect is over. (A listener bound then closed could be
+        // reused for another test's listener, or still be open in a child
+        // process forked by another test thread before its exec: CI once
+        // saw this connect succeed.)
+        let bound = netns::in_netns(&pod.0, "bind a TCP port", move || {
+            let s = socket2::Socket::new(
+                socket2::Domain::for_address(SocketAddr::new(server, 0)),
+                socket2::Type::STREAM,
+                None,
+            )?;
+            s.bind(&SocketAddr::new(server, 0).into())?;
+            Ok(s)
+        })
+        .expect("bind");
+        let closed = bound
             .local_addr()
+            .ok()
+            .and_then(|a| a.as_socket())
             .expect("addr");
         let origin = Origin::Client {
             addr: client,
@@ -196,5 +211,6 @@ async fn a_connect_from_a_client_address_to_a_closed_port_is_refused_ipv4_and_ip
             std::io::ErrorKind::ConnectionRefused,
             "{closed} from {client}: {err}"
         );
+        drop(bound);
     }
 }

@@ -658,9 +658,17 @@ mod tests {
 
     #[test]
     fn an_unreachable_daemon_is_named_with_the_fix() {
-        // A port nobody listens on: bind, note it, close.
-        let addr = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
+        // A port nobody listens on: held bound, never listening (a closed
+        // one could be taken by another test's listener meanwhile).
+        let bound = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+            .expect("socket");
+        bound
+            .bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
+            .expect("bind");
+        let addr = bound
+            .local_addr()
+            .ok()
+            .and_then(|a| a.as_socket())
             .expect("port");
         let err = scrape(&[addr]).expect_err("nothing listens");
         let text = err.to_string();
