@@ -172,8 +172,9 @@ pub struct RunArgs {
     pub log_format: Option<LogFormat>,
     /// Check the settings and exit without starting: 0 and a summary when
     /// they would start, 64 and the message when one would not. Checks the
-    /// file, the flags, and that `limits.relay_buffer_memory_mib` fits the
-    /// container's memory limit; reads no certificate and contacts nothing.
+    /// file, the flags, and that `limits.relay_buffer_memory_mib` plus 4 KiB
+    /// per `limits.max_connections` fits in half of the container's memory
+    /// limit; reads no certificate and contacts nothing.
     #[arg(long)]
     pub check: bool,
 }

@@ -110,7 +110,9 @@ pub struct LimitsConfig {
     /// Connections the daemon proxies at once in all (outbound, plaintext
     /// inbound, tunnel streams from peers). Default 65536: about 250 MiB of
     /// daemon memory at the ~4 KiB an idle connection costs (two file
-    /// descriptors at most each), more while connections move data.
+    /// descriptors at most each), more while connections move data. At
+    /// start, 4 KiB per connection plus `relay_buffer_memory_mib` must fit
+    /// in half of the container's memory limit ([`crate::memory_limit`]).
     pub max_connections: usize,
     /// Memory, in MiB, of the 64 KiB relay buffers lent at once to
     /// connections that are moving data (an idle connection holds none).
@@ -325,25 +327,35 @@ pub enum ConfigError {
         /// How to fix it.
         fix: &'static str,
     },
-    /// The relay buffer budget is above half of the container's memory
-    /// limit ([`crate::memory_limit`]).
+    /// The relay buffer budget plus the state of `limits.max_connections`
+    /// connections is above half of the container's memory limit
+    /// ([`crate::memory_limit`]).
     #[error(
-        "config field `limits.relay_buffer_memory_mib`: {budget_mib} MiB is more than half of \
-         the container's memory limit ({limit_mib} MiB, {}): with every relay buffer lent the \
-         daemon would be killed for memory before the budget protects it; set it to at most \
-         {most_mib}, or raise the container's memory limit (resources.limits.memory of the \
-         nodemesh DaemonSet)",
+        "config fields `limits.relay_buffer_memory_mib` ({budget_mib} MiB) and \
+         `limits.max_connections` ({connections}, about {connections_mib} MiB of connection \
+         state at 4 KiB each) let the daemon hold {} MiB, more than half of the container's \
+         memory limit ({limit_mib} MiB, {}): with every connection open and every relay buffer \
+         lent the daemon would be killed for memory before its limits protect it; {fix}, or \
+         raise the container's memory limit \
+         (resources.limits.memory of the nodemesh DaemonSet)",
+        budget_mib + connections_mib,
         file.display()
     )]
-    RelayBuffersOverMemoryLimit {
-        /// The configured budget.
+    MemoryLimitsOverContainerLimit {
+        /// The configured relay buffer budget.
         budget_mib: u64,
+        /// The configured connection limit.
+        connections: u64,
+        /// Its state at [`crate::memory_limit::CONNECTION_STATE_BYTES`] each.
+        connections_mib: u64,
         /// The container's memory limit.
         limit_mib: u64,
         /// The cgroup file that set it.
         file: PathBuf,
-        /// The largest budget that fits.
-        most_mib: u64,
+        /// Half of the limit: what both may take together.
+        half_mib: u64,
+        /// What to change.
+        fix: String,
     },
 }
 

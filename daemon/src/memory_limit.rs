@@ -1,12 +1,16 @@
 //! The container's memory limit, read from the daemon's cgroup at start, and
-//! the check that the relay buffer budget (`limits.relay_buffer_memory_mib`)
-//! fits in it.
+//! the check that what the configuration lets the daemon hold fits in it:
+//! the relay buffer budget (`limits.relay_buffer_memory_mib`) plus the
+//! state of `limits.max_connections` open connections.
 //!
-//! The budget bounds the 64 KiB buffers lent to connections moving data; a
-//! daemon that has lent all of them also holds its per-connection state,
-//! socket buffers and runtime. A budget above half of the memory limit
-//! would get the daemon killed for memory before the budget protects it, so
-//! the daemon refuses to start with it (exit 64, like any bad setting).
+//! The budget bounds the 64 KiB buffers lent to connections moving data;
+//! each open connection also costs the daemon ~4 KiB while idle
+//! ([`CONNECTION_STATE_BYTES`], measured in docs/benchmarks.md). Both at
+//! their limits must fit in half of the memory limit: the other half is for
+//! the runtime, the binary, the kernel's socket memory charged to the
+//! container and headroom. A configuration that does not fit would get the
+//! daemon killed for memory before its limits protect it, so the daemon
+//! refuses to start with it (exit 64, like any bad setting).
 //!
 //! Where the limit is: `/proc/self/cgroup` names the daemon's cgroup, on the
 //! unified hierarchy (cgroup v2, line `0::<path>`, file `memory.max`) or the
@@ -123,22 +127,55 @@ pub fn describe(limit: Option<&MemoryLimit>) -> String {
     )
 }
 
-/// Refuses a relay buffer budget above half of `limit`.
+/// Daemon memory one open, idle connection costs, counted by [`check`]:
+/// 3.8–4.3 KiB per daemon in the benchmark's runs (docs/benchmarks.md,
+/// "bytes per open idle connection"), rounded to 4 KiB.
+pub const CONNECTION_STATE_BYTES: u64 = 4096;
+
+/// Refuses a configuration whose relay buffer budget plus the state of
+/// `limits.max_connections` connections is above half of `limit`.
 pub fn check(config: &Config, limit: Option<&MemoryLimit>) -> Result<(), ConfigError> {
     let Some(limit) = limit else {
         return Ok(());
     };
     let budget = config.limits.relay_buffer_memory_mib as u64;
-    let most = (limit.bytes / 2) >> 20;
-    if budget > most {
-        return Err(ConfigError::RelayBuffersOverMemoryLimit {
-            budget_mib: budget,
-            limit_mib: limit.mib(),
-            file: limit.file.clone(),
-            most_mib: most,
-        });
+    let connections = config.limits.max_connections as u64;
+    let connections_mib = (connections.saturating_mul(CONNECTION_STATE_BYTES)).div_ceil(1 << 20);
+    let half = (limit.bytes / 2) >> 20;
+    if budget.saturating_add(connections_mib) <= half {
+        return Ok(());
     }
-    Ok(())
+    Err(ConfigError::MemoryLimitsOverContainerLimit {
+        budget_mib: budget,
+        connections,
+        connections_mib,
+        limit_mib: limit.mib(),
+        file: limit.file.clone(),
+        half_mib: half,
+        fix: fix(budget, connections_mib, half),
+    })
+}
+
+/// What to change so that `budget + connections_mib <= half`: the budget if
+/// the connections leave room for one, else the connection limit as well.
+fn fix(budget: u64, connections_mib: u64, half: u64) -> String {
+    if connections_mib < half {
+        format!(
+            "set limits.relay_buffer_memory_mib to at most {}, so that both fit in {half} MiB",
+            half - connections_mib
+        )
+    } else {
+        let keep = budget.min(half / 2).max(1);
+        let room = half.saturating_sub(keep);
+        if room == 0 {
+            return format!("no setting fits in {half} MiB");
+        }
+        format!(
+            "set limits.max_connections to at most {} and limits.relay_buffer_memory_mib to at most \
+             {keep}, so that both fit in {half} MiB",
+            (room << 20) / CONNECTION_STATE_BYTES
+        )
+    }
 }
 
 #[cfg(test)]
@@ -230,29 +267,94 @@ mod tests {
         assert_eq!(container_limit(&garbage), None);
     }
 
+    fn err(c: &Config, limit: &MemoryLimit) -> String {
+        check(c, Some(limit))
+            .expect_err("over half the limit")
+            .to_string()
+    }
+
+    fn has_all(e: &str, needles: &[&str]) {
+        for needle in needles {
+            assert!(e.contains(needle), "{needle:?} missing from: {e}");
+        }
+    }
+
     #[test]
-    fn a_budget_above_half_the_limit_is_refused_with_the_most_that_fits() {
+    fn the_default_limits_fit_the_daemonsets_one_gibibyte() {
+        let limit = MemoryLimit {
+            bytes: 1024 * MIB,
+            file: "/sys/fs/cgroup/memory.max".into(),
+        };
+        // 256 MiB of relay buffers + 65536 x 4 KiB = 512 MiB, half of 1 GiB.
+        assert!(check(&Config::default(), Some(&limit)).is_ok());
+        let limit = MemoryLimit {
+            bytes: 1023 * MIB,
+            ..limit
+        };
+        assert!(check(&Config::default(), Some(&limit)).is_err());
+    }
+
+    #[test]
+    fn a_budget_that_with_the_connections_passes_half_the_limit_is_refused_with_the_most_that_fits()
+    {
         let limit = MemoryLimit {
             bytes: 300 * MIB,
             file: "/sys/fs/cgroup/memory.max".into(),
         };
         let mut c = Config::default();
-        c.limits.relay_buffer_memory_mib = 150;
+        c.limits.max_connections = 2560; // 10 MiB of connection state
+        c.limits.max_connections_per_pod = 2560;
+        c.limits.relay_buffer_memory_mib = 140;
         assert!(check(&c, Some(&limit)).is_ok());
-        c.limits.relay_buffer_memory_mib = 151;
-        let e = check(&c, Some(&limit))
-            .expect_err("151 of 300 MiB")
-            .to_string();
-        for needle in [
-            "limits.relay_buffer_memory_mib",
-            "151 MiB",
-            "300 MiB",
-            "/sys/fs/cgroup/memory.max",
-            "at most 150",
-            "resources.limits.memory",
-        ] {
-            assert!(e.contains(needle), "{needle:?} missing from: {e}");
-        }
+        c.limits.relay_buffer_memory_mib = 141;
+        has_all(
+            &err(&c, &limit),
+            &[
+                "limits.relay_buffer_memory_mib",
+                "141 MiB",
+                "`limits.max_connections` (2560",
+                "10 MiB",
+                "151 MiB",
+                "300 MiB",
+                "/sys/fs/cgroup/memory.max",
+                "set limits.relay_buffer_memory_mib to at most 140",
+                "resources.limits.memory",
+            ],
+        );
         assert!(check(&c, None).is_ok(), "no limit, no check");
+    }
+
+    #[test]
+    fn connections_alone_over_half_the_limit_ask_for_a_lower_connection_limit() {
+        let limit = MemoryLimit {
+            bytes: 256 * MIB,
+            file: "/sys/fs/cgroup/memory.max".into(),
+        };
+        let mut c = Config::default();
+        c.limits.relay_buffer_memory_mib = 16;
+        // The default 65536 connections are 256 MiB of state: over 128 alone.
+        let e = err(&c, &limit);
+        // 128 - 16 = 112 MiB left for connections: 28672 of them.
+        has_all(
+            &e,
+            &[
+                "`limits.max_connections` (65536",
+                "256 MiB",
+                "set limits.max_connections to at most 28672 and limits.relay_buffer_memory_mib to at most 16",
+            ],
+        );
+        c.limits.max_connections = 28672;
+        c.limits.max_connections_per_pod = 4096;
+        assert!(check(&c, Some(&limit)).is_ok(), "the suggested fix fits");
+    }
+
+    #[test]
+    fn a_limit_too_small_for_any_setting_says_so() {
+        let limit = MemoryLimit {
+            bytes: 3 * MIB,
+            file: "/sys/fs/cgroup/memory.max".into(),
+        };
+        let e = err(&Config::default(), &limit);
+        has_all(&e, &["no setting fits", "resources.limits.memory"]);
     }
 }

@@ -1,8 +1,8 @@
-//! The relay buffer budget against a real container memory limit: the
+//! The memory the limits allow against a real container memory limit: the
 //! `nodemesh` binary started in a memory cgroup the test makes (cgroup v2
 //! `memory.max`, or v1 `memory.limit_in_bytes` on a v1 or hybrid host)
-//! refuses a budget above half of the limit, before it starts anything, and
-//! accepts one that fits. Privileged (root); the cgroup is removed even when
+//! refuses a relay buffer budget plus `max_connections` × 4 KiB above half
+//! of the limit, before it starts anything, and accepts limits that fit. Privileged (root); the cgroup is removed even when
 //! a check fails.
 
 use std::path::{Path, PathBuf};
@@ -56,12 +56,24 @@ impl Cgroup {
 
     /// Runs `nodemesh run --node-name n1 ... --config <file> <extra>` inside the
     /// cgroup (the shell moves itself in, then execs the daemon).
-    fn run_daemon(&self, relay_buffer_mib: u64, extra: &[&str]) -> Output {
+    /// `max_connections` `None` keeps the default (65536: 256 MiB of state).
+    fn run_daemon(
+        &self,
+        relay_buffer_mib: u64,
+        max_connections: Option<u64>,
+        extra: &[&str],
+    ) -> Output {
         let dir = tempfile::tempdir().expect("tempdir");
         let config = dir.path().join("config.yaml");
         std::fs::write(
             &config,
-            format!("limits:\n  relay_buffer_memory_mib: {relay_buffer_mib}\n"),
+            match max_connections {
+                None => format!("limits:\n  relay_buffer_memory_mib: {relay_buffer_mib}\n"),
+                Some(n) => format!(
+                    "limits:\n  relay_buffer_memory_mib: {relay_buffer_mib}\n  \
+                     max_connections: {n}\n  max_connections_per_pod: {n}\n"
+                ),
+            },
         )
         .expect("config");
         Command::new("sh")
@@ -103,7 +115,7 @@ fn text(o: &Output) -> String {
 }
 
 #[test]
-fn a_relay_buffer_budget_above_half_the_containers_memory_limit_is_refused_at_start() {
+fn limits_that_ask_for_more_than_half_the_containers_memory_limit_are_refused_at_start() {
     assert!(
         // /proc/self belongs to the process's effective user.
         std::os::unix::fs::MetadataExt::uid(&std::fs::metadata("/proc/self").expect("/proc/self"))
@@ -113,26 +125,39 @@ fn a_relay_buffer_budget_above_half_the_containers_memory_limit_is_refused_at_st
     let cgroup = Cgroup::new();
     let limit_file = cgroup.limit_file.display().to_string();
 
-    // 200 of 256 MiB: refused, whether checking or starting, with the
-    // numbers, the file and the fix.
+    // 200 MiB of relay buffers + 2048 connections (8 MiB) of 256 MiB:
+    // refused, whether checking or starting, with the numbers, the file and
+    // the fix.
     for extra in [&["--check"][..], &[]] {
-        let out = cgroup.run_daemon(200, extra);
+        let out = cgroup.run_daemon(200, Some(2048), extra);
         let all = text(&out);
         assert_eq!(out.status.code(), Some(64), "{extra:?}: {all}");
         for needle in [
-            "limits.relay_buffer_memory_mib",
-            "200 MiB",
+            "limits.relay_buffer_memory_mib` (200 MiB)",
+            "`limits.max_connections` (2048, about 8 MiB",
+            "208 MiB",
             "256 MiB",
             limit_file.as_str(),
-            "at most 128",
+            "set limits.relay_buffer_memory_mib to at most 120",
             "resources.limits.memory",
         ] {
             assert!(all.contains(needle), "{extra:?}: {needle:?} missing: {all}");
         }
     }
 
-    // 128 MiB, half of the limit: accepted, and the check names the limit.
-    let out = cgroup.run_daemon(128, &["--check"]);
+    // A small budget, but the default 65536 connections are 256 MiB of
+    // state alone: the fix lowers the connection limit.
+    let out = cgroup.run_daemon(16, None, &["--check"]);
+    let all = text(&out);
+    assert_eq!(out.status.code(), Some(64), "{all}");
+    assert!(
+        all.contains("set limits.max_connections to at most 28672"),
+        "{all}"
+    );
+
+    // 120 + 8 MiB, half of the limit: accepted, and the check names the
+    // limit.
+    let out = cgroup.run_daemon(120, Some(2048), &["--check"]);
     let all = text(&out);
     assert_eq!(out.status.code(), Some(0), "{all}");
     assert!(
