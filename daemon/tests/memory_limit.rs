@@ -2,8 +2,8 @@
 //! `nodemesh` binary started in a memory cgroup the test makes (cgroup v2
 //! `memory.max`, or v1 `memory.limit_in_bytes` on a v1 or hybrid host)
 //! refuses a relay buffer budget plus `max_connections` × 4 KiB above half
-//! of the limit, before it starts anything, and accepts limits that fit. Privileged (root); the cgroup is removed even when
-//! a check fails.
+//! of the limit, before it starts anything, and accepts limits that fit.
+//! Privileged (root); the cgroup is removed even when a check fails.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
