@@ -333,11 +333,12 @@ pub enum ConfigError {
     #[error(
         "config fields `limits.relay_buffer_memory_mib` ({budget_mib} MiB) and \
          `limits.max_connections` ({connections}, about {connections_mib} MiB of connection \
-         state at 4 KiB each) let the daemon hold {} MiB, more than half of the container's \
+         state at {} KiB each) let the daemon hold {} MiB, more than half of the container's \
          memory limit ({limit_mib} MiB, {}): with every connection open and every relay buffer \
          lent the daemon would be killed for memory before its limits protect it; {fix}, or \
          raise the container's memory limit \
          (resources.limits.memory of the nodemesh DaemonSet)",
+        crate::memory_limit::CONNECTION_STATE_BYTES >> 10,
         budget_mib + connections_mib,
         file.display()
     )]
@@ -352,8 +353,6 @@ pub enum ConfigError {
         limit_mib: u64,
         /// The cgroup file that set it.
         file: PathBuf,
-        /// Half of the limit: what both may take together.
-        half_mib: u64,
         /// What to change.
         fix: String,
     },

@@ -151,7 +151,6 @@ pub fn check(config: &Config, limit: Option<&MemoryLimit>) -> Result<(), ConfigE
         connections_mib,
         limit_mib: limit.mib(),
         file: limit.file.clone(),
-        half_mib: half,
         fix: fix(budget, connections_mib, half),
     })
 }
