@@ -118,213 +118,218 @@ pub async fn serve_streams(proxy: Arc<Proxy>, tunnel: Tunnel) {
 
 /// Handles one tunnel stream: header, checks, connect, status, relay.
 ///
-/// `stream` counts the stream open on its tunnel until this returns.
-pub async fn handle_stream(
+/// `stream` counts the stream open on its tunnel until this returns. Not an
+/// `async fn`, so that the task keeps its arguments once (see
+/// [`relay::tcp_quic`]).
+#[allow(clippy::manual_async_fn)] // on purpose: see the doc
+pub fn handle_stream(
     proxy: Arc<Proxy>,
     peer: Arc<str>,
     mut send: SendStream,
     mut recv: RecvStream,
     stream: StreamGuard,
-) {
-    let _guard = proxy.tracker.track();
-    let _stream = stream;
-    let header = match tokio::time::timeout(HEADER_TIMEOUT, read_header(&mut recv)).await {
-        Ok(Ok(h)) => h,
-        Ok(Err(e)) => {
-            let code = e.status_code();
-            warn!(error = %e, status = code.as_str(), "malformed stream header; resetting stream");
-            reject(&peer, code);
-            let _ = send.reset(reset_code(code));
-            let _ = recv.stop(reset_code(code));
-            return;
+) -> impl std::future::Future<Output = ()> + Send {
+    async move {
+        let _guard = proxy.tracker.track();
+        let _stream = stream;
+        let header = match tokio::time::timeout(HEADER_TIMEOUT, read_header(&mut recv)).await {
+            Ok(Ok(h)) => h,
+            Ok(Err(e)) => {
+                let code = e.status_code();
+                warn!(error = %e, status = code.as_str(), "malformed stream header; resetting stream");
+                reject(&peer, code);
+                let _ = send.reset(reset_code(code));
+                let _ = recv.stop(reset_code(code));
+                return;
+            }
+            Err(_) => {
+                warn!("no complete stream header in time; resetting stream");
+                reject(&peer, StatusCode::BadHeader);
+                let _ = send.reset(reset_code(StatusCode::BadHeader));
+                let _ = recv.stop(reset_code(StatusCode::BadHeader));
+                return;
+            }
+        };
+        let span = tracing::Span::current();
+        span.record(
+            "src.identity",
+            tracing::field::display(&header.src_identity),
+        );
+        span.record("server.addr", tracing::field::display(header.dst));
+        let (src_namespace, src_workload) = proxy.describe_ip(header.src.ip());
+        let mut edge = Edge {
+            reporter: Reporter::Destination,
+            src_namespace,
+            src_workload,
+            dst_namespace: UNKNOWN.to_owned(),
+            dst_workload: UNKNOWN.to_owned(),
+            tls: true,
+            route: RouteLabel::Tunnel,
+        };
+        if proxy.is_draining() {
+            // Not a failed connection: L1 retries it on a new tunnel (counted
+            // only in `nodemesh_streams_rejected_total{status="unavailable"}`).
+            debug!("draining: stream refused, the peer retries on a new tunnel");
+            reject(&peer, StatusCode::Unavailable);
+            return write_status(send, recv, StatusCode::Unavailable, REASON_DRAINING).await;
         }
-        Err(_) => {
-            warn!("no complete stream header in time; resetting stream");
-            reject(&peer, StatusCode::BadHeader);
-            let _ = send.reset(reset_code(StatusCode::BadHeader));
-            let _ = recv.stop(reset_code(StatusCode::BadHeader));
-            return;
-        }
-    };
-    let span = tracing::Span::current();
-    span.record(
-        "src.identity",
-        tracing::field::display(&header.src_identity),
-    );
-    span.record("server.addr", tracing::field::display(header.dst));
-    let (src_namespace, src_workload) = proxy.describe_ip(header.src.ip());
-    let mut edge = Edge {
-        reporter: Reporter::Destination,
-        src_namespace,
-        src_workload,
-        dst_namespace: UNKNOWN.to_owned(),
-        dst_workload: UNKNOWN.to_owned(),
-        tls: true,
-        route: RouteLabel::Tunnel,
-    };
-    if proxy.is_draining() {
-        // Not a failed connection: L1 retries it on a new tunnel (counted
-        // only in `nodemesh_streams_rejected_total{status="unavailable"}`).
-        debug!("draining: stream refused, the peer retries on a new tunnel");
-        reject(&peer, StatusCode::Unavailable);
-        return write_status(send, recv, StatusCode::Unavailable, REASON_DRAINING).await;
-    }
-    // 1. The peer may speak only for its own pods, as who they run as.
-    let snap = proxy.registry.snapshot();
-    let src_pod = match verify_source(
-        &snap,
-        &proxy.trust_domain,
-        &peer,
-        header.src.ip(),
-        &header.src_identity,
-    ) {
-        Ok(p) => p.clone(),
-        Err(refusal) => {
-            let reason = refusal.reason();
-            warn!(
-                reason,
-                peer.identity = %node_spiffe_id(&proxy.trust_domain, &peer),
-                src.identity = %header.src_identity,
-                client.addr = %header.src,
-                server.addr = %header.dst,
-                error = %refusal,
-                "stream refused: the peer node may not speak for this source"
-            );
-            count_denied(&edge, reason);
-            return answer(&peer, &edge, send, recv, StatusCode::Denied, reason).await;
-        }
-    };
-    drop(snap);
-    edge.src_namespace = src_pod.namespace.clone();
-    edge.src_workload = src_pod.workload.clone();
-    // 2. The destination is a meshed pod here.
-    let Some(pod) = proxy.registry.local_by_ip(header.dst.ip()) else {
-        debug!(server.addr = %header.dst, "destination is not a meshed pod on this node");
-        return answer(
+        // 1. The peer may speak only for its own pods, as who they run as.
+        let snap = proxy.registry.snapshot();
+        let src_pod = match verify_source(
+            &snap,
+            &proxy.trust_domain,
             &peer,
-            &edge,
-            send,
-            recv,
-            StatusCode::NoRoute,
-            "destination_not_meshed_here",
-        )
-        .await;
-    };
-    let dst_w = proxy.workload_of(&pod);
-    edge.dst_namespace = dst_w.namespace;
-    edge.dst_workload = dst_w.workload;
-    // 3. The daemon's connection limit: refused streams are answered
-    //    `unavailable`, so L1 resets its client (or tries another endpoint).
-    let _permit = match proxy.limits.admit(None) {
-        Ok(p) => p,
-        Err(refusal) => {
-            refusal.report(
-                "tunnel",
-                edge.dst_namespace.clone(),
-                edge.dst_workload.clone(),
-            );
+            header.src.ip(),
+            &header.src_identity,
+        ) {
+            Ok(p) => p.clone(),
+            Err(refusal) => {
+                let reason = refusal.reason();
+                warn!(
+                    reason,
+                    peer.identity = %node_spiffe_id(&proxy.trust_domain, &peer),
+                    src.identity = %header.src_identity,
+                    client.addr = %header.src,
+                    server.addr = %header.dst,
+                    error = %refusal,
+                    "stream refused: the peer node may not speak for this source"
+                );
+                count_denied(&edge, reason);
+                return answer(&peer, &edge, send, recv, StatusCode::Denied, reason).await;
+            }
+        };
+        drop(snap);
+        edge.src_namespace = src_pod.namespace.clone();
+        edge.src_workload = src_pod.workload.clone();
+        // 2. The destination is a meshed pod here.
+        let Some(pod) = proxy.registry.local_by_ip(header.dst.ip()) else {
+            debug!(server.addr = %header.dst, "destination is not a meshed pod on this node");
             return answer(
                 &peer,
                 &edge,
                 send,
                 recv,
-                StatusCode::Unavailable,
-                REASON_CONNECTION_LIMIT,
+                StatusCode::NoRoute,
+                "destination_not_meshed_here",
+            )
+            .await;
+        };
+        let dst_w = proxy.workload_of(&pod);
+        edge.dst_namespace = dst_w.namespace;
+        edge.dst_workload = dst_w.workload;
+        // 3. The daemon's connection limit: refused streams are answered
+        //    `unavailable`, so L1 resets its client (or tries another endpoint).
+        let _permit = match proxy.limits.admit(None) {
+            Ok(p) => p,
+            Err(refusal) => {
+                refusal.report(
+                    "tunnel",
+                    edge.dst_namespace.clone(),
+                    edge.dst_workload.clone(),
+                );
+                return answer(
+                    &peer,
+                    &edge,
+                    send,
+                    recv,
+                    StatusCode::Unavailable,
+                    REASON_CONNECTION_LIMIT,
+                )
+                .await;
+            }
+        };
+        // 4. Policy. Registered first, then evaluated on the newest snapshot, so
+        //    a policy change is seen either here or by the revocation scan.
+        let live = proxy.registry.live().register(LiveConn {
+            dst: header.dst,
+            dst_namespace: pod.namespace.clone(),
+            identity: Some(OwnedPeer {
+                principal: header.src_identity.clone(),
+                namespace: src_pod.namespace.clone(),
+                service_account: src_pod.service_account.clone(),
+            }),
+            src_ip: header.src.ip(),
+            peer_node: Some(peer.clone()),
+            cancel: pod.cancel.child_token(),
+        });
+        let decision = {
+            let client = Client {
+                identity: Some(Peer {
+                    principal: &header.src_identity,
+                    namespace: &src_pod.namespace,
+                    service_account: &src_pod.service_account,
+                }),
+                ip: header.src.ip(),
+            };
+            proxy
+                .registry
+                .snapshot()
+                .authorize(header.dst, &pod.namespace, &client)
+        };
+        if let Decision::Deny { reason, policy } = decision {
+            warn!(
+                reason = REASON_POLICY_DENIED,
+                decision = reason.as_str(),
+                policy = %policy,
+                peer.identity = %node_spiffe_id(&proxy.trust_domain, &peer),
+                src.identity = %header.src_identity,
+                client.addr = %header.src,
+                server.addr = %header.dst,
+                "stream refused by authorization policy"
+            );
+            count_denied(&edge, REASON_POLICY_DENIED);
+            drop(live);
+            return answer(
+                &peer,
+                &edge,
+                send,
+                recv,
+                StatusCode::Denied,
+                REASON_POLICY_DENIED,
             )
             .await;
         }
-    };
-    // 4. Policy. Registered first, then evaluated on the newest snapshot, so
-    //    a policy change is seen either here or by the revocation scan.
-    let live = proxy.registry.live().register(LiveConn {
-        dst: header.dst,
-        dst_namespace: pod.namespace.clone(),
-        identity: Some(OwnedPeer {
-            principal: header.src_identity.clone(),
-            namespace: src_pod.namespace.clone(),
-            service_account: src_pod.service_account.clone(),
-        }),
-        src_ip: header.src.ip(),
-        peer_node: Some(peer.clone()),
-        cancel: pod.cancel.child_token(),
-    });
-    let decision = {
-        let client = Client {
-            identity: Some(Peer {
-                principal: &header.src_identity,
-                namespace: &src_pod.namespace,
-                service_account: &src_pod.service_account,
-            }),
-            ip: header.src.ip(),
+        // 5. Connect into the pod.
+        let tcp = match proxy.connect_into(&pod, header.src.ip(), header.dst).await {
+            Ok(t) => t,
+            Err(e) => {
+                debug!(server.addr = %header.dst, error = %e, "connect to destination failed");
+                let reason = if e.kind() == std::io::ErrorKind::TimedOut {
+                    "connect_timeout"
+                } else {
+                    "connect_refused"
+                };
+                return answer(&peer, &edge, send, recv, StatusCode::ConnectFailed, reason).await;
+            }
         };
-        proxy
-            .registry
-            .snapshot()
-            .authorize(header.dst, &pod.namespace, &client)
-    };
-    if let Decision::Deny { reason, policy } = decision {
-        warn!(
-            reason = REASON_POLICY_DENIED,
-            decision = reason.as_str(),
-            policy = %policy,
-            peer.identity = %node_spiffe_id(&proxy.trust_domain, &peer),
-            src.identity = %header.src_identity,
-            client.addr = %header.src,
-            server.addr = %header.dst,
-            "stream refused by authorization policy"
-        );
-        count_denied(&edge, REASON_POLICY_DENIED);
-        drop(live);
-        return answer(
-            &peer,
-            &edge,
+        let mut buf = Vec::with_capacity(8);
+        Status {
+            code: StatusCode::Ok,
+            reason: String::new(),
+        }
+        .encode(&mut buf);
+        if let Err(e) = send.write_all(&buf).await {
+            debug!(error = %e, "peer went away before the status");
+            reset_tcp(tcp);
+            return;
+        }
+        let counters = edge.opened();
+        let started = Instant::now();
+        match relay::tcp_quic_cancellable(
+            tcp,
             send,
             recv,
-            StatusCode::Denied,
-            REASON_POLICY_DENIED,
+            counters.dst_to_src,
+            counters.src_to_dst,
+            live.token(),
+            reset_code(StatusCode::Denied),
         )
-        .await;
-    }
-    // 5. Connect into the pod.
-    let tcp = match proxy.connect_into(&pod, header.src.ip(), header.dst).await {
-        Ok(t) => t,
-        Err(e) => {
-            debug!(server.addr = %header.dst, error = %e, "connect to destination failed");
-            let reason = if e.kind() == std::io::ErrorKind::TimedOut {
-                "connect_timeout"
-            } else {
-                "connect_refused"
-            };
-            return answer(&peer, &edge, send, recv, StatusCode::ConnectFailed, reason).await;
+        .await
+        {
+            // The relay's first end is the pod here: its `a_to_b` is the reply.
+            Some(res) => finish(&edge, started, res.map(RelayStats::swapped)),
+            None => closed_early(&pod, &edge, started),
         }
-    };
-    let mut buf = Vec::with_capacity(8);
-    Status {
-        code: StatusCode::Ok,
-        reason: String::new(),
-    }
-    .encode(&mut buf);
-    if let Err(e) = send.write_all(&buf).await {
-        debug!(error = %e, "peer went away before the status");
-        reset_tcp(tcp);
-        return;
-    }
-    let counters = edge.opened();
-    let started = Instant::now();
-    match relay::tcp_quic_cancellable(
-        tcp,
-        send,
-        recv,
-        counters.dst_to_src,
-        counters.src_to_dst,
-        live.token(),
-        reset_code(StatusCode::Denied),
-    )
-    .await
-    {
-        // The relay's first end is the pod here: its `a_to_b` is the reply.
-        Some(res) => finish(&edge, started, res.map(RelayStats::swapped)),
-        None => closed_early(&pod, &edge, started),
     }
 }
 

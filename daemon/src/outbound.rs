@@ -113,33 +113,39 @@ pub(crate) fn edge_to(proxy: &Proxy, src: &Workload, dst: SocketAddr, route: &Ro
 /// reaches L2 in the header's packet: no round trip is spent on the status
 /// before it. Further client bytes wait for L2's `ok`, so the first write is
 /// all there is to replay when the stream is retried on a new tunnel.
+///
+/// Not an `async fn`, so that the connection's task keeps its arguments once
+/// (see [`relay::tcp_quic`]).
 #[allow(clippy::too_many_arguments)]
-async fn tunnel(
-    proxy: &Proxy,
-    edge: &Edge,
-    src: &Workload,
+#[allow(clippy::manual_async_fn)] // on purpose: see the doc
+fn tunnel<'a>(
+    proxy: &'a Proxy,
+    edge: &'a Edge,
+    src: &'a Workload,
     tcp: TcpStream,
     client: SocketAddr,
     dst: SocketAddr,
-    node: &str,
+    node: &'a str,
     addr: SocketAddr,
-) {
-    let opened = open_stream_with(proxy, src, client, dst, node, addr, Some(&tcp)).await;
-    let (send, recv, _stream, early) = match opened {
-        Ok(s) => s,
-        Err(f) => return fail(edge, tcp, f.reason, &f.error),
-    };
-    let counters = edge.opened();
-    counters.src_to_dst.increment(early);
-    let started = Instant::now();
-    let res = relay::tcp_quic(tcp, send, recv, counters.src_to_dst, counters.dst_to_src)
-        .await
-        .map(|mut stats| {
-            // The client's first bytes went out with the header.
-            stats.a_to_b += early;
-            stats
-        });
-    finish(edge, started, res);
+) -> impl std::future::Future<Output = ()> + Send + 'a {
+    async move {
+        let opened = open_stream_with(proxy, src, client, dst, node, addr, Some(&tcp)).await;
+        let (send, recv, _stream, early) = match opened {
+            Ok(s) => s,
+            Err(f) => return fail(edge, tcp, f.reason, &f.error),
+        };
+        let counters = edge.opened();
+        counters.src_to_dst.increment(early);
+        let started = Instant::now();
+        let res = relay::tcp_quic(tcp, send, recv, counters.src_to_dst, counters.dst_to_src)
+            .await
+            .map(|mut stats| {
+                // The client's first bytes went out with the header.
+                stats.a_to_b += early;
+                stats
+            });
+        finish(edge, started, res);
+    }
 }
 
 /// Appends to `buf`, without waiting, what the client has already sent (up

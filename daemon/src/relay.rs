@@ -35,6 +35,7 @@
 //!
 //! Setting `TCP_NODELAY` is the caller's job.
 
+use std::future::Future;
 use std::io;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
@@ -370,32 +371,40 @@ impl Drop for Lent {
 /// `tcp_to_quic` and `quic_to_tcp` count bytes as they are written to the
 /// other side. Returns when both directions have finished; on error, the TCP
 /// connection has been reset and the stream reset and stopped.
-pub async fn tcp_quic(
+///
+/// Not an `async fn`: the future of one keeps its arguments twice, as
+/// captured and again as locals (rust-lang/rust#62958), 128 bytes more per
+/// relayed connection for the connection's whole life. The `async move`
+/// block below keeps them once.
+#[allow(clippy::manual_async_fn)] // on purpose: see the doc
+pub fn tcp_quic(
     mut tcp: TcpStream,
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
     tcp_to_quic: Counter,
     quic_to_tcp: Counter,
-) -> Result<RelayStats, RelayError> {
-    let tally = Tally::open(&tcp_to_quic);
-    let result = {
-        let (tcp_r, mut tcp_w) = tcp.split();
-        tokio::try_join!(
-            tcp_to_stream(&tcp_r, &mut send, &tally),
-            stream_to_tcp(&mut recv, &mut tcp_w, &quic_to_tcp),
-        )
-    };
-    match result {
-        Ok((a_to_b, b_to_a)) => Ok(RelayStats { a_to_b, b_to_a }),
-        Err(e) => {
-            let code = e.stream_code();
-            // ClosedStream here only means that side was already finished or
-            // reset, which is fine.
-            let _ = send.reset(code);
-            let _ = recv.stop(code);
-            reset_tcp(tcp);
-            tracing::debug!(error = %e, code = code.into_inner(), "relay reset");
-            Err(e)
+) -> impl Future<Output = Result<RelayStats, RelayError>> + Send {
+    async move {
+        let tally = Tally::open(&tcp_to_quic);
+        let result = {
+            let (tcp_r, mut tcp_w) = tcp.split();
+            tokio::try_join!(
+                tcp_to_stream(&tcp_r, &mut send, &tally),
+                stream_to_tcp(&mut recv, &mut tcp_w, &quic_to_tcp),
+            )
+        };
+        match result {
+            Ok((a_to_b, b_to_a)) => Ok(RelayStats { a_to_b, b_to_a }),
+            Err(e) => {
+                let code = e.stream_code();
+                // ClosedStream here only means that side was already finished
+                // or reset, which is fine.
+                let _ = send.reset(code);
+                let _ = recv.stop(code);
+                reset_tcp(tcp);
+                tracing::debug!(error = %e, code = code.into_inner(), "relay reset");
+                Err(e)
+            }
         }
     }
 }
@@ -595,7 +604,9 @@ async fn tcp_to_tcp<W: AsyncWrite + Unpin>(
 
 /// [`tcp_quic`] that stops when `cancel` fires: then the TCP connection is
 /// reset and the stream reset and stopped with `code`, and `None` returned.
-pub async fn tcp_quic_cancellable(
+/// Not an `async fn`, for the reason given at [`tcp_quic`].
+#[allow(clippy::manual_async_fn)] // on purpose: see the doc
+pub fn tcp_quic_cancellable(
     mut tcp: TcpStream,
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
@@ -603,35 +614,37 @@ pub async fn tcp_quic_cancellable(
     quic_to_tcp: Counter,
     cancel: &tokio_util::sync::CancellationToken,
     code: VarInt,
-) -> Option<Result<RelayStats, RelayError>> {
-    let tally = Tally::open(&tcp_to_quic);
-    let result = {
-        let (tcp_r, mut tcp_w) = tcp.split();
-        tokio::select! {
-            _ = cancel.cancelled() => None,
-            r = async {
-                tokio::try_join!(
-                    tcp_to_stream(&tcp_r, &mut send, &tally),
-                    stream_to_tcp(&mut recv, &mut tcp_w, &quic_to_tcp),
-                )
-            } => Some(r),
-        }
-    };
-    match result {
-        None => {
-            let _ = send.reset(code);
-            let _ = recv.stop(code);
-            reset_tcp(tcp);
-            None
-        }
-        Some(Ok((a_to_b, b_to_a))) => Some(Ok(RelayStats { a_to_b, b_to_a })),
-        Some(Err(e)) => {
-            let code = e.stream_code();
-            let _ = send.reset(code);
-            let _ = recv.stop(code);
-            reset_tcp(tcp);
-            tracing::debug!(error = %e, code = code.into_inner(), "relay reset");
-            Some(Err(e))
+) -> impl Future<Output = Option<Result<RelayStats, RelayError>>> + Send + '_ {
+    async move {
+        let tally = Tally::open(&tcp_to_quic);
+        let result = {
+            let (tcp_r, mut tcp_w) = tcp.split();
+            tokio::select! {
+                _ = cancel.cancelled() => None,
+                r = async {
+                    tokio::try_join!(
+                        tcp_to_stream(&tcp_r, &mut send, &tally),
+                        stream_to_tcp(&mut recv, &mut tcp_w, &quic_to_tcp),
+                    )
+                } => Some(r),
+            }
+        };
+        match result {
+            None => {
+                let _ = send.reset(code);
+                let _ = recv.stop(code);
+                reset_tcp(tcp);
+                None
+            }
+            Some(Ok((a_to_b, b_to_a))) => Some(Ok(RelayStats { a_to_b, b_to_a })),
+            Some(Err(e)) => {
+                let code = e.stream_code();
+                let _ = send.reset(code);
+                let _ = recv.stop(code);
+                reset_tcp(tcp);
+                tracing::debug!(error = %e, code = code.into_inner(), "relay reset");
+                Some(Err(e))
+            }
         }
     }
 }
