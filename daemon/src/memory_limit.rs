@@ -128,7 +128,7 @@ pub fn describe(limit: Option<&MemoryLimit>) -> String {
 }
 
 /// Daemon memory one open, idle connection costs, counted by [`check`]: the
-/// issue's 4 KiB budget. Measured at 3.2–3.5 KiB per daemon since the
+/// issue's 4 KiB budget. Measured at 3.1–3.4 KiB per daemon since the
 /// sixteenth pass of docs/benchmarks/notes.md (3.8–4.3 KiB before); the
 /// budget is kept, not the measurement, so that the check has margin for the
 /// run-to-run spread and for connections that carried more than one chunk.
