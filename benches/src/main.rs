@@ -69,18 +69,21 @@ enum Command {
     /// so the prefix has at most 7 characters for a full run.
     Bench(BenchArgs),
     /// A plain-TCP relay, one engine, for the benchmark's relay-engine
-    /// comparison (run by `bench`; prints `listening <addr>`, runs until killed).
+    /// comparison and its plain relay pair path (run by `bench`; prints
+    /// `listening <addr>` per listener, runs until killed).
     #[command(hide = true)]
     RelayEngine {
         /// How to relay.
         #[arg(long, value_enum)]
         engine: nodemesh_lab::relay_engine::Engine,
-        /// Address to accept on (port 0: any free port).
-        #[arg(long)]
-        listen: std::net::SocketAddr,
-        /// Address every accepted connection is relayed to.
-        #[arg(long)]
-        to: std::net::SocketAddr,
+        /// Address to accept on (port 0: any free port); repeat for more
+        /// listeners, each paired with the `--to` in the same position.
+        #[arg(long, required = true)]
+        listen: Vec<std::net::SocketAddr>,
+        /// Address the connections accepted on the matching `--listen` are
+        /// relayed to.
+        #[arg(long, required = true)]
+        to: Vec<std::net::SocketAddr>,
     },
 }
 
@@ -129,7 +132,7 @@ struct BenchArgs {
     #[arg(long, env = "NODEMESH_BIN_DIR")]
     bin_dir: Option<std::path::PathBuf>,
     /// Data-path paths to measure (comma-separated: direct, stunnel,
-    /// nodemesh-cross, nodemesh-same; default all). For development runs:
+    /// relay-pair, nodemesh-cross, nodemesh-same; default all). For development runs:
     /// the report then lacks the others.
     #[arg(long, value_delimiter = ',')]
     paths: Vec<String>,
@@ -226,7 +229,16 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     // Runs its own runtime (tokio or tokio-uring), so not inside the lab's.
     if let Command::RelayEngine { engine, listen, to } = cli.command {
-        return match nodemesh_lab::relay_engine::run(engine, listen, to) {
+        if listen.len() != to.len() {
+            eprintln!(
+                "error: relay engine: {} --listen against {} --to; give one --to per --listen, in the same order",
+                listen.len(),
+                to.len()
+            );
+            return ExitCode::from(2);
+        }
+        let pairs = listen.into_iter().zip(to).collect();
+        return match nodemesh_lab::relay_engine::run(engine, pairs) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("error: relay engine {}: {e}", engine.name());

@@ -14,10 +14,13 @@
 //!   daemon has no io_uring relay: it would be added only if it measured
 //!   faster (DESIGN §10, docs/benchmarks.md).
 //!
-//! Every engine accepts on `listen`, connects each accepted connection to
-//! `to`, sets `TCP_NODELAY` on both legs and relays both directions until
-//! each has seen EOF, forwarding the half-close. The first line on stdout is
-//! `listening <addr>`; the process runs until it is killed. The uring engine
+//! Every engine accepts on each `listen` address, connects each accepted
+//! connection to the `to` address paired with it, sets `TCP_NODELAY` on both
+//! legs and relays both directions until each has seen EOF, forwarding the
+//! half-close. Stdout has one line `listening <addr>` per listener, in the
+//! order given; the process runs until it is killed. The relay-engine
+//! comparison uses one pair per process; the plain relay pair path of the
+//! data-path figures ([`crate::bench::relay_pair`]) one per forwarded port. The uring engine
 //! closes both connections on an error instead of resetting them (the
 //! daemon's relays reset): nothing in the benchmark depends on that.
 
@@ -61,8 +64,15 @@ fn announce(addr: SocketAddr) -> io::Result<()> {
     out.flush()
 }
 
-/// Runs `engine` until killed (or until accepting fails).
-pub fn run(engine: Engine, listen: SocketAddr, to: SocketAddr) -> io::Result<()> {
+/// Runs `engine` on every `(listen, to)` pair until killed (or until
+/// accepting fails on one of them).
+pub fn run(engine: Engine, pairs: Vec<(SocketAddr, SocketAddr)>) -> io::Result<()> {
+    if pairs.is_empty() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "no address to listen on: give --listen and --to at least once",
+        ));
+    }
     match engine {
         Engine::Copy | Engine::Splice => {
             relay_splice::set_mode(if engine == Engine::Splice {
@@ -70,13 +80,13 @@ pub fn run(engine: Engine, listen: SocketAddr, to: SocketAddr) -> io::Result<()>
             } else {
                 TcpRelay::Copy
             });
-            run_tokio(listen, to)
+            run_tokio(pairs)
         }
-        Engine::Uring => tokio_uring::start(run_uring(listen, to)),
+        Engine::Uring => tokio_uring::start(run_uring(pairs)),
     }
 }
 
-fn run_tokio(listen: SocketAddr, to: SocketAddr) -> io::Result<()> {
+fn run_tokio(pairs: Vec<(SocketAddr, SocketAddr)>) -> io::Result<()> {
     // The daemon's runtime: multi-thread with one worker (its default
     // `worker_threads`), the accept loop and the relays on that worker.
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -84,22 +94,30 @@ fn run_tokio(listen: SocketAddr, to: SocketAddr) -> io::Result<()> {
         .enable_all()
         .build()?;
     rt.block_on(async move {
-        let listener = tokio::net::TcpListener::bind(listen).await?;
-        announce(listener.local_addr()?)?;
-        let accepting = tokio::spawn(async move {
-            loop {
-                let (a, _) = listener.accept().await?;
-                tokio::spawn(async move {
-                    if let Err(e) = tokio_pair(a, to).await {
-                        eprintln!("relay-engine: {e}");
-                    }
-                });
+        let mut accepting = tokio::task::JoinSet::new();
+        for (listen, to) in pairs {
+            let listener = tokio::net::TcpListener::bind(listen).await?;
+            announce(listener.local_addr()?)?;
+            accepting.spawn(tokio_accept(listener, to));
+        }
+        // The first accept loop to end ends the process.
+        match accepting.join_next().await {
+            Some(Ok(result)) => result,
+            Some(Err(e)) => Err(io::Error::other(e.to_string())),
+            None => Ok(()),
+        }
+    })
+}
+
+async fn tokio_accept(listener: tokio::net::TcpListener, to: SocketAddr) -> io::Result<()> {
+    loop {
+        let (a, _) = listener.accept().await?;
+        tokio::spawn(async move {
+            if let Err(e) = tokio_pair(a, to).await {
+                eprintln!("relay-engine: {e}");
             }
         });
-        accepting
-            .await
-            .unwrap_or_else(|e| Err(io::Error::other(e.to_string())))
-    })
+    }
 }
 
 async fn tokio_pair(a: tokio::net::TcpStream, to: SocketAddr) -> io::Result<()> {
@@ -112,9 +130,25 @@ async fn tokio_pair(a: tokio::net::TcpStream, to: SocketAddr) -> io::Result<()> 
         .map_err(|e| io::Error::other(e.to_string()))
 }
 
-async fn run_uring(listen: SocketAddr, to: SocketAddr) -> io::Result<()> {
-    let listener = tokio_uring::net::TcpListener::bind(listen)?;
-    announce(listener.local_addr()?)?;
+async fn run_uring(pairs: Vec<(SocketAddr, SocketAddr)>) -> io::Result<()> {
+    let mut listeners = Vec::with_capacity(pairs.len());
+    for (listen, to) in pairs {
+        let listener = tokio_uring::net::TcpListener::bind(listen)?;
+        announce(listener.local_addr()?)?;
+        listeners.push((listener, to));
+    }
+    let mut loops = Vec::with_capacity(listeners.len());
+    for (listener, to) in listeners {
+        loops.push(tokio_uring::spawn(uring_accept(listener, to)));
+    }
+    // Accept loops end only on an error; report the first one's.
+    for l in loops {
+        l.await.map_err(|e| io::Error::other(e.to_string()))??;
+    }
+    Ok(())
+}
+
+async fn uring_accept(listener: tokio_uring::net::TcpListener, to: SocketAddr) -> io::Result<()> {
     loop {
         let (a, _) = listener.accept().await?;
         tokio_uring::spawn(async move {

@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use super::load::{self, Echo, Holder};
 use super::procfs;
 use super::stats::Spread;
-use super::stunnel;
+use super::{relay_pair, stunnel};
 use super::{BenchError, BenchOptions, Selection, Sizes};
 use crate::daemon;
 use crate::lab::{Lab, LabOptions, PodHandle};
@@ -139,18 +139,30 @@ pub struct Target {
     pub src: PodHandle,
     /// Server pod.
     pub dst: PodHandle,
-    /// Connect to the stunnel client port instead of the server pod.
-    pub via_stunnel: bool,
+    /// Where the client connects: the server pod, or a proxy pair's client
+    /// side in its own namespace.
+    pub via: Via,
     /// Proxy pids.
     pub proxies: Vec<u32>,
 }
 
+/// How a [`Target`]'s client reaches the server app.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Via {
+    /// The server pod's address (direct, or captured by the mesh).
+    Pod,
+    /// The stunnel pair's client side, on 127.0.0.1 in the client pod.
+    Stunnel,
+    /// The plain relay pair's client side, on 127.0.0.1 in the client pod.
+    RelayPair,
+}
+
 impl Target {
     fn addr(&self, port: u16) -> SocketAddr {
-        if self.via_stunnel {
-            stunnel::client_addr(port)
-        } else {
-            self.dst.addr(port)
+        match self.via {
+            Via::Pod => self.dst.addr(port),
+            Via::Stunnel => stunnel::client_addr(port),
+            Via::RelayPair => relay_pair::client_addr(port),
         }
     }
 }
@@ -533,9 +545,13 @@ pub fn run(
     let only = &opts.only;
     check_prefix_room(opts)?;
     let mut targets = Vec::new();
-    // Dropped after the interleaved figures, in this order: stunnel, then its lab.
-    let mut plain: Option<(Option<stunnel::StunnelPair>, Lab)> = None;
-    if opts.parts.datapath && (only.path("direct") || only.path("stunnel")) {
+    // Dropped after the interleaved figures, in this order: the proxy pairs,
+    // then their lab.
+    type Pairs = (Option<stunnel::StunnelPair>, Option<relay_pair::RelayPair>);
+    let mut plain: Option<(Pairs, Lab)> = None;
+    if opts.parts.datapath
+        && (only.path("direct") || only.path("stunnel") || only.path("relay-pair"))
+    {
         let lab = up(lab_options(opts, "d", 2, 1).no_mesh(), progress)?;
         let (a, b) = (lab.pod(1, 1)?, lab.pod(2, 1)?);
         let direct = Target {
@@ -543,7 +559,7 @@ pub fn run(
             label: "direct pod to pod, no mesh (2 nodes)".into(),
             src: a.clone(),
             dst: b.clone(),
-            via_stunnel: false,
+            via: Via::Pod,
             proxies: Vec::new(),
         };
         let mut pair = None;
@@ -561,15 +577,33 @@ pub fn run(
                 key: "stunnel".into(),
                 label: "stunnel mTLS proxy pair (per-connection TLS, 2 nodes)".into(),
                 proxies: vec![p.client_pid, p.server_pid],
-                via_stunnel: true,
+                via: Via::Stunnel,
                 ..direct.clone()
             });
             pair = Some(p);
         }
+        let mut relays = None;
+        if only.path("relay-pair") {
+            let p = relay_pair::start(
+                &a.netns,
+                &b.netns,
+                b.ip,
+                &[SINK_PORT, ECHO_PORT, SEQ_ECHO_PORT, HOLD_PORT],
+            )?;
+            targets.push(Target {
+                key: "relay-pair".into(),
+                label: "plain TCP relay pair (no TLS; the floor of any two-proxy path, 2 nodes)"
+                    .into(),
+                proxies: vec![p.client_pid(), p.server_pid()],
+                via: Via::RelayPair,
+                ..direct.clone()
+            });
+            relays = Some(p);
+        }
         if only.path("direct") {
             targets.insert(0, direct);
         }
-        plain = Some((pair, lab));
+        plain = Some(((pair, relays), lab));
     }
 
     let meshed = opts.parts.datapath && (only.path("nodemesh-cross") || only.path("nodemesh-same"));
@@ -581,7 +615,7 @@ pub fn run(
             label: "nodemesh across nodes (pod -> L1 daemon -> QUIC -> L2 daemon -> pod)".into(),
             src: lab.pod(1, 1)?,
             dst: lab.pod(2, 1)?,
-            via_stunnel: false,
+            via: Via::Pod,
             proxies: daemon_pids(&lab, &[1, 2]),
         };
         // `meshed` implies the data-path part is on.
@@ -618,7 +652,7 @@ pub fn run(
                 label: "nodemesh within a node (pod -> daemon -> pod)".into(),
                 src: lab.pod(1, 1)?,
                 dst: lab.pod(1, 2)?,
-                via_stunnel: false,
+                via: Via::Pod,
                 proxies: daemon_pids(&lab, &[1]),
             };
             progress("path nodemesh-same: n1-p1 -> n1-p2 through the node's daemon");
@@ -838,7 +872,7 @@ fn tune(
             label: (*variant).to_owned(),
             src: lab.pod(1, 1)?,
             dst,
-            via_stunnel: false,
+            via: Via::Pod,
             proxies: daemon_pids(&lab, nodes),
         };
         // Warm-up: the tunnel up before the first measured run.

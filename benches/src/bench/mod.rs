@@ -11,6 +11,7 @@ pub mod cost;
 pub mod datapath;
 pub mod load;
 pub mod procfs;
+pub mod relay_pair;
 pub mod relays;
 pub mod report;
 pub mod sidecar;
@@ -178,15 +179,21 @@ pub struct BenchOptions {
 /// (`--paths`, `--figures`); the default is everything.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Selection {
-    /// Path keys to measure (`direct`, `stunnel`, `nodemesh-cross`,
-    /// `nodemesh-same`); empty = all.
+    /// Path keys to measure (`direct`, `stunnel`, `relay-pair`,
+    /// `nodemesh-cross`, `nodemesh-same`); empty = all.
     pub paths: Vec<String>,
     /// Figures to measure (`bulk`, `latency`, `new-conn`, `idle-mem`); empty = all.
     pub figures: Vec<String>,
 }
 
 /// The path keys [`Selection::paths`] accepts.
-pub const PATH_KEYS: [&str; 4] = ["direct", "stunnel", "nodemesh-cross", "nodemesh-same"];
+pub const PATH_KEYS: [&str; 5] = [
+    "direct",
+    "stunnel",
+    "relay-pair",
+    "nodemesh-cross",
+    "nodemesh-same",
+];
 /// The figure names [`Selection::figures`] accepts.
 pub const FIGURE_KEYS: [&str; 4] = ["bulk", "latency", "new-conn", "idle-mem"];
 

@@ -52,9 +52,10 @@ pub struct RelayEngineResult {
 
 /// A relay-engine process; killed on drop.
 #[derive(Debug)]
-struct EngineProcess {
+pub(crate) struct EngineProcess {
     child: Child,
-    addr: SocketAddr,
+    /// Where each listener accepts, in the order of the pairs it was given.
+    pub(crate) addrs: Vec<SocketAddr>,
 }
 
 impl Drop for EngineProcess {
@@ -67,11 +68,26 @@ impl Drop for EngineProcess {
 impl EngineProcess {
     /// Starts `engine` in `netns`, relaying to `to`; returns once it listens.
     fn start(engine: Engine, netns: &str, to: SocketAddr) -> Result<Self, BenchError> {
+        Self::start_pairs(
+            engine,
+            netns,
+            &[(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)), to)],
+        )
+    }
+
+    /// Starts `engine` in `netns` with one listener per `(listen, to)` pair;
+    /// returns once every listener listens.
+    pub(crate) fn start_pairs(
+        engine: Engine,
+        netns: &str,
+        pairs: &[(SocketAddr, SocketAddr)],
+    ) -> Result<Self, BenchError> {
         let exe = std::env::current_exe().map_err(|source| BenchError::Io {
             what: "finding nodemesh-lab's own path to start a relay engine".into(),
             source,
         })?;
-        let mut child = Command::new("ip")
+        let mut command = Command::new("ip");
+        command
             .args(["netns", "exec", netns])
             .arg(exe)
             .args(["relay-engine", "--engine"])
@@ -80,8 +96,13 @@ impl EngineProcess {
                 engine
                     .to_possible_value()
                     .map_or_else(String::new, |v| v.get_name().to_owned()),
-            )
-            .args(["--listen", "127.0.0.1:0", "--to", &to.to_string()])
+            );
+        for (listen, to) in pairs {
+            command
+                .args(["--listen", &listen.to_string()])
+                .args(["--to", &to.to_string()]);
+        }
+        let mut child = command
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -90,35 +111,42 @@ impl EngineProcess {
                 what: format!("starting relay engine {} in {netns}", engine.name()),
                 source,
             })?;
-        let line = child.stdout.take().map(|out| {
-            let mut line = String::new();
-            BufReader::new(out).read_line(&mut line).map(|_| line)
-        });
+        let stdout = child.stdout.take();
         let mut process = Self {
             child,
-            addr: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
+            addrs: Vec::with_capacity(pairs.len()),
         };
-        let line = match line {
-            Some(Ok(l)) => l,
-            Some(Err(source)) => {
-                return Err(BenchError::Io {
-                    what: format!("reading relay engine {}'s address", engine.name()),
-                    source,
-                })
-            }
-            None => String::new(),
-        };
-        process.addr = parse_listening(&line).ok_or_else(|| BenchError::Measure {
-            what: format!("relay engine {}", engine.name()),
-            problem: format!(
-                "expected `listening <addr>` on its stdout, got {:?} (its stderr is above)",
-                line.trim_end()
-            ),
-        })?;
+        let mut lines = stdout.map(|out| BufReader::new(out).lines());
+        for _ in pairs {
+            let line = match lines.as_mut().and_then(Iterator::next) {
+                Some(Ok(l)) => l,
+                Some(Err(source)) => {
+                    return Err(BenchError::Io {
+                        what: format!("reading relay engine {}'s address", engine.name()),
+                        source,
+                    })
+                }
+                None => String::new(),
+            };
+            let addr = parse_listening(&line).ok_or_else(|| BenchError::Measure {
+                what: format!("relay engine {}", engine.name()),
+                problem: format!(
+                    "expected `listening <addr>` on its stdout, got {:?} (its stderr is above)",
+                    line.trim_end()
+                ),
+            })?;
+            process.addrs.push(addr);
+        }
         Ok(process)
     }
 
-    fn pid(&self) -> u32 {
+    /// Where the first listener accepts.
+    fn addr(&self) -> SocketAddr {
+        self.addrs[0]
+    }
+
+    /// The process id.
+    pub(crate) fn pid(&self) -> u32 {
         self.child.id()
     }
 }
@@ -244,7 +272,7 @@ pub fn run(
             for (i, (e, process)) in ORDER.iter().zip(&engines).enumerate() {
                 let (addr, pid) = process
                     .as_ref()
-                    .map_or((sink_addr, None), |p| (p.addr, Some(p.pid())));
+                    .map_or((sink_addr, None), |p| (p.addr(), Some(p.pid())));
                 let name = key(*e);
                 match bulk_once(&pod.netns, &sink_listener, addr, pid, streams, bytes, ticks) {
                     Ok((g, c)) => {

@@ -159,6 +159,7 @@ pub fn verdicts(r: &Results) -> Vec<Verdict> {
     let cross = path(r, "nodemesh-cross");
     let direct = path(r, "direct");
     let stunnel = path(r, "stunnel");
+    let floor = path(r, "relay-pair");
     // 1. Throughput.
     let t = "cross-node single-stream throughput ≥ 1.3× the stunnel mTLS pair".to_owned();
     match (
@@ -216,12 +217,17 @@ pub fn verdicts(r: &Results) -> Vec<Verdict> {
                 v.push(Verdict {
                     target: t,
                     measured: format!(
-                        "{n:.0} − {d:.0} = {added:.0} µs{}",
+                        "{n:.0} − {d:.0} = {added:.0} µs{}{}",
                         if added > limit {
                             format!(" (over by {:.0} µs)", added - limit)
                         } else {
                             String::new()
-                        }
+                        },
+                        // What two bare proxies add on this machine, measured alongside.
+                        get(floor).map_or(String::new(), |f| format!(
+                            "; a plain TCP relay pair adds {:.0} µs",
+                            f - d
+                        ))
                     ),
                     met: Some(added <= limit),
                 });
@@ -248,7 +254,7 @@ pub fn verdicts(r: &Results) -> Vec<Verdict> {
                 target: t,
                 measured: format!(
                     "{:.0} − {:.0} = {added:.0} µs added, limit 2 × {:.0} = {limit:.0} µs \
-                     (nodemesh {:.2}× direct){}",
+                     (nodemesh {:.2}× direct){}{}",
                     n.median,
                     d.median,
                     d.median,
@@ -257,7 +263,15 @@ pub fn verdicts(r: &Results) -> Vec<Verdict> {
                         format!("; over by {:.0} µs", added - limit)
                     } else {
                         String::new()
-                    }
+                    },
+                    floor.and_then(|p| p.new_conn_p50_us.as_ref()).map_or(
+                        String::new(),
+                        |f| format!(
+                            "; a plain TCP relay pair, which has no warm tunnel and connects \
+                             across the nodes each time, adds {:.0} µs",
+                            f.median - d.median
+                        )
+                    )
                 ),
                 met: Some(added <= limit),
             });
@@ -561,9 +575,10 @@ pub fn markdown(
     let _ = writeln!(
         o,
         "\nEvery figure is the median of its runs with the min–max range in parentheses. \
-         Direct, stunnel and nodemesh across nodes take turns within every run of every \
-         figure (run 1 of each, then run 2 of each, ...), so drift of the machine during \
-         the run falls on all three alike; nodemesh within a node follows them.\n"
+         Direct, the two proxy pairs (stunnel's, and the plain TCP relay pair) and nodemesh \
+         across nodes take turns within every run of every figure (run 1 of each, then run 2 \
+         of each, ...), so drift of the machine during the run falls on all of them alike; \
+         nodemesh within a node follows them.\n"
     );
 
     let _ = writeln!(
