@@ -61,8 +61,8 @@ enum Command {
         #[arg(long, default_value_t = 4)]
         mib: u64,
     },
-    /// Benchmark: data path against direct and stunnel baselines, tunnel
-    /// tuning, plain-TCP relay engines (copy, splice, tokio-uring), node
+    /// Benchmark: data path against direct, stunnel and plain relay pair
+    /// baselines, tunnel tuning, plain-TCP relay engines (copy, splice, tokio-uring), node
     /// versus sidecar cost; writes docs/benchmarks.md,
     /// docs/benchmarks/results.json and SVG plots. Labs use the prefix plus
     /// a suffix (d, m, c, r, and t0.. for the tuning variants, all up at once),
