@@ -27,6 +27,8 @@ const SINK_PORT: u16 = 9000;
 const ECHO_PORT: u16 = 9001;
 const SEQ_ECHO_PORT: u16 = 9002;
 const HOLD_PORT: u16 = 9003;
+/// The app ports a proxy pair (stunnel's, the plain relay pair) forwards.
+const PAIR_PORTS: [u16; 4] = [SINK_PORT, ECHO_PORT, SEQ_ECHO_PORT, HOLD_PORT];
 
 /// Request/response latency at one rate.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -571,7 +573,7 @@ pub fn run(
                 &a.netns,
                 &b.netns,
                 b.ip,
-                &[SINK_PORT, ECHO_PORT, SEQ_ECHO_PORT, HOLD_PORT],
+                &PAIR_PORTS,
             )?;
             targets.push(Target {
                 key: "stunnel".into(),
@@ -584,12 +586,7 @@ pub fn run(
         }
         let mut relays = None;
         if only.path("relay-pair") {
-            let p = relay_pair::start(
-                &a.netns,
-                &b.netns,
-                b.ip,
-                &[SINK_PORT, ECHO_PORT, SEQ_ECHO_PORT, HOLD_PORT],
-            )?;
+            let p = relay_pair::start(&a.netns, &b.netns, b.ip, &PAIR_PORTS)?;
             targets.push(Target {
                 key: "relay-pair".into(),
                 label: "plain TCP relay pair (no TLS; the floor of any two-proxy path, 2 nodes)"
