@@ -75,13 +75,19 @@ impl EngineProcess {
         )
     }
 
-    /// Starts `engine` in `netns` with one listener per `(listen, to)` pair;
-    /// returns once every listener listens.
+    /// Starts `engine` in `netns` with one listener per `(listen, to)` pair
+    /// (at least one); returns once every listener listens.
     pub(crate) fn start_pairs(
         engine: Engine,
         netns: &str,
         pairs: &[(SocketAddr, SocketAddr)],
     ) -> Result<Self, BenchError> {
+        if pairs.is_empty() {
+            return Err(BenchError::Measure {
+                what: format!("relay engine {}", engine.name()),
+                problem: "no address to listen on was given".into(),
+            });
+        }
         let exe = std::env::current_exe().map_err(|source| BenchError::Io {
             what: "finding nodemesh-lab's own path to start a relay engine".into(),
             source,
@@ -140,7 +146,8 @@ impl EngineProcess {
         Ok(process)
     }
 
-    /// Where the first listener accepts.
+    /// Where the first listener accepts ([`Self::start_pairs`] refuses to
+    /// start without one, so there is a first).
     fn addr(&self) -> SocketAddr {
         self.addrs[0]
     }
