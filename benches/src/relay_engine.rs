@@ -100,13 +100,18 @@ fn run_tokio(pairs: Vec<(SocketAddr, SocketAddr)>) -> io::Result<()> {
             announce(listener.local_addr()?)?;
             accepting.spawn(tokio_accept(listener, to));
         }
-        // The first accept loop to end ends the process.
-        match accepting.join_next().await {
-            Some(Ok(result)) => result,
-            Some(Err(e)) => Err(io::Error::other(e.to_string())),
-            None => Ok(()),
-        }
+        first_to_end(accepting).await
     })
+}
+
+/// Waits for the first accept loop to end (only an error ends one) and
+/// returns its result: that ends the process.
+async fn first_to_end(mut loops: tokio::task::JoinSet<io::Result<()>>) -> io::Result<()> {
+    match loops.join_next().await {
+        Some(Ok(result)) => result,
+        Some(Err(e)) => Err(io::Error::other(e.to_string())),
+        None => Ok(()),
+    }
 }
 
 async fn tokio_accept(listener: tokio::net::TcpListener, to: SocketAddr) -> io::Result<()> {
@@ -131,21 +136,14 @@ async fn tokio_pair(a: tokio::net::TcpStream, to: SocketAddr) -> io::Result<()> 
 }
 
 async fn run_uring(pairs: Vec<(SocketAddr, SocketAddr)>) -> io::Result<()> {
-    let mut listeners = Vec::with_capacity(pairs.len());
+    // tokio-uring runs its tasks on a local set, hence `spawn_local`.
+    let mut accepting = tokio::task::JoinSet::new();
     for (listen, to) in pairs {
         let listener = tokio_uring::net::TcpListener::bind(listen)?;
         announce(listener.local_addr()?)?;
-        listeners.push((listener, to));
+        accepting.spawn_local(uring_accept(listener, to));
     }
-    let mut loops = Vec::with_capacity(listeners.len());
-    for (listener, to) in listeners {
-        loops.push(tokio_uring::spawn(uring_accept(listener, to)));
-    }
-    // Accept loops end only on an error; report the first one's.
-    for l in loops {
-        l.await.map_err(|e| io::Error::other(e.to_string()))??;
-    }
-    Ok(())
+    first_to_end(accepting).await
 }
 
 async fn uring_accept(listener: tokio_uring::net::TcpListener, to: SocketAddr) -> io::Result<()> {
