@@ -55,7 +55,7 @@ pub struct RelayEngineResult {
 pub(crate) struct EngineProcess {
     child: Child,
     /// Where each listener accepts, in the order of the pairs it was given.
-    pub(crate) addrs: Vec<SocketAddr>,
+    addrs: Vec<SocketAddr>,
 }
 
 impl Drop for EngineProcess {
